@@ -1,0 +1,180 @@
+"""Backend dispatch and the one autograd.Function every differentiable op goes through.
+
+``RowValues`` maps the student's tensors to one value per token row (entropy or a divergence). Its forward
+either runs the backend's forward or takes values already computed by a no-grad scoring pass (the TIP loss);
+its backward asks the backend to recompute logit tiles from the saved per-row LSEs/values, so nothing of size
+``[N, V]`` is kept between forward and backward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import reference, torch_backend
+from ..problem import REDUCTIONS, Problem, check_choice, resolve_backend
+
+Tensor = torch.Tensor
+
+
+def get_backend(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` ("auto", "torch", "reference", "triton") and tensors on ``device``."""
+    name = resolve_backend(name, device)
+    if name == "torch":
+        return torch_backend
+    if name == "reference":
+        return reference
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got tensors on {device}); on the CPU use backend='torch', "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter"
+        )
+    try:
+        return importlib.import_module("tipkernels.triton_backend")
+    except ModuleNotFoundError as err:  # no triton installed (or the kernels are absent)
+        raise NotImplementedError(f"the triton backend is not available here: {err}") from err
+
+
+def op_backend(name: str, device: torch.device, process_group=None, local_vocab: int = 0):
+    """``get_backend``, wrapped in a :class:`tipkernels.parallel.VocabParallelBackend` when ``process_group`` is
+    given (then ``local_vocab`` is this rank's number of lm_head rows; construction is collective)."""
+    be = get_backend(name, device)
+    if process_group is None:
+        return be
+    if be is reference:
+        raise ValueError("backend='reference' cannot run vocabulary-parallel (its backward recomputes the local "
+                         "softmax); use backend='torch' or 'triton' with a process_group")
+    from ..parallel import VocabParallelBackend
+
+    return VocabParallelBackend(be, process_group, local_vocab, device)
+
+
+def effective_kind(kind: str, beta: float) -> str:
+    """JSD at β=0 is forward KL and at β=1 reverse KL (exact limits, exact gradients)."""
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+def row_forward(backend: ModuleType, prob: Problem, kind: str, beta: float) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Per-row values of ``kind`` and the per-row tensors its backward needs (no grad)."""
+    kind = effective_kind(kind, beta)
+    if kind == "entropy" and prob.has_teacher:
+        prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
+    stats = backend.forward_stats(prob)
+    return saved_from_stats(backend, prob, kind, beta, stats)
+
+
+def saved_from_stats(backend: ModuleType, prob: Problem, kind: str, beta: float,
+                     stats: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Values and saved tensors of ``kind`` from forward stats already computed (runs JSD's second pass)."""
+    kind = effective_kind(kind, beta)
+    saved = {"student_lse": stats["student_lse"]}
+    if kind == "entropy":
+        saved["entropy"] = stats["entropy"]
+        return stats["entropy"], saved
+    saved["teacher_lse"] = stats["teacher_lse"]
+    if kind == "jsd":
+        values, saved["kl_pm"] = backend.jsd_forward(prob, stats["student_lse"], stats["teacher_lse"], beta)
+        return values, saved
+    saved["reverse_kl"] = stats["reverse_kl"]
+    return stats[kind], saved
+
+
+@dataclass
+class _Call:
+    prob: Problem
+    kind: str
+    beta: float
+    backend: ModuleType
+    precomputed: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None
+
+
+class RowValues(torch.autograd.Function):
+    """Per-row value of the student (and teacher); differentiable in the student's hidden/weight/bias/logits."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, student_hidden, student_weight, student_bias, student_logits):
+        prob = replace(call.prob, student_hidden=student_hidden, student_weight=student_weight,
+                       student_bias=student_bias, student_logits=student_logits)
+        if call.precomputed is not None:
+            values, saved = call.precomputed
+        else:
+            values, saved = row_forward(call.backend, prob, call.kind, call.beta)
+        ctx.call = replace(call, prob=replace(prob, student_hidden=None, student_weight=None, student_bias=None,
+                                              student_logits=None), precomputed=None)
+        ctx.saved_rows = saved
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, student_logits)
+        return values.clone() if call.precomputed is not None else values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        hidden, weight, bias, logits = ctx.saved_tensors
+        call = ctx.call
+        prob = replace(call.prob, student_hidden=hidden, student_weight=weight, student_bias=bias,
+                       student_logits=logits)
+        d_student, d_weight, d_bias = call.backend.backward(
+            prob, effective_kind(call.kind, call.beta), grad_values.float() if grad_values.dtype != torch.float64
+            else grad_values, ctx.saved_rows, call.beta)
+        if logits is not None:
+            return None, None, None, None, d_student
+        return None, d_student, d_weight, d_bias, None
+
+
+def row_values(prob: Problem, kind: str, beta: float, backend: ModuleType,
+               precomputed: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None) -> Tensor:
+    """Differentiable per-row values ``[N]`` of ``kind`` ("entropy", "reverse_kl", "forward_kl", "jsd").
+
+    With the reference backend the logits are materialised and autograd does the rest; otherwise the fused
+    ``RowValues`` function runs. ``precomputed`` = (values, saved) from an earlier no-grad pass skips the forward.
+    """
+    if backend is reference:
+        teacher_free = replace(prob, teacher_hidden=_detach(prob.teacher_hidden),
+                               teacher_weight=_detach(prob.teacher_weight), teacher_bias=_detach(prob.teacher_bias),
+                               teacher_logits=_detach(prob.teacher_logits))
+        return reference.value(teacher_free, kind, beta)
+    call = _Call(prob=prob, kind=kind, beta=beta, backend=backend, precomputed=precomputed)
+    return RowValues.apply(call, prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits)
+
+
+def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+def check_weights(weights, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating torch.Tensor, got {getattr(weights, 'dtype', type(weights))}")
+    if weights.shape != lead:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}, expected the token dims {tuple(lead)}")
+    if weights.device != device:
+        raise ValueError(f"weights is on {weights.device}, the inputs on {device}")
+    return weights
+
+
+def reduce(values: Tensor, lead: torch.Size, reduction: str, weights: Optional[Tensor] = None) -> Tensor:
+    """Apply ``reduction`` to per-row ``values [N]``, reshaped to the token dims ``lead``.
+
+    "none" returns ``values`` (times ``weights`` if given) shaped ``lead``; "sum" the (weighted) sum; "mean" the
+    mean, or ``Σ w·v / Σ w`` with weights. Empty inputs or zero total weight give 0, never NaN.
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
+    values = values.reshape(lead)
+    if weights is not None:
+        values = values * weights.to(values.dtype)
+    if reduction == "none":
+        return values
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    denom = weights.to(values.dtype).sum() if weights is not None else torch.tensor(
+        float(values.numel()), dtype=values.dtype, device=values.device)
+    return total / denom.clamp_min(torch.finfo(values.dtype).tiny)

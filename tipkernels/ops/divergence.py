@@ -1,0 +1,96 @@
+"""Differentiable per-token divergences: fused from hidden states, or vocabulary-chunked from logits."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..problem import DIVERGENCES, build_problem, check_beta, check_choice
+from .core import check_weights, get_backend, op_backend, reduce, row_values
+
+Tensor = torch.Tensor
+
+
+def fused_linear_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    *,
+    teacher_logits: Optional[Tensor] = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    reduction: str = "none",
+    backend: str = "auto",
+    process_group=None,
+) -> Tensor:
+    """Teacher–student divergence per token, from hidden states and lm_head weights, never forming ``[N, V]``.
+
+    Args:
+        student_hidden: ``[N, D_s]`` or ``[B, L, D_s]`` (fp32/fp16/bf16/fp64). Differentiable.
+        student_weight: ``[V, D_s]``. Differentiable. student_bias: ``[V]`` or None. Differentiable.
+        teacher_hidden / teacher_weight / teacher_bias: ``[..., D_t]``, ``[V_t >= V, D_t]``, ``[V_t]``; or
+            teacher_logits ``[..., V_t]``. Never differentiated (treated as constants).
+        divergence: "reverse_kl" = KL(p_s || q_t) (the OPD loss), "forward_kl" = KL(q_t || p_s), or "jsd":
+            generalised JSD(beta) in TRL's convention (beta=0 forward KL, beta=1 reverse KL).
+        beta: in [0, 1], used by "jsd" only.
+        temperature: positive; divides both models' logits.
+        weights: optional float ``[N]``/``[B, L]`` per-token weights. Rows of weight 0 cost nothing in backward.
+        reduction: "none" (per-token values, times weights if given, shaped like the token dims), "sum", or
+            "mean" (the weighted mean ``Σ w·v / Σ w`` with weights; 0 when empty).
+        backend: "auto", "torch", "triton" or "reference".
+        process_group: a ``torch.distributed`` group for vocabulary parallelism: this rank passes its contiguous
+            shard of the student and teacher lm_head rows (shards in rank order), every rank the same hidden
+            states; every rank gets the global values, the complete hidden-state gradient and its own weight
+            shard's gradient (see :mod:`tipkernels.parallel`).
+
+    Returns:
+        fp32 tensor (fp64 for fp64 inputs): per-token values shaped like the token dims, or a 0-dim tensor.
+    """
+    check_choice("divergence", divergence, DIVERGENCES)
+    beta = check_beta(beta)
+    prob, lead = build_problem(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
+        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, require_teacher=True,
+    )
+    weights = check_weights(weights, lead, prob.device)
+    check_choice("reduction", reduction, ("none", "sum", "mean"))
+    be = op_backend(backend, prob.device, process_group, prob.vocab_size)
+    values = row_values(prob, divergence, beta, be)
+    return reduce(values, lead, reduction, weights)
+
+
+def divergence_from_logits(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    backend: str = "auto",
+) -> Tensor:
+    """Per-token divergence from logits you already have, chunked over the vocabulary.
+
+    Args:
+        student_logits: ``[N, V]`` or ``[B, L, V]``. Differentiable; the gradient has its shape and dtype.
+        teacher_logits: ``[..., V_t]`` with ``V_t >= V`` (extra entries are cut off). Not differentiated.
+        divergence, beta, temperature, reduction, backend: as in :func:`fused_linear_divergence`.
+
+    Returns:
+        fp32 (fp64 for fp64 inputs) per-token values shaped like the token dims, or a 0-dim tensor.
+    """
+    check_choice("divergence", divergence, DIVERGENCES)
+    beta = check_beta(beta)
+    if isinstance(teacher_logits, Tensor):
+        teacher_logits = teacher_logits.detach()
+    prob, lead = build_problem(None, None, student_logits=student_logits, teacher_logits=teacher_logits,
+                               temperature=temperature, require_teacher=True)
+    check_choice("reduction", reduction, ("none", "sum", "mean"))
+    values = row_values(prob, divergence, beta, get_backend(backend, prob.device))
+    return reduce(values, lead, reduction)

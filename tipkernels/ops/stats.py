@@ -1,0 +1,76 @@
+"""``token_stats``: every per-token statistic of DESIGN §1 in one no-grad pass."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..problem import build_problem
+from ..types import TokenStats
+from ..parallel import global_vocab, shard_labels
+from .core import get_backend, op_backend
+
+Tensor = torch.Tensor
+
+
+def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.detach() if isinstance(t, Tensor) else t
+
+
+def token_stats(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    *,
+    teacher_logits: Optional[Tensor] = None,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    process_group=None,
+) -> TokenStats:
+    """Per-token softmax statistics of the student (and teacher), straight from hidden states; no grad.
+
+    Args:
+        student_hidden: ``[N, D_s]`` or ``[B, L, D_s]``, fp32/fp16/bf16/fp64.
+        student_weight: student lm_head ``[V, D_s]``, same dtype.
+        teacher_hidden / teacher_weight: ``[..., D_t]`` and ``[V_t, D_t]`` with ``V_t >= V`` (a padded teacher
+            vocabulary is cut to the first ``V`` entries and renormalised there). Optional.
+        teacher_logits: ``[..., V_t]`` instead of teacher_hidden/teacher_weight.
+        student_bias / teacher_bias: ``[V]`` / ``[V_t]``, optional.
+        labels: int ``[N]`` or ``[B, L]``; fills ``label_logprob`` (-100 entries give 0).
+        temperature: positive; divides the logits of both models.
+        backend: "auto" (triton for CUDA tensors, torch otherwise), "torch", "triton" or "reference".
+        process_group: vocabulary parallelism (see :func:`fused_linear_divergence`): the weights (and biases) are
+            this rank's shard, ``labels`` stay global ids; every rank gets the global statistics.
+
+    Returns:
+        :class:`TokenStats` with fields shaped like the token dims, fp32 (fp64 for fp64 inputs); teacher fields
+        are ``None`` without a teacher. ``entropy_norm = entropy / log V`` (0 when V = 1).
+    """
+    be = None
+    if process_group is not None and isinstance(student_hidden, Tensor) and isinstance(student_weight, Tensor):
+        be = op_backend(backend, student_hidden.device, process_group, student_weight.shape[0])
+        labels = shard_labels(labels, be)
+    prob, lead = build_problem(
+        _detach(student_hidden), _detach(student_weight), _detach(teacher_hidden), _detach(teacher_weight),
+        teacher_logits=_detach(teacher_logits), student_bias=_detach(student_bias),
+        teacher_bias=_detach(teacher_bias), labels=labels, temperature=temperature,
+    )
+    be = be or get_backend(backend, prob.device)
+    with torch.no_grad():
+        raw = be.forward_stats(prob)
+    return stats_from_rows(raw, global_vocab(be, prob), lead)
+
+
+def stats_from_rows(raw: dict, vocab_size: int, lead: torch.Size) -> TokenStats:
+    """Build a :class:`TokenStats` shaped ``lead`` from a backend's per-row dict (adds ``entropy_norm``)."""
+    out_dtype = torch.float64 if raw["student_lse"].dtype == torch.float64 else torch.float32
+    fields = {k: (v if not v.is_floating_point() else v.to(out_dtype)).reshape(lead) for k, v in raw.items()}
+    log_v = math.log(vocab_size)
+    fields["entropy_norm"] = fields["entropy"] / log_v if log_v > 0 else torch.zeros_like(fields["entropy"])
+    return TokenStats(**fields)
