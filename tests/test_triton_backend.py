@@ -1,0 +1,316 @@
+"""The Triton backend against the float64 reference (DESIGN §5), on CPU under the Triton interpreter.
+
+Rule: the backend's error against the float64 truth is at most the error of the reference computed in the
+input dtype, plus a tolerance (fp32 5e-4, 16-bit 1e-2; relative to the magnitude of the truth).
+Shapes are small and odd (the interpreter is slow); blocks are 16 wide so every loop runs several tiles.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+triton = pytest.importorskip("triton")
+
+from tipkernels import reference as ref  # noqa: E402
+from tipkernels import triton_backend as tb  # noqa: E402
+from tipkernels.problem import IGNORE_INDEX, Problem, build_problem  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# small tiles: several vocab tiles, hidden chunks, hidden blocks and vocab splits even at these sizes
+SMALL = dict(block_n=16, block_v=16, block_d=16, block_dh=16, split_v=2, bwd_block_n=16, bwd_block_v=16)
+TOL = {torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 5e-4}
+STAT_KEYS = ("student_lse", "entropy", "teacher_lse", "teacher_entropy", "reverse_kl", "forward_kl",
+             "label_logprob")
+VARIANTS = ("linear", "teacher_logits", "student_logits", "student_only", "strided")
+
+
+def make_problem(variant="linear", dtype=torch.float32, *, n=13, vocab=37, ds=24, dt=19, pad=5,
+                 temperature=0.7, scale=1.0, seed=0):
+    """A problem of the given variant: biases, a padded teacher vocabulary and labels (with ignores) included."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    hs, ws, bs = rnd(n, ds), rnd(vocab, ds) / ds ** 0.5 * 2 * scale, rnd(vocab) * 0.5
+    ht, wt, bt = rnd(n, dt), rnd(vocab + pad, dt) / dt ** 0.5 * 2 * scale, rnd(vocab + pad) * 0.5
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[1::4] = IGNORE_INDEX
+    kw = dict(labels=labels, temperature=temperature)
+    if variant == "strided":  # hidden states and weights as non-contiguous views (made in the dtype)
+        hs = rnd(ds, n).to(dtype).t()
+        ht = rnd(n, dt + 7).to(dtype)[:, 3:3 + dt]
+        ws = (rnd(ds, vocab) / ds ** 0.5 * 2).to(dtype).t()
+    cast = lambda t: t.to(dtype)  # noqa: E731  (a no-op on tensors already in dtype)
+    if variant == "student_logits":
+        s = cast((hs @ ws.t() + bs) * 3)
+        prob, _ = build_problem(None, None, cast(ht), cast(wt), student_logits=s, teacher_bias=cast(bt), **kw)
+    elif variant == "teacher_logits":
+        u = cast(rnd(n, vocab + pad) * 3 * scale)
+        prob, _ = build_problem(cast(hs), cast(ws), student_bias=cast(bs), teacher_logits=u, temperature=2.0,
+                                labels=labels)
+    elif variant == "student_only":
+        prob, _ = build_problem(cast(hs), cast(ws), student_bias=cast(bs), **kw)
+    else:
+        prob, _ = build_problem(cast(hs), cast(ws), cast(ht), cast(wt), student_bias=cast(bs),
+                                teacher_bias=cast(bt), **kw)
+    if variant == "strided":
+        assert not prob.student_hidden.is_contiguous() and not prob.student_weight.is_contiguous()
+        assert not prob.teacher_hidden.is_contiguous()
+    return _to(prob, device=DEVICE)
+
+
+def _to(prob: Problem, dtype=None, device=None) -> Problem:
+    conv = lambda t: None if t is None else t.to(device=device or t.device, dtype=dtype or t.dtype)  # noqa
+    fields = ("student_hidden", "student_weight", "student_bias", "student_logits", "teacher_hidden",
+              "teacher_weight", "teacher_bias", "teacher_logits")
+    kw = {f: conv(getattr(prob, f)) for f in fields}
+    labels = None if prob.labels is None else prob.labels.to(device or prob.labels.device)
+    return Problem(**kw, labels=labels, temperature=prob.temperature)
+
+
+def f64(prob):
+    return _to(prob, dtype=torch.float64)
+
+
+def check(name, got, truth, same_dtype_ref, tol, *, relative_to_max=False, atol=0.0):
+    """|got - truth| <= |ref_in_dtype - truth| + tol * scale + atol, elementwise (scale: 1 + |truth| or max |truth|)."""
+    got, truth, r = got.double().cpu(), truth.double().cpu(), same_dtype_ref.double().cpu()
+    assert got.shape == truth.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    scale = truth.abs().max().clamp_min(1e-30) if relative_to_max else 1.0 + truth.abs()
+    err, ref_err = (got - truth).abs(), (r - truth).abs()
+    bad = err > ref_err + tol * scale + atol
+    assert not bad.any(), (
+        f"{name}: max err {err.max().item():.3g} (ref in dtype {ref_err.max().item():.3g}, scale "
+        f"{float(scale.max()):.3g}) at {bad.nonzero()[:5].flatten().tolist()}"
+    )
+
+
+def check_argmax(name, got, logits64):
+    if logits64.shape[1] == 1:
+        assert torch.all(got == 0), name
+        return
+    top2 = logits64.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * (1 + top2[:, 0].abs())
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu()[clear.cpu()], logits64.argmax(-1).cpu()[clear.cpu()]), name
+
+
+def check_stats(prob, out, tol):
+    truth = ref.forward_stats(f64(prob))
+    same = ref.forward_stats(prob)
+    assert set(out) == set(truth), (sorted(out), sorted(truth))
+    for k in STAT_KEYS:
+        if k in truth:
+            assert out[k].dtype == torch.float32 and out[k].shape == (prob.num_rows,)
+            check(k, out[k], truth[k], same[k], tol)
+    check_argmax("student_argmax", out["student_argmax"], ref.student_logits(f64(prob)))
+    if prob.has_teacher:
+        check_argmax("teacher_argmax", out["teacher_argmax"], ref.teacher_logits(f64(prob)))
+    if prob.labels is not None:
+        assert torch.all(out["label_logprob"][prob.labels == IGNORE_INDEX] == 0)
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_stats(variant, dtype):
+    prob = make_problem(variant, dtype)
+    check_stats(prob, tb.forward_stats(prob, config=SMALL), TOL[dtype])
+
+
+@pytest.mark.parametrize("vocab,ds,dt,n", [(50, 40, 33, 13), (16, 16, 16, 16), (1, 24, 19, 3)])
+def test_forward_stats_shapes(vocab, ds, dt, n):
+    prob = make_problem("linear", vocab=vocab, ds=ds, dt=dt, n=n, seed=1)
+    check_stats(prob, tb.forward_stats(prob, config=SMALL), TOL[torch.float32])
+
+
+def test_forward_stats_default_config_and_splits():
+    prob = make_problem("linear", vocab=50, ds=40, dt=33, seed=2)
+    check_stats(prob, tb.forward_stats(prob), 5e-4)  # default (large) blocks, automatic splits
+    for split in (1, 3, 99):
+        check_stats(prob, tb.forward_stats(prob, config={**SMALL, "split_v": split}), 5e-4)
+
+
+def test_forward_stats_fp16_and_fp64():
+    check_stats(make_problem("linear", torch.float16), tb.forward_stats(make_problem("linear", torch.float16),
+                                                                          config=SMALL), 1e-2)
+    p64 = make_problem("teacher_logits", torch.float64)
+    check_stats(p64, tb.forward_stats(p64, config=SMALL), 5e-4)
+
+
+@pytest.mark.parametrize("variant", ["linear", "teacher_logits"])
+def test_extreme_logits(variant):
+    """Logits scaled by ~100: one-hot-like distributions, large LSEs; everything finite and accurate."""
+    prob = make_problem(variant, scale=100.0, temperature=0.7, seed=3)
+    out = tb.forward_stats(prob, config=SMALL)
+    for v in out.values():
+        assert torch.isfinite(v.double()).all()
+    check_stats(prob, out, 5e-4)
+    j, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], 0.3, config=SMALL)
+    tj, tk = ref.jsd_forward(f64(prob), None, None, 0.3)
+    sj, sk = ref.jsd_forward(prob, None, None, 0.3)
+    check("jsd", j, tj, sj, 5e-4)
+    check("kl_pm", kl_pm, tk, sk, 5e-4)
+    saved = {**out, "kl_pm": kl_pm}
+    grad = torch.linspace(-1, 1, prob.num_rows, device=DEVICE)
+    operand = max(prob.student_weight.abs().max().item(), prob.student_hidden.abs().max().item())
+    atol = 2.0 ** -23 * out["student_lse"].abs().max().item() / prob.temperature * operand
+    for kind in ("entropy", "reverse_kl", "forward_kl", "jsd"):
+        got = tb.backward(prob, kind, grad, saved, 0.3, config=SMALL)
+        # log p = s - LSE is only good to ulp(LSE) (the LSE is saved in fp32; here |LSE| ~ 800, ulp 6e-5),
+        # which is not small against the ~0 gradients of near one-hot rows: allow that much, times the operand
+        check_backward(prob, kind, 0.3, grad, got, 5e-4, atol=atol)
+
+
+def test_minus_inf_logits():
+    """Masked vocabulary entries (-inf logits) drop out: same as a very negative finite logit."""
+    prob = make_problem("student_logits", seed=4)
+    z = prob.student_logits.clone()
+    z[:, 5:9] = float("-inf")
+    z[2, :30] = float("-inf")
+    masked = Problem(student_logits=z, teacher_logits=prob.teacher_hidden @ prob.teacher_weight.t(),
+                     labels=prob.labels, temperature=prob.temperature)
+    finite = Problem(student_logits=z.clamp_min(-1e4), teacher_logits=masked.teacher_logits,
+                     labels=prob.labels, temperature=prob.temperature)
+    out = tb.forward_stats(masked, config=SMALL)
+    truth = ref.forward_stats(f64(finite))
+    for k in ("student_lse", "entropy", "reverse_kl", "teacher_entropy"):
+        assert torch.isfinite(out[k]).all(), k
+        torch.testing.assert_close(out[k].double(), truth[k], rtol=5e-4, atol=5e-4)
+    # forward KL(q || p) is +inf where p = 0 and q > 0: must not be NaN
+    assert not torch.isnan(out["forward_kl"]).any()
+
+
+# ----------------------------------------------------------------------------------------------- jsd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("variant", ["linear", "teacher_logits", "student_logits"])
+def test_jsd_forward(variant, beta, dtype):
+    prob = make_problem(variant, dtype, seed=5)
+    out = tb.forward_stats(prob, config=SMALL)
+    jsd, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], beta, config=SMALL)
+    tj, tk = ref.jsd_forward(f64(prob), None, None, beta)
+    sj, sk = ref.jsd_forward(prob, None, None, beta)
+    assert jsd.dtype == kl_pm.dtype == torch.float32
+    check("jsd", jsd, tj, sj, TOL[dtype])
+    check("kl_pm", kl_pm, tk, sk, TOL[dtype])
+    if beta == 0.0:
+        assert torch.all(kl_pm == 0)
+        check("jsd=forward_kl", jsd, ref.forward_stats(f64(prob))["forward_kl"], sj, TOL[dtype])
+    if beta == 1.0:
+        check("jsd=reverse_kl", jsd, ref.forward_stats(f64(prob))["reverse_kl"], sj, TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------------------- backward
+
+
+KINDS = [("entropy", 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+
+
+def saved_for(prob, beta):
+    out = tb.forward_stats(prob, config=SMALL)
+    if prob.has_teacher:
+        out["kl_pm"] = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], beta, config=SMALL)[1]
+    return out
+
+
+def grad_rows_for(n, seed=0):
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    g[::2] = 0.0  # half the rows skipped
+    return g.to(DEVICE)
+
+
+def check_backward(prob, kind, beta, grad, got, tol, atol=0.0):
+    truth = ref.backward(f64(prob), kind, grad, {}, beta)
+    same = ref.backward(prob, kind, grad, {}, beta)
+    names = ("d_student", "d_weight", "d_bias")
+    for name, g, t, s, like in zip(names, got, truth, same,
+                                   (prob.student_hidden if prob.student_is_linear else prob.student_logits,
+                                    prob.student_weight, prob.student_bias)):
+        if like is None:
+            assert g is None, name
+            continue
+        assert g.dtype == like.dtype and g.shape == like.shape, name
+        check(f"{kind}({beta}) {name}", g, t, s, tol, relative_to_max=True, atol=atol)
+    zero = grad == 0
+    assert torch.all(got[0][zero] == 0), "rows with zero upstream gradient must get exactly zero"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["linear", "student_logits", "teacher_logits", "strided"])
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_backward(kind, beta, variant, dtype):
+    prob = make_problem(variant, dtype, seed=6)
+    grad = grad_rows_for(prob.num_rows)
+    got = tb.backward(prob, kind, grad, saved_for(prob, beta), beta, config=SMALL)
+    check_backward(prob, kind, beta, grad, got, TOL[dtype])
+
+
+def test_backward_entropy_student_only():
+    prob = make_problem("student_only", seed=7, vocab=50, ds=40)
+    grad = grad_rows_for(prob.num_rows, seed=1)
+    got = tb.backward(prob, "entropy", grad, saved_for(prob, 0.5), config=SMALL)
+    check_backward(prob, "entropy", 0.5, grad, got, 5e-4)
+
+
+def test_backward_default_config():
+    prob = make_problem("linear", seed=8, vocab=50, ds=40, dt=33)
+    grad = grad_rows_for(prob.num_rows, seed=2)
+    saved = tb.forward_stats(prob)
+    got = tb.backward(prob, "reverse_kl", grad, saved)
+    check_backward(prob, "reverse_kl", 0.5, grad, got, 5e-4)
+
+
+def test_backward_skips_zero_rows():
+    """Rows with zero upstream gradient are never read: NaN hidden states there do not leak."""
+    prob = make_problem("linear", seed=9)
+    grad = grad_rows_for(prob.num_rows, seed=3)
+    saved = saved_for(prob, 0.5)
+    poisoned = _to(prob)
+    poisoned.student_hidden = prob.student_hidden.clone()
+    poisoned.student_hidden[grad == 0] = float("nan")
+    poisoned.teacher_hidden = prob.teacher_hidden.clone()
+    poisoned.teacher_hidden[grad == 0] = float("nan")
+    got = tb.backward(poisoned, "reverse_kl", grad, saved, config=SMALL)
+    check_backward(prob, "reverse_kl", 0.5, grad, got, 5e-4)
+
+    zero = torch.zeros_like(grad)
+    dh, dw, db = tb.backward(prob, "reverse_kl", zero, saved, config=SMALL)
+    assert torch.all(dh == 0) and torch.all(dw == 0) and torch.all(db == 0)
+
+
+def test_backward_fp64_inputs():
+    prob = make_problem("linear", torch.float64, seed=10)
+    grad = grad_rows_for(prob.num_rows, seed=4)
+    got = tb.backward(prob, "jsd", grad, saved_for(prob, 0.3), 0.3, config=SMALL)
+    assert all(g.dtype == torch.float64 for g in got)
+    check_backward(prob, "jsd", 0.3, grad, got, 5e-4)
+
+
+# ----------------------------------------------------------------------------------------------- empty
+
+
+@pytest.mark.parametrize("variant", ["linear", "student_logits"])
+def test_empty(variant):
+    prob = make_problem(variant, n=0)
+    out = tb.forward_stats(prob, config=SMALL)
+    assert set(out) == set(ref.forward_stats(prob))
+    assert all(v.shape == (0,) for v in out.values())
+    assert out["student_argmax"].dtype == torch.int64
+    jsd, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], 0.3, config=SMALL)
+    assert jsd.shape == kl_pm.shape == (0,)
+    ds, dw, db = tb.backward(prob, "reverse_kl", torch.zeros(0, device=DEVICE), out, config=SMALL)
+    if prob.student_is_linear:
+        assert ds.shape == prob.student_hidden.shape
+        assert torch.all(dw == 0) and dw.shape == prob.student_weight.shape and torch.all(db == 0)
+    else:
+        assert ds.shape == prob.student_logits.shape and dw is None and db is None

@@ -1,0 +1,401 @@
+"""Every Triton kernel specialisation the backend launches compiles for Hopper (sm_90), on a machine without a GPU.
+
+The other Triton tests run the kernels in Triton's CPU interpreter, which never compiles them. Here each case
+builds a small CPU problem, runs the backend's entry points with ``triton_backend.recorded_launches()`` (so the
+kernels, arguments, constexprs and launch options are exactly the backend's own), turns each launch into a
+signature with Triton's own JIT binder (same int/alignment specialisation as a real launch) and compiles it
+ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: TTIR -> TTGIR -> LLVM ->
+PTX -> cubin with the ptxas bundled in the wheel. No CUDA driver is needed for that.
+
+The compiling runs in one subprocess (``python tests/test_triton_compile.py OUT.json``) because the test session
+runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit`` functions cannot be
+compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
+
+Checked per compiled kernel: it compiles; shared memory fits an H100 block (227 KiB); ptxas neither spills nor
+uses more than 255 registers and one block of num_warps fits the 64K-register file; 16-bit inputs use Hopper's
+wgmma tensor-core MMA (fp32 "ieee" uses none, fp32 "tf32" uses wgmma tf32).
+
+Checked with Triton 3.9 (this venv; ~35-60 s on 2 cores) and 3.6.0 (the GPU machines' version; ~25 s): 71 distinct
+kernels, all compile, none spills.
+
+Left out, on purpose:
+- float64 inputs: the backend casts them to fp32 before launching, so they are the fp32 cases.
+- DOT_PRECISION "upcast": chosen only under the interpreter (whose bf16 dot is wrong), where nothing compiles.
+- the full cross product of flags x dtypes x configs: every flag value, KIND, MODE and kernel is covered for bf16
+  at the default (D=4096) config, the production path; fp32, fp16, tf32, the small test blocks and strided
+  inputs get the heavy (two linear models, biases) cases. ``test_cases_cover_every_specialisation_axis``
+  keeps that claim true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+H100_SMEM_PER_BLOCK = 227 * 1024
+REGISTER_FILE = 64 * 1024
+TARGET = ("cuda", 90, 32)
+
+# model spec: student "L" (linear), "Lb" (linear + bias), "Z" (logits); teacher the same or "" (none);
+# labels None / "i64" / "i32"; "strided": non-contiguous hidden states and teacher logits views.
+DEFAULT_SHAPE = dict(n=24, vocab=1536, ds=4096, dt=5120)  # D=4096-like; V a multiple of 16 like real vocabularies
+SMALL_SHAPE = dict(n=13, vocab=203, ds=40, dt=56)  # the interpreter tests' odd shapes
+SMALL = dict(block_n=16, block_v=16, block_d=16, block_dh=16, split_v=2, bwd_block_n=16, bwd_block_v=16)
+
+ALL_KINDS = (("backward", "entropy"), ("backward", "reverse_kl"), ("backward", "forward_kl"),
+             ("backward", "jsd", 0.3))
+
+
+def _case(cid, dtype, student, teacher, labels, calls, config="default", fp32_dot=None, strided=False):
+    return dict(id=cid, dtype=dtype, student=student, teacher=teacher, labels=labels, calls=calls, config=config,
+                fp32_dot=fp32_dot, strided=strided)
+
+
+CASES = [
+    # bf16, default blocks: every flag, KIND and MODE
+    _case("bf16-Lb+Lb-labels", "bfloat16", "Lb", "Lb", "i64", [("stats",), ("jsd", 0.3), *ALL_KINDS]),
+    _case("bf16-L+L-labels32", "bfloat16", "L", "L", "i32",
+          [("stats",), ("jsd", 1.0), ("backward", "jsd", 1.0), ("backward", "jsd", 0.0)]),
+    _case("bf16-Z+Z", "bfloat16", "Z", "Z", None, [("stats",), ("jsd", 0.0), *ALL_KINDS]),
+    _case("bf16-Lb+Z", "bfloat16", "Lb", "Z", None, [("stats",), ("jsd", 0.3), ("backward", "reverse_kl")]),
+    _case("bf16-Z+Lb-labels", "bfloat16", "Z", "Lb", "i64", [("stats",), ("jsd", 0.3), ("backward", "jsd", 0.3)]),
+    _case("bf16-L-alone", "bfloat16", "L", "", None, [("stats",), ("backward", "entropy")]),
+    _case("bf16-Z-alone-labels", "bfloat16", "Z", "", "i64", [("stats",), ("backward", "entropy")]),
+    _case("bf16-Lb+Z-strided", "bfloat16", "Lb", "Z", "i64", [("stats",), ("backward", "reverse_kl")],
+          strided="hidden"),
+    _case("bf16-Lb+Z-weight-t", "bfloat16", "Lb", "Z", None, [("stats",), ("backward", "reverse_kl")],
+          strided="weight"),
+    # fp16 and fp32 (ieee; and the tf32 switch), default blocks
+    _case("fp16-Lb+Lb-labels", "float16", "Lb", "Lb", "i64",
+          [("stats",), ("jsd", 0.3), ("backward", "reverse_kl"), ("backward", "jsd", 0.3)]),
+    _case("fp16-Z+Z", "float16", "Z", "Z", None, [("stats",), ("backward", "forward_kl")]),
+    _case("fp32-Lb+Lb-labels", "float32", "Lb", "Lb", "i64",
+          [("stats",), ("jsd", 0.3), ("backward", "entropy"), ("backward", "jsd", 0.3)]),
+    _case("fp32-Z+Z", "float32", "Z", "Z", None, [("stats",), ("jsd", 1.0), ("backward", "reverse_kl")]),
+    _case("fp32tf32-Lb+Lb", "float32", "Lb", "Lb", None, [("stats",), ("backward", "reverse_kl")],
+          fp32_dot="tf32"),
+    # the interpreter tests' small blocks
+    _case("small-bf16-Lb+Lb-labels", "bfloat16", "Lb", "Lb", "i64",
+          [("stats",), ("jsd", 0.3), ("backward", "reverse_kl"), ("backward", "jsd", 0.3)], config="small"),
+    _case("small-fp32-Lb+Lb-labels", "float32", "Lb", "Lb", "i64",
+          [("stats",), ("jsd", 0.3), ("backward", "entropy")], config="small"),
+    _case("small-fp16-Z+L", "float16", "Z", "L", None, [("stats",), ("backward", "reverse_kl")], config="small"),
+]
+CASE_IDS = [c["id"] for c in CASES]
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def _problem(case):
+    import torch
+
+    from tipkernels.problem import Problem
+
+    dt = getattr(torch, case["dtype"])
+    shape = DEFAULT_SHAPE if case["config"] == "default" else SMALL_SHAPE
+    n, v = shape["n"], shape["vocab"]
+    empty = lambda *s: torch.empty(*s, dtype=dt)  # noqa: E731  (values do not matter: nothing runs)
+
+    def model(spec, d):
+        if spec == "":
+            return {}
+        if spec == "Z":
+            z = empty(n, v + 8)[:, :v] if case["strided"] else empty(n, v)  # a cut padded vocabulary
+            return dict(logits=z)
+        h = empty(d, n).t() if case["strided"] == "hidden" else empty(n, d)
+        w = empty(d, v).t() if case["strided"] == "weight" else empty(v + 8, d)[:v]
+        out = dict(hidden=h, weight=w)
+        if spec == "Lb":
+            out["bias"] = empty(v)
+        return out
+
+    s, t = model(case["student"], shape["ds"]), model(case["teacher"], shape["dt"])
+    labels = None
+    if case["labels"]:
+        labels = torch.zeros(n, dtype=getattr(torch, {"i64": "int64", "i32": "int32"}[case["labels"]]))
+    return Problem(student_hidden=s.get("hidden"), student_weight=s.get("weight"), student_bias=s.get("bias"),
+                   student_logits=s.get("logits"), teacher_hidden=t.get("hidden"), teacher_weight=t.get("weight"),
+                   teacher_bias=t.get("bias"), teacher_logits=t.get("logits"), labels=labels, temperature=0.7)
+
+
+def _record(case):
+    """The launches the backend makes for the case's calls (nothing runs: outputs are garbage)."""
+    import torch
+
+    from tipkernels import triton_backend as tb
+
+    prob = _problem(case)
+    cfg = SMALL if case["config"] == "small" else None
+    cfg = dict(cfg or {}, **case.get("overrides", {}))
+    saved_prec = tb.FP32_DOT_PRECISION
+    if case["fp32_dot"]:
+        tb.FP32_DOT_PRECISION = case["fp32_dot"]
+    try:
+        with tb.recorded_launches() as launches:
+            saved = tb.forward_stats(prob, config=cfg)
+            for call in case["calls"]:
+                if call[0] == "jsd":
+                    tb.jsd_forward(prob, saved["student_lse"], saved["student_lse"], call[1], config=cfg)
+                elif call[0] == "backward":
+                    beta = call[2] if len(call) > 2 else 0.5
+                    fake = saved["student_lse"]
+                    full = dict(saved, teacher_lse=fake, reverse_kl=fake, kl_pm=fake)
+                    tb.backward(prob, call[1], torch.ones(prob.num_rows), full, beta, config=cfg)
+    finally:
+        tb.FP32_DOT_PRECISION = saved_prec
+    return launches
+
+
+def _specialise(kernel, backend, args, kwargs):
+    """``(signature, constexprs, attrs, options)`` of ``kernel[grid](*args, **kwargs)``, as the JIT would compile it.
+
+    Triton 3.6 - 3.9 share this path (the JIT's binder, then ``_pack_args``); older or newer versions without it
+    get a plain signature built here (no int / alignment specialisation; still a valid compile)."""
+    from triton.runtime import jit
+
+    if hasattr(jit, "create_function_from_signature") and hasattr(kernel, "_pack_args"):
+        binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+        return sig, constexprs, attrs, dict(options.__dict__)
+    import torch
+
+    names = kernel.arg_names
+    sig, constexprs = {}, {}
+    launch_opts = {}
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                               torch.int64: "i64", torch.int32: "i32"}[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            sig[name] = "fp32"
+    for name, value in kwargs.items():
+        if name in names:
+            sig[name], constexprs[name] = "constexpr", value
+        else:
+            launch_opts[name] = value
+    return {n: sig[n] for n in names}, constexprs, {}, launch_opts
+
+
+def _ast_source(kernel, sig, constexprs, attrs):
+    """ASTSource across versions: 3.2+ take ``constexprs=``/``attrs=`` (3.0/3.1 named them ``constants=``)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    key = "constexprs" if "constexprs" in params else "constants"
+    return ASTSource(kernel, sig, **{key: constexprs, "attrs": attrs})
+
+
+_PTXAS_INFO = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+_WORK: list = []  # (kernel, signature, constexprs, attrs, options); forked workers get it by index
+
+
+def _compile_one(index):
+    """Compile one specialisation; a dict of what the checks need (or the error)."""
+    import contextlib
+    import io
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kernel, sig, constexprs, attrs, options = _WORK[index]
+    start = time.perf_counter()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v goes to stdout
+            compiled = triton.compile(_ast_source(kernel, sig, constexprs, attrs), target=GPUTarget(*TARGET),
+                                      options=options)
+    except Exception as e:  # noqa: BLE001  (reported, then asserted on in the test)
+        return dict(ok=False, error=f"{type(e).__name__}: {e}"[-4000:], seconds=time.perf_counter() - start)
+    ptx, text = compiled.asm["ptx"], log.getvalue()
+    regs, spills, stack = _PTXAS_INFO.search(text), _SPILLS.search(text), _STACK.search(text)
+    md = compiled.metadata
+    return dict(
+        ok=True, seconds=time.perf_counter() - start, shared=int(md.shared), num_warps=int(md.num_warps),
+        num_stages=int(md.num_stages), cubin_bytes=len(compiled.asm["cubin"]),
+        ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1],
+        registers=int(regs[1]) if regs else None,
+        spill_bytes=int(spills[1]) + int(spills[2]) if spills else None,
+        stack_bytes=int(stack[1]) if stack else None,
+        mma=sorted(set(re.findall(r"\b(wgmma\.mma_async\.\S+|mma\.sync\.\S+)", ptx))),
+    )
+
+
+def _describe(kernel, sig, constexprs, options):
+    names = kernel.arg_names
+    const = {(names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
+    ptr_types = sorted({t for t in sig.values() if t.startswith("*")})
+    return dict(kernel=kernel.__name__, constexprs={k: (v if isinstance(v, (bool, int, float, str)) else repr(v))
+                                                    for k, v in const.items() if k.isupper()},
+                pointer_types=ptr_types, num_warps=options.get("num_warps"))
+
+
+def worker(out_path: str, case_ids=(), jobs: int = 2) -> None:
+    """Record the cases' launches (all cases, or those named), compile the distinct specialisations for sm_90,
+    write a JSON report."""
+    import multiprocessing
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    t0 = time.perf_counter()
+    backend = make_backend(GPUTarget(*TARGET))
+    work, keys, cases = _WORK, {}, {}
+    for case in CASES:
+        if case_ids and case["id"] not in case_ids:
+            continue
+        cases[case["id"]] = []
+        for launch in _record(case):
+            sig, constexprs, attrs, options = _specialise(launch.kernel, backend, launch.args, launch.kwargs)
+            key = repr((launch.kernel.__name__, sorted(sig.items()), sorted(constexprs.items(), key=repr),
+                        sorted(attrs.items(), key=repr), sorted(options.items(), key=repr)))
+            if key not in keys:
+                keys[key] = len(work)
+                work.append((launch.kernel, sig, constexprs, attrs, options))
+            cases[case["id"]].append(keys[key])
+    # heaviest kinds first, so the two workers finish together
+    order = sorted(range(len(work)), key=lambda i: work[i][0].__name__ not in ("stats_kernel", "dweight_kernel"))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(jobs) as pool:
+        results = dict(zip(order, pool.map(_compile_one, order, chunksize=1)))
+    specs = [dict(_describe(k, s, c, o), **results[i]) for i, (k, s, c, a, o) in enumerate(work)]
+    report = dict(triton=triton.__version__, target=list(TARGET), cases=cases, specs=specs,
+                  seconds=time.perf_counter() - t0)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+# ------------------------------------------------------------------------------------------ test side
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton")  # a hard dependency of the project: never actually skipped here
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, "cache"),
+                   TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=repo)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=repo,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        with open(out) as f:
+            return json.load(f)
+
+
+def _specs(report, case_id):
+    return [report["specs"][i] for i in report["cases"][case_id]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compiles_for_sm90(report, case):
+    specs = _specs(report, case["id"])
+    assert specs, "the case launched no kernel"
+    assert len(specs) >= len(case["calls"])
+    for sp in specs:
+        what = f"{sp['kernel']} {sp['constexprs']} {sp['pointer_types']}"
+        assert sp["ok"], f"{what} does not compile for sm_90:\n{sp['error']}"
+        assert sp["ptx_target"] == "sm_90a", what
+        assert sp["cubin_bytes"] > 0, what
+        assert 0 < sp["shared"] <= H100_SMEM_PER_BLOCK or sp["shared"] == 0, (what, sp["shared"])
+        assert sp["registers"] is not None and sp["spill_bytes"] is not None, f"{what}: no ptxas -v report"
+        assert sp["registers"] <= 255 and sp["registers"] * 32 * sp["num_warps"] <= REGISTER_FILE, (what, sp)
+        assert sp["spill_bytes"] == 0, f"{what}: ptxas spills {sp['spill_bytes']} bytes ({sp['registers']} regs)"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_tensor_cores_match_the_dtype(report, case):
+    """bf16/fp16 matmuls use tensor-core MMA of the input type (wgmma at the default blocks); fp32 "ieee" uses
+    no MMA, "tf32" MMA on tf32."""
+    ptx_type = {"bfloat16": ".bf16", "float16": ".f16", "float32": ".tf32"}[case["dtype"]]
+    for sp in _specs(report, case["id"]):
+        has_dot = sp["kernel"] != "dlogits_kernel" or sp["constexprs"].get("T_LINEAR")
+        has_dot = has_dot and (sp["kernel"] != "stats_kernel" and sp["kernel"] != "jsd_kernel"
+                               or sp["constexprs"].get("S_LINEAR") or sp["constexprs"].get("T_LINEAR"))
+        if not has_dot:
+            assert sp["mma"] == [], sp
+        elif case["dtype"] == "float32" and sp["constexprs"]["DOT_PRECISION"] == "ieee":
+            assert sp["mma"] == [], f"fp32 ieee must not use tensor cores: {sp}"
+        else:
+            assert sp["mma"] and all(ptx_type in m for m in sp["mma"]), sp
+            # 64-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it (mma.sync), and
+            # so is fp32's 32-row dweight tile (tf32 is opt-in; fp32's default "ieee" uses no MMA at all)
+            if case["dtype"] != "float32":
+                kind = "wgmma.mma_async" if case["config"] == "default" else "mma.sync"
+                assert all(m.startswith(kind) for m in sp["mma"]), sp
+
+
+def test_cases_cover_every_specialisation_axis(report):
+    seen = {}
+    for sp in report["specs"]:
+        seen.setdefault(sp["kernel"], []).append(sp)
+    assert set(seen) == {"stats_kernel", "jsd_kernel", "dhidden_kernel", "dweight_kernel", "dlogits_kernel"}
+
+    def values(kernels, name):
+        return {sp["constexprs"][name] for k in kernels for sp in seen[k] if name in sp["constexprs"]}
+
+    for flag in ("S_LINEAR", "S_BIAS", "HAS_TEACHER", "T_LINEAR", "T_BIAS", "HAS_LABELS"):
+        assert values(["stats_kernel"], flag) == {False, True}, flag
+    for flag in ("S_LINEAR", "S_BIAS", "T_LINEAR", "T_BIAS"):
+        assert values(["jsd_kernel"], flag) == {False, True}, flag
+    assert values(["jsd_kernel"], "MODE") == {0, 1, 2}
+    for kernel in ("dhidden_kernel", "dweight_kernel", "dlogits_kernel"):
+        assert values([kernel], "KIND") == {0, 1, 2, 3}, kernel
+        assert values([kernel], "HAS_TEACHER") == {False, True}, kernel
+        assert values([kernel], "T_LINEAR") == {False, True}, kernel
+    assert values(["dhidden_kernel", "dweight_kernel"], "S_BIAS") == {False, True}
+    all_kernels = list(seen)
+    assert values(all_kernels, "DOT_PRECISION") == {"ieee", "tf32"}
+    ptrs = {t for sp in report["specs"] for t in sp["pointer_types"]}
+    assert {"*bf16", "*fp16", "*fp32", "*i64", "*i32"} <= ptrs
+    assert {16, 32, 64, 128, 256} <= values(all_kernels, "BLOCK_DH") | values(all_kernels, "BLOCK_V")
+
+
+def test_config_rejects_blocks_a_gpu_cannot_compile():
+    """tl.dot needs power-of-two tiles of at least 16; the interpreter would run other sizes, a GPU would not."""
+    import torch
+
+    from tipkernels import triton_backend as tb
+    from tipkernels.problem import Problem
+
+    prob = Problem(student_hidden=torch.zeros(3, 8), student_weight=torch.zeros(5, 8))
+    for bad in (dict(block_v=8), dict(block_d=48), dict(bwd_block_v=24), dict(block_dh=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tb.forward_stats(prob, config=bad)
+    cfg = tb._config(prob, dict(block_d=16, num_stages=3))
+    assert cfg["bwd_block_d"] == 16 and cfg["bwd_num_stages"] == 3  # set once, used by both passes
+
+
+def test_compile_report(report):
+    """Prints the per-kernel resources (pytest -s) and checks the run stays quick on two cores."""
+    for sp in report["specs"]:
+        print(f"{sp['kernel']:15s} regs={sp.get('registers')} spill={sp.get('spill_bytes')} "
+              f"smem={sp.get('shared')} warps={sp.get('num_warps')} stages={sp.get('num_stages')} "
+              f"{sp.get('seconds', 0):.1f}s {sp['constexprs']}")
+    print(f"triton {report['triton']}: {len(report['specs'])} kernels in {report['seconds']:.1f}s")
+    assert report["seconds"] < 300
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        sys.exit("run the compile worker with TRITON_INTERPRET=0")
+    worker(sys.argv[1], sys.argv[2:])

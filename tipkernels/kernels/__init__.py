@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit``), one module per pass; host wrappers live in ``tipkernels.triton_backend``."""

@@ -1,0 +1,72 @@
+"""Building blocks shared by the forward and backward kernels.
+
+Conventions: row and column indices are int64 vectors (``N*V`` and ``V*D`` may pass 2**31); every matmul
+accumulates in fp32; vocabulary columns past ``V`` get logit ``-inf`` so they drop out of every softmax sum.
+"""
+
+import triton
+import triton.language as tl
+
+# A finite "minus infinity" for running maxima: ``m_old - m_new`` then stays finite, so the rescaling
+# ``(m_old - m_new) * Z_old`` of an empty accumulator is 0 instead of NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32. DOT_PRECISION is a tl.dot input_precision, or "upcast": the operands go to fp32
+    first (the Triton interpreter multiplies bf16 operands wrongly; bf16 products are exact in fp32 anyway)."""
+    if DOT_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, w_ptr, b_ptr, z_ptr,
+    rows, row_mask, cols, col_mask,
+    D, stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv,
+    inv_temp,
+    LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """fp32 logits ``[BLOCK_N, BLOCK_V]`` of rows x cols, divided by the temperature.
+
+    LINEAR: ``h[rows] @ w[cols].T (+ b[cols])`` over the hidden dim in chunks of BLOCK_D;
+    otherwise the tile is read from the logits tensor ``z``. Columns outside ``col_mask`` are ``-inf``;
+    rows outside ``row_mask`` are finite (their inputs read as 0) and must simply not be stored.
+    """
+    if LINEAR:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+        h_rows = h_ptr + rows[:, None] * stride_hn
+        w_cols = w_ptr + cols[None, :] * stride_wv
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_mask = d < D
+            h = tl.load(h_rows + d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_cols + d[:, None] * stride_wd, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = mma(h, w, acc, DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        acc = tl.load(
+            z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zv,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    acc = acc * inv_temp
+    return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def log_mixture(lp, lq, log_beta, log1m_beta):
+    """``log(beta*q + (1-beta)*p)`` from log-probabilities, as a stable logaddexp (NaN only where p = q = 0)."""
+    a = lq + log_beta
+    b = lp + log1m_beta
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return hi + tl.log(1.0 + tl.exp(lo - hi))
