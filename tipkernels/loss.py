@@ -1,0 +1,176 @@
+"""``TIPDistillationLoss``: score every token once, select the informative ones, differentiate only those.
+
+One step (DESIGN §2):
+
+1. **Scoring pass** (no grad): the fused forward over every valid token gives per-token LSEs, entropy and both
+   KLs (both models' GEMMs, once). Only per-token scalars are kept.
+2. **Selection**: a TIP rule (:func:`tipkernels.select_tokens`) picks tokens from those statistics, on the device.
+3. **Differentiated pass**: the selected rows alone enter the autograd function, whose forward *reuses* the
+   scoring pass's values and LSEs (no second forward; JSD adds its second pass on those rows only) and whose
+   backward recomputes logit tiles for those rows only. Cost of backward ∝ number of selected tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .ops.core import op_backend, row_values, saved_from_stats
+from .parallel import global_vocab
+from .ops.stats import stats_from_rows
+from .problem import DIVERGENCES, build_problem, check_beta, check_choice, check_temperature
+from .selection import BUDGETS, RULES, check_fraction, quadrant_shares, quadrants, select_tokens
+from .types import TIPLossOutput, TokenStats
+
+Tensor = torch.Tensor
+
+_STAT_ROW_FIELDS = ("student_lse", "teacher_lse", "entropy", "teacher_entropy", "reverse_kl", "forward_kl",
+                    "student_argmax", "teacher_argmax")
+
+
+class TIPDistillationLoss(nn.Module):
+    """Token-importance on-policy distillation loss over fused per-token divergences.
+
+    Args:
+        rule: TIP selection rule, one of ``tipkernels.selection.RULES`` ("all", "random", "entropy_topk",
+            "entropy_sample", "soft_or", "q3", "divergence").
+        ratio: retention ratio ρ in (0, 1].
+        divergence: the per-token loss: "reverse_kl" (OPD's), "forward_kl" or "jsd".
+        beta: JSD's β in [0, 1] (TRL's convention).
+        temperature: divides both models' logits (scoring and loss).
+        budget: "per_sequence" (⌊ρ·m⌋ of each sequence's m valid tokens) or "per_batch" (⌊ρ·M⌋ overall).
+        backend: "auto", "torch", "triton" or "reference".
+        importance_weights: for "entropy_sample", weight selected tokens for an unbiased estimate.
+        compute_metrics: fill ``metrics`` (one host synchronisation per call); off for the leanest step.
+        process_group: vocabulary parallelism (see :func:`tipkernels.fused_linear_divergence`): the weights are
+            this rank's lm_head shards; statistics, selection and loss are the global ones on every rank.
+        data_process_group: data parallelism: the group of ranks that each hold a part of the batch; the
+            selection's batch statistics and per-batch budget are then global (``select_tokens(process_group=)``).
+            The loss stays the mean over this rank's selected tokens.
+
+    ``forward(student_hidden [B, L, D_s], student_weight [V, D_s], teacher_hidden [B, L, D_t],
+    teacher_weight [V_t >= V, D_t], mask [B, L] bool, *, student_bias=None, teacher_bias=None,
+    teacher_logits=None, generator=None)`` returns :class:`TIPLossOutput`; ``loss`` is the weighted mean divergence
+    over the selected tokens, differentiable in the student hidden states, weight and bias (0, still connected to
+    the graph, when nothing is selected). Position ``i`` of the hidden states scores the token it predicts: build
+    ``mask`` accordingly (see ``tipkernels.opd``).
+    """
+
+    def __init__(self, rule: str = "soft_or", ratio: float = 0.5, divergence: str = "reverse_kl", beta: float = 0.5,
+                 temperature: float = 1.0, budget: str = "per_sequence", backend: str = "auto", *,
+                 importance_weights: bool = False, compute_metrics: bool = True, process_group=None,
+                 data_process_group=None):
+        super().__init__()
+        self.rule = check_choice("rule", rule, RULES)
+        self.ratio = check_fraction("ratio", ratio)
+        self.divergence = check_choice("divergence", divergence, DIVERGENCES)
+        self.beta = check_beta(beta)
+        self.temperature = check_temperature(temperature)
+        self.budget = check_choice("budget", budget, BUDGETS)
+        self.backend = check_choice("backend", backend, ("auto", "torch", "triton", "reference"))
+        self.importance_weights = bool(importance_weights)
+        self.compute_metrics = bool(compute_metrics)
+        self.process_group = process_group
+        self.data_process_group = data_process_group
+
+    def extra_repr(self) -> str:
+        return (f"rule={self.rule!r}, ratio={self.ratio}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"temperature={self.temperature}, budget={self.budget!r}, backend={self.backend!r}")
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
+                teacher_weight: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
+                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                teacher_logits: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> TIPLossOutput:
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.detach()
+        prob, lead = build_problem(
+            student_hidden, student_weight,
+            None if teacher_hidden is None else teacher_hidden.detach(),
+            None if teacher_weight is None else teacher_weight.detach(),
+            teacher_logits=teacher_logits, student_bias=student_bias,
+            teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+            temperature=self.temperature, require_teacher=True,
+        )
+        mask = _check_mask(mask, lead, prob.device)
+        backend = op_backend(self.backend, prob.device, self.process_group, prob.vocab_size)
+        flat_mask = mask.reshape(-1)
+
+        # 1. scoring pass over the valid rows, no grad
+        valid_idx = flat_mask.nonzero().squeeze(1)
+        scoring = replace(prob, student_hidden=_detach(prob.student_hidden),
+                          student_weight=_detach(prob.student_weight), student_bias=_detach(prob.student_bias))
+        with torch.no_grad():
+            rows = backend.forward_stats(scoring.rows(valid_idx))
+            full = {k: _scatter(v, valid_idx, prob.num_rows) for k, v in rows.items() if k in _STAT_ROW_FIELDS}
+        stats = stats_from_rows(full, global_vocab(backend, prob), mask.shape)
+
+        # 2. selection on the device
+        selection = select_tokens(stats, mask, rule=self.rule, ratio=self.ratio, budget=self.budget,
+                                  generator=generator, importance_weights=self.importance_weights,
+                                  process_group=self.data_process_group)
+
+        # 3. differentiated pass over the selected rows, reusing the scoring pass's values
+        sel_idx = selection.mask.reshape(-1).nonzero().squeeze(1)
+        sub = prob.rows(sel_idx)
+        picked = {k: v.index_select(0, sel_idx) for k, v in full.items()}
+        with torch.no_grad():
+            precomputed = saved_from_stats(backend, _detached(sub), self.divergence, self.beta, picked)
+        values = row_values(sub, self.divergence, self.beta, backend, precomputed=precomputed)
+        w = selection.weights.reshape(-1).index_select(0, sel_idx).to(values.dtype)
+        loss = (values * w).sum() / w.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+        metrics = self._metrics(stats, mask, selection, valid_idx.numel(), sel_idx.numel()) \
+            if self.compute_metrics else {}
+        return TIPLossOutput(loss=loss, stats=stats, selection=selection, metrics=metrics)
+
+    @torch.no_grad()
+    def _metrics(self, stats: TokenStats, mask: Tensor, selection, n_valid: int, n_sel: int) -> Dict[str, float]:
+        quad = quadrants(stats, mask)
+        out = {
+            "valid_tokens": float(n_valid),
+            "selected_tokens": float(n_sel),
+            "selected_fraction": n_sel / n_valid if n_valid else 0.0,
+        }
+        for name in ("entropy", "entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy"):
+            field = getattr(stats, name)
+            out[name] = _masked_mean(field, mask)
+            out[f"{name}_selected"] = _masked_mean(field, selection.mask)
+        for where, m in (("valid", mask), ("selected", selection.mask)):
+            for q, share in quadrant_shares(quad, m).items():
+                out[f"{q.lower()}_{where}"] = share
+        return out
+
+
+def _check_mask(mask, lead: torch.Size, device: torch.device) -> Tensor:
+    if mask is None:
+        return torch.ones(lead if len(lead) == 2 else (1, lead.numel()), dtype=torch.bool, device=device)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor [B, L], got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the hidden states' token dims {tuple(lead)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, the hidden states on {device}")
+    return mask if mask.dim() == 2 else mask.reshape(1, -1)
+
+
+def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+def _detached(prob):
+    return replace(prob, student_hidden=_detach(prob.student_hidden), student_weight=_detach(prob.student_weight),
+                   student_bias=_detach(prob.student_bias))
+
+
+def _scatter(values: Tensor, index: Tensor, n: int) -> Tensor:
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, index, values)
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> float:
+    count = int(mask.sum())
+    return float((x * mask).sum()) / count if count else 0.0
