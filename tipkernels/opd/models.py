@@ -1,0 +1,177 @@
+"""Hugging Face causal LMs without their logits: final hidden states, lm_head weights, and the shifted TIP loss.
+
+The lm_head of a causal LM maps the decoder body's final hidden states (after its last norm) to logits. The loop
+never calls the full model: it runs the body (``model.base_model``) to ``last_hidden_state`` and hands that and
+``model.get_output_embeddings().weight`` to the fused kernels, so no ``[tokens, vocab]`` tensor is ever formed.
+
+Position convention: the hidden state at position ``i`` gives the distribution of the token at ``i + 1``. A token
+mask over the *sequence* (True where a token should be scored, e.g. response tokens) therefore becomes the loss
+mask ``token_mask[:, 1:]`` over hidden positions ``0 .. T-2``; the last position predicts nothing and is not run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..loss import TIPDistillationLoss
+from ..types import TIPLossOutput
+
+Tensor = torch.Tensor
+
+# Config attributes that change logits beyond ``h · Wᵀ + b`` (the fused kernels would silently ignore them).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying Hugging Face model of a DDP/FSDP/``torch.compile``/PEFT wrapper."""
+    seen = 0
+    while seen < 8:
+        if type(model).__name__.startswith("Peft") and hasattr(model, "get_base_model"):
+            model = model.get_base_model()  # the HF model with adapter layers injected
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+                type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
+                and hasattr(model, "module")):
+            model = model.module
+        else:
+            break
+        seen += 1
+    return model
+
+
+def lm_head(model: nn.Module, who: str = "model") -> Tuple[Tensor, Optional[Tensor]]:
+    """``(weight [V, D], bias [V] or None)`` of a causal LM's output projection (tied weights included).
+
+    Raises ValueError if the model has no linear output embedding or transforms its logits in a way the fused
+    kernels cannot reproduce (soft-capping, logit scales).
+    """
+    model = unwrap(model)
+    if not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"{who} must be a Hugging Face causal LM (with get_output_embeddings()), "
+                        f"got {type(model).__name__}")
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{who}.get_output_embeddings() must be a linear layer with a 2-D weight, got {head!r}")
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in _LOGIT_TRANSFORMS:
+            value = getattr(text, name, None)
+            if value not in (None, 1, 1.0, 0, 0.0, False):
+                raise ValueError(f"{who} transforms its logits ({name}={value!r}); tipkernels computes logits as "
+                                 f"h·Wᵀ+b from the final hidden states and would not match it")
+    return weight, getattr(head, "bias", None)
+
+
+def body(model: nn.Module, who: str = "model") -> nn.Module:
+    """The decoder body of a causal LM: the module whose output's ``last_hidden_state`` feeds the lm_head."""
+    model = unwrap(model)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        get = getattr(model, "get_decoder", None)
+        base = get() if callable(get) else None
+    if base is None or base is model:
+        raise TypeError(f"{who} ({type(model).__name__}) exposes no decoder body (base_model / get_decoder()); "
+                        f"tipkernels.opd needs a Hugging Face *ForCausalLM model")
+    return base
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over attended tokens only, as ``generate`` does for left-padded prompts. int64 ``[B, T]``."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_min(0)
+
+
+def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+                        who: str = "model") -> Tensor:
+    """Final hidden states ``[B, T, D]`` (model dtype) of a causal LM's body: what its lm_head would multiply.
+
+    Gradients flow if enabled. ``position_ids`` follow ``attention_mask`` so left-padded rows see the same
+    positions as in ``generate``.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    out = body(model, who)(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden
+
+
+def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer=None, teacher_tokenizer=None) -> Tuple[int, int]:
+    """Check that the pair can be distilled; returns ``(V_student, V_teacher)`` (lm_head rows).
+
+    Errors (ValueError): the teacher has fewer lm_head rows than the student; the tokenizer has more tokens than the
+    student's lm_head rows; a given teacher tokenizer maps some token to a different id than the student's (a
+    different vocabulary; extra padding rows in either lm_head are fine).
+    """
+    ws, _ = lm_head(student, "student")
+    wt, _ = lm_head(teacher, "teacher")
+    vs, vt = ws.shape[0], wt.shape[0]
+    if vt < vs:
+        raise ValueError(f"the teacher's lm_head has {vt} rows, fewer than the student's {vs}: the teacher must "
+                         f"cover the student's vocabulary (extra teacher rows, e.g. padding, are fine)")
+    if tokenizer is not None:
+        n = len(tokenizer)
+        if n > vs:
+            raise ValueError(f"the tokenizer has {n} tokens but the student's lm_head only {vs} rows")
+    if tokenizer is not None and teacher_tokenizer is not None:
+        a, b = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if a != b:
+            diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:5]
+            raise ValueError(f"student and teacher tokenizers differ ({len(a)} vs {len(b)} tokens; first "
+                             f"differences (token, id): {diff}); on-policy distillation here needs one shared "
+                             f"vocabulary (padding rows beyond it are fine)")
+        if len(teacher_tokenizer) > vt:
+            raise ValueError(f"the teacher tokenizer has {len(teacher_tokenizer)} tokens but the teacher's lm_head "
+                             f"only {vt} rows")
+    return vs, vt
+
+
+def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher: nn.Module, input_ids: Tensor,
+                      attention_mask: Optional[Tensor], token_mask: Tensor, *,
+                      generator: Optional[torch.Generator] = None) -> TIPLossOutput:
+    """The TIP distillation loss of ``student`` towards ``teacher`` on given sequences.
+
+    Args:
+        loss_fn: a :class:`tipkernels.TIPDistillationLoss`.
+        student, teacher: Hugging Face causal LMs sharing a vocabulary (teacher lm_head rows ≥ student's).
+        input_ids: int64 ``[B, T]``.
+        attention_mask: ``[B, T]`` (1 = attend), or None for all ones.
+        token_mask: bool ``[B, T]``, True on the tokens to distil (e.g. response tokens up to and including EOS).
+            Token ``j`` is scored by the hidden state at ``j - 1``; a True at ``j = 0`` is ignored.
+        generator: for the sampling rules.
+
+    Returns:
+        :class:`tipkernels.TIPLossOutput` whose stats/selection are over hidden positions ``[B, T-1]``:
+        position ``i`` holds token ``i+1``'s values. The teacher runs under ``no_grad``; the student's body and
+        lm_head receive gradients through ``loss``.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be an int tensor [B, T], got {getattr(input_ids, 'shape', input_ids)}")
+    if not isinstance(token_mask, Tensor) or token_mask.shape != input_ids.shape:
+        raise ValueError(f"token_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                         f"got {getattr(token_mask, 'shape', type(token_mask).__name__)}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"sequences need at least 2 tokens to score one, got T={input_ids.shape[1]}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ids, attn = input_ids[:, :-1], attention_mask[:, :-1]  # the last position predicts nothing
+    mask = token_mask[:, 1:].bool() & attn.bool()         # hidden i scores token i+1 (attention_mask on i too)
+
+    ws, bs = lm_head(student, "student")
+    wt, bt = lm_head(teacher, "teacher")
+    with torch.no_grad():
+        h_t = final_hidden_states(teacher, ids, attn, who="teacher")
+    h_s = final_hidden_states(student, ids, attn, who="student")
+    # The fused ops take one dtype: the student's lm_head dtype (hidden states may come out of autocast in bf16).
+    dt = ws.dtype
+    h_s = h_s.to(dt)
+    h_t, wt = h_t.to(dt), wt.detach().to(dt)
+    bt = None if bt is None else bt.detach().to(dt)
+    with torch.autocast(h_s.device.type, enabled=False):  # the kernels choose their own accumulation precision
+        return loss_fn(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt, generator=generator)
