@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tipkernels.opd import OPDTrainer
 from tipkernels.opd.rollout import Rollouts, generate
 
+from spawn_helpers import free_port, spawn
 from test_opd import PROMPTS, config, models
 
 WORLD = 2
 MODES = ("ddp", "fsdp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tok():
@@ -112,7 +105,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     want_rec = trainer.train_step([roll])
     want_grads, want_params = _full_grads(trainer), _full_params(trainer, "none")
 
-    mp.spawn(_equality_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    spawn(_equality_worker, (free_port(), str(tmp_path)), nprocs=WORLD)
     for mode in MODES:
         got = torch.load(tmp_path / f"{mode}.pt", weights_only=False)
         rec = got["rec"]
@@ -190,7 +183,7 @@ def test_checkpoint_from_rank_0_and_resume_under_ddp_and_fsdp(tmp_path):
     single.train_step()
     single.save_checkpoint(tmp_path / "plain-ckpt")
     torch.save(_full_params(single, "none"), tmp_path / "plain-params.pt")
-    mp.spawn(_checkpoint_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    spawn(_checkpoint_worker, (free_port(), str(tmp_path)), nprocs=WORLD)
     # the checkpoint is the single-process format: a plain trainer loads it
     student, teacher = models(tok, seed=9)
     trainer = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "plain", batch_size=2))
@@ -207,3 +200,25 @@ def test_parallel_without_a_process_group_is_a_clear_error(tmp_path):
         OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "x", parallel="ddp"))
     trainer = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "y", parallel="auto"))
     assert trainer._dist is None
+
+
+def test_a_process_group_the_trainer_creates_is_destroyed_at_exit():
+    # launched by torchrun (its variables set), the trainer creates the group itself and must tear it down while
+    # the interpreter is whole; the handler registered first runs last and sees the result
+    import subprocess
+    import sys
+
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+            "from tipkernels.opd.distributed import Distributed\n"
+            "d = Distributed('ddp', 'cpu')\n"
+            "print('world', d.world, 'rank', d.rank)\n")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    for r, p in enumerate(procs):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert out.split("\n")[:2] == [f"world 2 rank {r}", "initialized at exit: False"], out

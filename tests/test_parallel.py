@@ -5,24 +5,18 @@ shard's gradient). Shards are uneven (the last is shorter) and the teacher vocab
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import tipkernels as tk
+
+from spawn_helpers import free_port, spawn
 
 N_B, N_L, DS, DT, V, PAD = 3, 7, 12, 9, 37, 5
 STAT_NAMES = ("student_lse", "teacher_lse", "entropy", "entropy_norm", "teacher_entropy", "reverse_kl",
               "forward_kl", "student_argmax", "teacher_argmax", "label_logprob")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs():
@@ -116,7 +110,7 @@ def _worker(rank: int, world: int, port: int, backend: str):
 
 @pytest.mark.parametrize("world,backend", [(2, "torch"), (3, "torch"), (2, "triton")])
 def test_vocab_parallel_equals_single_process(world, backend):
-    mp.spawn(_worker, args=(world, _free_port(), backend), nprocs=world, join=True)
+    spawn(_worker, (world, free_port(), backend), nprocs=world)
 
 
 def _limits_worker(rank: int, world: int, port: int):
@@ -136,7 +130,7 @@ def _limits_worker(rank: int, world: int, port: int):
 
 
 def test_vocab_parallel_limits_are_clear_errors():
-    mp.spawn(_limits_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn(_limits_worker, (2, free_port()), nprocs=2)
 
 
 def test_process_group_without_init_is_a_clear_error():
@@ -185,4 +179,4 @@ def _selection_worker(rank: int, world: int, port: int):
 
 
 def test_data_parallel_selection_equals_whole_batch():
-    mp.spawn(_selection_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn(_selection_worker, (2, free_port()), nprocs=2)

@@ -27,6 +27,7 @@ every rank's RNG states, so a run resumes under DDP, FSDP2 or one process.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -133,6 +134,9 @@ class Distributed:
                                  f"(which sets RANK/WORLD_SIZE/MASTER_ADDR) or call "
                                  f"torch.distributed.init_process_group first")
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            # the group is ours: tear it down while the interpreter is still whole (gloo's threads racing the
+            # interpreter's finalisation can abort the process after training has finished)
+            atexit.register(_destroy_if_initialized)
         self.mode = mode
         self.group = dist.group.WORLD
         self.rank = dist.get_rank()
@@ -350,6 +354,11 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
     if not layers:
         layers = [m for ml in body(model, "student").modules() if isinstance(ml, nn.ModuleList) for m in ml]
     return layers
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup(config, eval_fn=None) -> Optional[Distributed]:
