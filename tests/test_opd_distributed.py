@@ -148,6 +148,7 @@ def _checkpoint_worker(rank: int, port: int, tmp: str):
             assert len(writes) == (1 if rank == 0 else 0), (rank, writes)
             lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             assert [x["step"] for x in lines] == [1, 2]
+            dist.barrier()  # every rank has read the file before rank 0's next train() rewrites it
             straight.config.steps = 3  # the uninterrupted run goes on
             want = straight.train()[-1]
             want_params = _full_params(straight, mode)
