@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -253,6 +253,30 @@ def describe_error(err: BaseException, limit: int = 160) -> str:
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return "error: " + text.replace("|", "/")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def make_inputs(n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, seed: int = 0,
+                logit_scale: float = 2.0) -> Tuple[torch.Tensor, ...]:
+    """Random student/teacher hidden states and lm_heads (never zeros): logits of standard deviation ≈ scale.
+
+    The student's tensors require grad; the teacher's do not.
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        t = torch.randn(*shape, generator=g, device=device, dtype=dtype)
+        return t.mul_(std) if std != 1.0 else t
+
+    h_s = randn(n, d_s).requires_grad_(True)
+    w_s = randn(v, d_s, std=logit_scale / math.sqrt(d_s)).requires_grad_(True)
+    h_t = randn(n, d_t)
+    w_t = randn(v, d_t, std=logit_scale / math.sqrt(d_t))
+    return h_s, w_s, h_t, w_t
+
 
 
 # ------------------------------------------------------------------------------------------ GEMM floor

@@ -57,7 +57,7 @@ import tipkernels as tk  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     MIB, REPO_ROOT, MemoryMarks, PhaseTimer, RssPeak, _proc_status_kib, _reset_hwm, dense_matmul_tflops,
     describe_error, device_name, env_markdown, fmt_mib, fmt_ms, fmt_pct, free_memory, gemm_floor_flops, is_oom,
-    markdown_table, rss_bytes, slug,
+    make_inputs, markdown_table, rss_bytes, slug,
 )
 
 ALL_VARIANTS = ("triton", "torch", "reference", "compiled", "compiled_ref", "liger")
@@ -132,26 +132,6 @@ def threading_is_main() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-
-
-def make_inputs(n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, seed: int = 0,
-                logit_scale: float = 2.0) -> Tuple[torch.Tensor, ...]:
-    """Random student/teacher hidden states and lm_heads (never zeros): logits of standard deviation ≈ scale.
-
-    The student's tensors require grad; the teacher's do not.
-    """
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        t = torch.randn(*shape, generator=g, device=device, dtype=dtype)
-        return t.mul_(std) if std != 1.0 else t
-
-    h_s = randn(n, d_s).requires_grad_(True)
-    w_s = randn(v, d_s, std=logit_scale / math.sqrt(d_s)).requires_grad_(True)
-    h_t = randn(n, d_t)
-    w_t = randn(v, d_t, std=logit_scale / math.sqrt(d_t))
-    return h_s, w_s, h_t, w_t
 
 
 def tensor_bytes(*ts) -> int:

@@ -2,12 +2,16 @@
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported; tests).
 float64 inputs are computed in fp32 (gradients are returned in float64). Block sizes come from
-:func:`default_config`; every entry point takes an optional ``config`` dict overriding any of its keys.
+:func:`default_config`, then from the first matching entry of the tuned-config tables (:func:`tuned_config`:
+the files named by ``$TIPKERNELS_TRITON_CONFIGS``, then the packaged ``tuned_configs.json``; written by
+``benchmarks/tune_triton.py``); every entry point takes an optional ``config`` dict overriding any of its keys.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -48,8 +52,9 @@ def default_config(prob: Problem) -> Dict[str, object]:
     block_n / block_v: the logit tile; block_d: the hidden-dim chunk of the logit matmul; block_dh: the
     hidden-dim block a backward program owns (its fp32 accumulator is block_n x block_dh or block_v x block_dh);
     split_v: vocabulary splits of the forward passes (None: enough programs to fill the device);
-    bwd_block_n / bwd_block_v / bwd_block_d / bwd_num_stages: the backward's logit tile, hidden chunk and
-    pipeline depth (a config that sets block_d or num_stages but not its bwd_ twin uses it for both).
+    bwd_block_n / bwd_block_v / bwd_block_d / bwd_num_stages / bwd_num_warps: the backward's logit tile, hidden
+    chunk, pipeline depth and warps (a config that sets block_d, num_stages or num_warps but not its bwd_ twin uses
+    it for both).
     num_warps, num_stages (None: Triton's default): launch options.
     """
     dtype = (prob.student_hidden if prob.student_is_linear else prob.student_logits).dtype
@@ -69,19 +74,22 @@ def default_config(prob: Problem) -> Dict[str, object]:
         "bwd_block_v": 32 if wide else 64,
         "bwd_block_d": 32 if wide else 64,  # fp32 at 16: ptxas picked 128 registers and spilled
         "bwd_num_stages": None,  # fp32 at 2: the same in dweight
+        "bwd_num_warps": None,  # None: num_warps
     }
 
 
 def _config(prob: Problem, config: Optional[dict]) -> Dict[str, object]:
     cfg = default_config(prob)
-    if config:
-        unknown = set(config) - set(cfg)
+    for source, over in (("tuned config", tuned_config(prob)), ("triton config", config)):
+        if not over:
+            continue
+        unknown = set(over) - set(cfg)
         if unknown:
-            raise KeyError(f"unknown triton config keys {sorted(unknown)}; known: {sorted(cfg)}")
-        cfg.update(config)
-        for key in ("block_d", "num_stages"):
-            if key in config and "bwd_" + key not in config:
-                cfg["bwd_" + key] = config[key]
+            raise KeyError(f"unknown {source} keys {sorted(unknown)}; known: {sorted(cfg)}")
+        cfg.update(over)
+        for key in _TWINNED:
+            if key in over and "bwd_" + key not in over:
+                cfg["bwd_" + key] = over[key]
     for key in _DOT_BLOCKS:  # every one is a tl.dot dimension somewhere
         b = cfg[key]
         if not isinstance(b, int) or b < 16 or b & (b - 1):
@@ -89,11 +97,12 @@ def _config(prob: Problem, config: Optional[dict]) -> Dict[str, object]:
     return cfg
 
 
+_TWINNED = ("block_d", "num_stages", "num_warps")
 _DOT_BLOCKS = ("block_n", "block_v", "block_d", "block_dh", "bwd_block_n", "bwd_block_v", "bwd_block_d")
 
 
 def _launch_opts(cfg, backward: bool = False) -> dict:
-    opts = {"num_warps": cfg["num_warps"]}
+    opts = {"num_warps": (cfg["bwd_num_warps"] if backward else None) or cfg["num_warps"]}
     stages = cfg["bwd_num_stages" if backward else "num_stages"]
     if stages is not None:
         opts["num_stages"] = stages
@@ -110,6 +119,69 @@ def _splits(cfg, n_rows: int, vocab: int, device: torch.device) -> Tuple[int, in
     want = max(1, min(int(want), tiles))
     per = triton.cdiv(tiles, want)
     return triton.cdiv(tiles, per), per
+
+
+# ------------------------------------------------------------------------------------------ tuned configs
+
+TUNED_CONFIGS_ENV = "TIPKERNELS_TRITON_CONFIGS"
+PACKAGED_TUNED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
+_ENTRY_KEYS = {"device", "dtype", "d_min", "d_max", "v_min", "v_max", "config"}
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp32"}
+
+
+def device_key(device: torch.device) -> str:
+    """The name tuned-config entries are matched on: ``torch.cuda.get_device_name`` on CUDA, else the type."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def dtype_key(dtype: torch.dtype) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"`` (float64 runs in fp32)."""
+    return _DTYPE_KEYS[dtype]
+
+
+@functools.lru_cache(maxsize=32)
+def _read_table(path: str, mtime: float) -> Tuple[dict, ...]:
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"tuned triton config table {path}: cannot read it ({err})") from err
+    entries = table.get("entries") if isinstance(table, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"tuned triton config table {path}: expected an object with a list 'entries'")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not _ENTRY_KEYS <= set(e) or not isinstance(e["config"], dict):
+            raise ValueError(f"tuned triton config table {path}, entry {i}: expected the keys "
+                             f"{sorted(_ENTRY_KEYS)} with 'config' an object, got {e!r}")
+    return tuple(entries)
+
+
+def tuned_tables() -> List[str]:
+    """The tuned-config files consulted, first match wins: ``$TIPKERNELS_TRITON_CONFIGS`` (``os.pathsep``-separated
+    paths), then the packaged table."""
+    paths = [p for p in os.environ.get(TUNED_CONFIGS_ENV, "").split(os.pathsep) if p]
+    return paths + [PACKAGED_TUNED_CONFIGS]
+
+
+def tuned_config(prob: Problem) -> Dict[str, object]:
+    """The ``config`` of the first tuned entry matching the problem's device name, input dtype, student hidden
+    size (0 for logits inputs) and vocabulary size (inclusive ranges); ``{}`` when none matches. A path named in
+    ``$TIPKERNELS_TRITON_CONFIGS`` must exist; a malformed table raises ``ValueError`` naming the file."""
+    src = prob.student_hidden if prob.student_is_linear else prob.student_logits
+    dev, dt = device_key(src.device), _DTYPE_KEYS.get(src.dtype)
+    d = src.shape[1] if prob.student_is_linear else 0
+    v = prob.vocab_size
+    for path in tuned_tables():
+        if not os.path.exists(path):
+            if path == PACKAGED_TUNED_CONFIGS:
+                continue
+            raise ValueError(f"${TUNED_CONFIGS_ENV} names {path}, which does not exist")
+        for e in _read_table(path, os.path.getmtime(path)):
+            if e["device"] == dev and e["dtype"] == dt and e["d_min"] <= d <= e["d_max"] \
+                    and e["v_min"] <= v <= e["v_max"]:
+                return dict(e["config"])
+    return {}
 
 
 # ------------------------------------------------------------------------------------------ launching
