@@ -16,6 +16,9 @@ Sections, each written to the report as soon as it is done (a run cut short stil
 4. The TIP loss step (scoring + selection + selected backward) per rule and ratio, with the time relative to the
    ratio-1.0 step.
 
+With ``--tune``, section 1b runs ``benchmarks/tune_triton.py`` at the goal shape first (``--tune-budget-s``) and the
+triton cells then use the tuned table (``tuned_configs.json`` and ``tuning.md`` beside the report).
+
 Every cell runs in try/except: an allocation failure prints ``OOM``, anything else ``error: …``, and the run goes
 on. ``--budget-s`` bounds the whole run: cells that would start after it are reported as skipped. Cells run in
 priority order (the goal shape N=8192, V=151936 first), the tables are printed in grid order.
@@ -538,6 +541,10 @@ def parse_args(argv=None):
                     help="wall-clock budget of the whole run; later cells are skipped (default 540 on CUDA)")
     ap.add_argument("--cell-timeout", type=float, default=None, help="per cell (compile included), default 150 s")
     ap.add_argument("--liger-wheel", default=None, help="a liger_kernel wheel to import when not installed")
+    ap.add_argument("--tune", action="store_true",
+                    help="section 1b: tune the triton configs at the goal shape (benchmarks/tune_triton.py) and "
+                         "benchmark with the tuned table")
+    ap.add_argument("--tune-budget-s", type=float, default=240.0, help="time for the tuning search")
     ap.add_argument("--out", default=None, help="folder of the report (default benchmarks/results)")
     args = ap.parse_args(argv)
 
@@ -650,6 +657,30 @@ def run_tests(args, budget: Budget, out_dir: str) -> str:
         text += ["", "```", *[ln[:300] for ln in tail], "```"]
     log(f"[tests] {status} after {took:.0f} s: {summary}")
     return "\n".join(text)
+
+
+def run_tuning(args, budget: Budget, out_dir: str) -> str:
+    """Tune at the goal shape (N=8192, V=151936; ``--quick``: the tuner's tiny shape); write ``tuned_configs.json``
+    and ``tuning.md`` to ``out_dir`` and put the table first in ``$TIPKERNELS_TRITON_CONFIGS`` for this process."""
+    from benchmarks import tune_triton
+    from tipkernels import triton_backend
+
+    table, notes = os.path.join(out_dir, "tuned_configs.json"), os.path.join(out_dir, "tuning.md")
+    seconds = args.tune_budget_s if budget.seconds is None else max(0.0, min(args.tune_budget_s, budget.left() - 60))
+    argv = ["--device", str(args.device), "--dtype", args.dtype, "--out", table, "--notes", notes,
+            "--budget-s", f"{seconds:.0f}"]
+    argv += ["--quick"] if args.quick else ["--n", str(GOAL_SHAPE[0]), "--v", str(GOAL_SHAPE[1]), "--d", str(args.d),
+                                            "--d-teacher", str(args.d_teacher)]
+    log(f"[tune] tune_triton.py {' '.join(argv)}")
+    if tune_triton.main(argv) != 0:
+        return "the tuner refused to run (see the log)"
+    old = os.environ.get(triton_backend.TUNED_CONFIGS_ENV)
+    os.environ[triton_backend.TUNED_CONFIGS_ENV] = table + (os.pathsep + old if old else "")
+    with open(notes) as f:
+        text = f.read()
+    body = text[text.index("Shape:"):]  # without its title and environment table (the report has them)
+    return (f"`{table}` is used by every later triton cell (copy its entries into `tipkernels/tuned_configs.json` "
+            f"to keep them).\n" + body)
 
 
 def ordered_grid(args) -> List[Tuple[int, int]]:
@@ -772,6 +803,15 @@ def main(argv=None) -> int:
             report.set("tests", "## 1. Correctness suite\n\n" + run_tests(args, budget, out_dir))
         except Exception as err:  # noqa: BLE001
             report.set("tests", f"## 1. Correctness suite\n\n{describe_error(err)}")
+
+    # 1b. tuning (the later triton cells use the table it writes)
+    if args.tune:
+        report.set("tune", "## 1b. Tuning\n\nrunning…")
+        try:
+            report.set("tune", "## 1b. Tuning\n\n" + run_tuning(args, budget, out_dir))
+        except Exception as err:  # noqa: BLE001
+            report.set("tune", f"## 1b. Tuning\n\n{describe_error(err)}")
+        free_memory(device)
 
     # 2. dense matmul rate
     rate = None

@@ -88,6 +88,22 @@ def test_cpu_backends_tiny(tmp_path):
     assert "| reference |" in text and "| torch |" in text and "torch time ≤ 1.5× reference" in text
 
 
+def test_gpu_suite_tunes_then_uses_the_table(tmp_path):
+    # the GPU suite's tuning section on the CPU (interpreter, tiny shape): the table is written and put first in
+    # $TIPKERNELS_TRITON_CONFIGS for the cells after it
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    env.pop("TIPKERNELS_TRITON_CONFIGS", None)
+    out = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--device", "cpu", "--quick", "--skip-tests",
+                          "--skip-divergence", "--skip-tip", "--tune", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = json.loads((tmp_path / "tuned_configs.json").read_text())
+    assert len(table["entries"]) == 1 and table["entries"][0]["device"] == "cpu"
+    report = next(p for p in tmp_path.glob("*.md") if p.name != "tuning.md").read_text()
+    assert "## 1b. Tuning" in report and "| forward | start |" in report and "| backward | start |" in report
+    assert "Dense matmul rate" in report
+
+
 def test_bench_ops_collect_and_run():
     pytest.importorskip("pytest_benchmark")
     _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_bench_ops.py", "--benchmark-only",
