@@ -49,11 +49,12 @@ SPACES = {
         {"block_n": [32, 64, 128], "block_v": [64, 128, 256], "block_d": [32, 64, 128], "num_warps": [4, 8],
          "num_stages": [2, 3, 4]},
         {"bwd_block_n": [32, 64, 128], "bwd_block_v": [32, 64, 128], "bwd_block_d": [32, 64, 128],
-         "block_dh": [64, 128, 256], "bwd_num_warps": [4, 8], "bwd_num_stages": [2, 3, 4]},
+         "block_dh": [64, 128, 256], "bwd_num_warps": [4, 8], "bwd_num_stages": [2, 3, 4],
+         "bwd_strategy": ["matmul", "tiles"], "bwd_chunk_mib": [16, 32, 64]},
     ),
     "quick": (
         {"block_n": [16, 32], "block_v": [16, 32]},
-        {"bwd_block_v": [16, 32], "block_dh": [16, 32]},
+        {"bwd_block_v": [16, 32], "block_dh": [16, 32], "bwd_strategy": ["matmul", "tiles"]},
     ),
 }
 

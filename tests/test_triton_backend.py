@@ -22,8 +22,11 @@ from tipkernels.problem import IGNORE_INDEX, Problem, build_problem  # noqa: E40
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# small tiles: several vocab tiles, hidden chunks, hidden blocks and vocab splits even at these sizes
-SMALL = dict(block_n=16, block_v=16, block_d=16, block_dh=16, split_v=2, bwd_block_n=16, bwd_block_v=16)
+# small tiles: several vocab tiles, hidden chunks, hidden blocks, vocab splits and backward vocabulary chunks
+# (bwd_chunk_mib: 512 bytes, 16-32 columns for the 6-13 selected rows) even at these sizes
+SMALL = dict(block_n=16, block_v=16, block_d=16, block_dh=16, split_v=2, bwd_block_n=16, bwd_block_v=16,
+             bwd_chunk_mib=2**-11)
+TILES = dict(SMALL, bwd_strategy="tiles")
 TOL = {torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 5e-4}
 STAT_KEYS = ("student_lse", "entropy", "teacher_lse", "teacher_entropy", "reverse_kl", "forward_kl",
              "label_logprob")
@@ -255,6 +258,29 @@ def test_backward(kind, beta, variant, dtype):
     check_backward(prob, kind, beta, grad, got, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["linear", "teacher_logits", "strided"])
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_backward_tiles_strategy(kind, beta, variant, dtype):
+    # the linear student's other backward: per-(row block, hidden block) kernels, no gradient-logit buffer
+    prob = make_problem(variant, dtype, seed=6)
+    grad = grad_rows_for(prob.num_rows)
+    got = tb.backward(prob, kind, grad, saved_for(prob, beta), beta, config=TILES)
+    check_backward(prob, kind, beta, grad, got, TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk_mib", [1e-9, 2**-8, 1.0])
+def test_backward_matmul_chunks(chunk_mib):
+    # 16-column chunks (one tile each), 48 + 35 columns, one chunk: the same gradients; every row and a bias
+    prob = make_problem("linear", seed=11, n=21, vocab=83)
+    grad = torch.randn(prob.num_rows, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = tb.backward(prob, "jsd", grad, saved_for(prob, 0.3), 0.3, config=dict(SMALL, bwd_chunk_mib=chunk_mib))
+    check_backward(prob, "jsd", 0.3, grad, got, 5e-4)
+    tiles = tb.backward(prob, "jsd", grad, saved_for(prob, 0.3), 0.3, config=TILES)
+    for a, b in zip(got, tiles):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_backward_entropy_student_only():
     prob = make_problem("student_only", seed=7, vocab=50, ds=40)
     grad = grad_rows_for(prob.num_rows, seed=1)
@@ -280,8 +306,9 @@ def test_backward_skips_zero_rows():
     poisoned.student_hidden[grad == 0] = float("nan")
     poisoned.teacher_hidden = prob.teacher_hidden.clone()
     poisoned.teacher_hidden[grad == 0] = float("nan")
-    got = tb.backward(poisoned, "reverse_kl", grad, saved, config=SMALL)
-    check_backward(prob, "reverse_kl", 0.5, grad, got, 5e-4)
+    for cfg in (SMALL, TILES):
+        got = tb.backward(poisoned, "reverse_kl", grad, saved, config=cfg)
+        check_backward(prob, "reverse_kl", 0.5, grad, got, 5e-4)
 
     zero = torch.zeros_like(grad)
     dh, dw, db = tb.backward(prob, "reverse_kl", zero, saved, config=SMALL)

@@ -149,6 +149,10 @@ def _record(case):
                     fake = saved["student_lse"]
                     full = dict(saved, teacher_lse=fake, reverse_kl=fake, kl_pm=fake)
                     tb.backward(prob, call[1], torch.ones(prob.num_rows), full, beta, config=cfg)
+                    if prob.student_is_linear:  # the other strategy's kernels too
+                        other = "tiles" if tb._config(prob, cfg)["bwd_strategy"] == "matmul" else "matmul"
+                        tb.backward(prob, call[1], torch.ones(prob.num_rows), full, beta,
+                                    config=dict(cfg, bwd_strategy=other))
     finally:
         tb.FP32_DOT_PRECISION = saved_prec
     return launches
@@ -328,7 +332,8 @@ def test_tensor_cores_match_the_dtype(report, case):
     no MMA, "tf32" MMA on tf32."""
     ptx_type = {"bfloat16": ".bf16", "float16": ".f16", "float32": ".tf32"}[case["dtype"]]
     for sp in _specs(report, case["id"]):
-        has_dot = sp["kernel"] != "dlogits_kernel" or sp["constexprs"].get("T_LINEAR")
+        has_dot = sp["kernel"] != "dlogits_kernel" or sp["constexprs"].get("S_LINEAR") \
+            or sp["constexprs"].get("T_LINEAR")
         has_dot = has_dot and (sp["kernel"] != "stats_kernel" and sp["kernel"] != "jsd_kernel"
                                or sp["constexprs"].get("S_LINEAR") or sp["constexprs"].get("T_LINEAR"))
         if not has_dot:
@@ -362,7 +367,9 @@ def test_cases_cover_every_specialisation_axis(report):
         assert values([kernel], "KIND") == {0, 1, 2, 3}, kernel
         assert values([kernel], "HAS_TEACHER") == {False, True}, kernel
         assert values([kernel], "T_LINEAR") == {False, True}, kernel
-    assert values(["dhidden_kernel", "dweight_kernel"], "S_BIAS") == {False, True}
+    assert values(["dhidden_kernel", "dweight_kernel", "dlogits_kernel"], "S_BIAS") == {False, True}
+    assert values(["dlogits_kernel"], "S_LINEAR") == {False, True}
+    assert values(["dlogits_kernel"], "COMPACT_OUT") == {False, True}
     all_kernels = list(seen)
     assert values(all_kernels, "DOT_PRECISION") == {"ieee", "tf32"}
     ptrs = {t for sp in report["specs"] for t in sp["pointer_types"]}

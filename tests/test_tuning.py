@@ -176,3 +176,17 @@ def test_the_command_writes_a_table_the_backend_reads(monkeypatch, tmp_path):
     assert "| forward | start |" in notes and "block_n=16" in notes
     monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, str(out))
     assert trb.tuned_config(_prob(v=48, d=32)) == new["config"]
+
+
+@pytest.mark.parametrize("over, err, match", [
+    ({"blok_n": 32}, KeyError, "unknown triton config keys.*blok_n"),
+    ({"block_v": 24}, ValueError, "block_v=24: must be a power of two"),
+    ({"bwd_block_d": 8}, ValueError, "bwd_block_d=8"),
+    ({"bwd_strategy": "atomics"}, ValueError, "bwd_strategy='atomics'"),
+    ({"bwd_chunk_mib": 0}, ValueError, "bwd_chunk_mib=0"),
+    ({"bwd_chunk_mib": "64"}, ValueError, "bwd_chunk_mib='64'"),
+])
+def test_a_bad_call_config_is_a_clear_error(monkeypatch, over, err, match):
+    monkeypatch.delenv(trb.TUNED_CONFIGS_ENV, raising=False)
+    with pytest.raises(err, match=match):
+        trb._config(_prob(), over)

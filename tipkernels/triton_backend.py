@@ -56,6 +56,10 @@ def default_config(prob: Problem) -> Dict[str, object]:
     chunk, pipeline depth and warps (a config that sets block_d, num_stages or num_warps but not its bwd_ twin uses
     it for both).
     num_warps, num_stages (None: Triton's default): launch options.
+    bwd_strategy (linear students): ``"matmul"`` computes each gradient-logit tile once into a
+    ``[selected rows, vocabulary chunk]`` buffer of at most ``bwd_chunk_mib`` MiB (at least one bwd_block_v wide) and leaves ``d hidden`` /
+    ``d weight`` to cuBLAS (plus an fp32 ``[selected rows, D]`` accumulator); ``"tiles"`` never allocates more than
+    its outputs but recomputes the logit tiles ``D / block_dh`` times (see ``benchmarks/TUNING.md``).
     """
     dtype = (prob.student_hidden if prob.student_is_linear else prob.student_logits).dtype
     wide = dtype == torch.float32 or dtype == torch.float64
@@ -75,6 +79,8 @@ def default_config(prob: Problem) -> Dict[str, object]:
         "bwd_block_d": 32 if wide else 64,  # fp32 at 16: ptxas picked 128 registers and spilled
         "bwd_num_stages": None,  # fp32 at 2: the same in dweight
         "bwd_num_warps": None,  # None: num_warps
+        "bwd_strategy": "matmul",
+        "bwd_chunk_mib": 32,
     }
 
 
@@ -90,6 +96,11 @@ def _config(prob: Problem, config: Optional[dict]) -> Dict[str, object]:
         for key in _TWINNED:
             if key in over and "bwd_" + key not in over:
                 cfg["bwd_" + key] = over[key]
+    if cfg["bwd_strategy"] not in ("matmul", "tiles"):
+        raise ValueError(f"triton config bwd_strategy={cfg['bwd_strategy']!r}: expected 'matmul' or 'tiles'")
+    chunk_mib = cfg["bwd_chunk_mib"]
+    if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not chunk_mib > 0:
+        raise ValueError(f"triton config bwd_chunk_mib={chunk_mib!r}: expected a positive number")
     for key in _DOT_BLOCKS:  # every one is a tl.dot dimension somewhere
         b = cfg[key]
         if not isinstance(b, int) or b < 16 or b & (b - 1):
@@ -424,6 +435,17 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
 # ------------------------------------------------------------------------------------------ backward
 
 
+@contextlib.contextmanager
+def _exact_fp32_matmuls():
+    """fp32 matmuls without TF32 while ``FP32_DOT_PRECISION`` is "ieee" (as the kernels' own dots)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = FP32_DOT_PRECISION == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tensor], beta: float = 0.5,
              *, config: Optional[dict] = None):
     """``(d_student, d_weight, d_bias)`` of ``sum_n grad_rows[n] * value_n`` for ``kind`` (see the contract)."""
@@ -492,9 +514,9 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
         grid = (triton.cdiv(n_sel, bn), triton.cdiv(vocab, bv))
         _launch(
             _bwd.dlogits_kernel, grid,
-            z, *t_ptrs, *row_inputs, d_student,
-            n_sel, vocab, dt, *scalars, z.stride(0), z.stride(1), *t_strides,
-            d_student.stride(0), d_student.stride(1), **common,
+            z, z, z, z, *t_ptrs, *row_inputs, d_student,
+            n_sel, 0, vocab, 0, dt, *scalars, 0, 0, 0, 0, z.stride(0), z.stride(1), *t_strides,
+            d_student.stride(0), d_student.stride(1), S_LINEAR=False, S_BIAS=False, COMPACT_OUT=False, **common,
         )
         return finish()
 
@@ -503,6 +525,37 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     ds_dim = h.shape[1]
     bdh = cfg["block_dh"]
     s_strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    if cfg["bwd_strategy"] == "matmul":
+        # dS once per (row block, vocab tile) into [selected rows, vocab chunk] buffers; cuBLAS does the rest
+        gdt = h.dtype
+        width = int(cfg["bwd_chunk_mib"] * 2**20) // (n_sel * h.element_size()) // bv * bv
+        width = min(max(bv, width), triton.cdiv(vocab, bv) * bv)
+        chunk = torch.empty((n_sel, width), dtype=gdt, device=dev)
+        h_sel = h if n_sel == n else h.index_select(0, idx)  # idx is sorted: n_sel == n means every row
+        d_sel = torch.zeros((n_sel, ds_dim), dtype=torch.float32, device=dev)  # d h of the selected rows
+        part = None if gdt == torch.float32 else torch.empty((n_sel, ds_dim), dtype=gdt, device=dev)
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            g = chunk[:, : v1 - v0]
+            _launch(
+                _bwd.dlogits_kernel, (triton.cdiv(n_sel, bn), triton.cdiv(v1 - v0, bv)),
+                h, w, b, h, *t_ptrs, *row_inputs, g,
+                n_sel, v0, v1, ds_dim, dt, *scalars, *s_strides, 0, 0, *t_strides, g.stride(0), g.stride(1),
+                S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, **common,
+            )
+            with _exact_fp32_matmuls():
+                if d_weight.is_contiguous():
+                    torch.mm(g.t(), h_sel, out=d_weight[v0:v1])
+                else:  # a transposed weight's gradient has its strides
+                    d_weight[v0:v1].copy_(g.t() @ h_sel)
+                if part is None:
+                    d_sel.addmm_(g, w[v0:v1])
+                else:  # the 16-bit product of one chunk, accumulated in fp32 across chunks
+                    d_sel.add_(torch.mm(g, w[v0:v1], out=part))
+            if d_bias is not None:
+                d_bias[v0:v1] = g.sum(0, dtype=torch.float32)
+        d_student.index_copy_(0, idx, d_sel.to(d_student.dtype))
+        return finish()
     grid_a = (triton.cdiv(n_sel, bn), triton.cdiv(ds_dim, bdh))
     _launch(
         _bwd.dhidden_kernel, grid_a,

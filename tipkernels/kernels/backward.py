@@ -7,10 +7,14 @@ recompute the logit tiles of both models, then form the gradient tile ``dS = g/T
 - ``dhidden_kernel``, grid ``(row blocks, hidden blocks)``: ``dh[rows, dblock] = sum_v dS @ W[v, dblock]``.
 - ``dweight_kernel``, grid ``(vocab blocks, hidden blocks)``: ``dW[vblock, dblock] = sum_rows dS^T @ h``,
   ``db[vblock] = sum_rows dS``.
-- ``dlogits_kernel``, grid ``(row blocks, vocab blocks)``: the student given as logits, ``d logits = dS``.
+- ``dlogits_kernel``, grid ``(row blocks, vocab blocks)``: ``dS`` itself, for the student given as logits
+  (``d logits = dS``), or, for a linear student, written as a ``[rows, vocabulary chunk]`` gradient-logit chunk
+  that the host multiplies with the weight and the hidden states (cuBLAS): the backend's ``"matmul"`` strategy.
 
-Every output element is owned by one program, so results are deterministic (no atomics). Each hidden block
-recomputes the logit tiles over the full hidden dims: the cost grows with ``D / BLOCK_DH``.
+Every output element is owned by one program, so results are deterministic (no atomics). In the ``"tiles"``
+strategy (``dhidden_kernel`` + ``dweight_kernel``) each hidden block recomputes the logit tiles over the full
+hidden dims, so the recompute costs ``D / BLOCK_DH`` times the forward's; the ``"matmul"`` strategy recomputes each
+tile once (see ``benchmarks/TUNING.md``).
 """
 
 import triton
@@ -149,27 +153,32 @@ def dweight_kernel(
 
 @triton.jit
 def dlogits_kernel(
-    sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+    sh_ptr, sw_ptr, sb_ptr, sz_ptr,
+    th_ptr, tw_ptr, tb_ptr, tz_ptr,
     idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, dz_ptr,
-    n_sel, V, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-    s_zn, s_zv,
+    n_sel, v_start, v_end, DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
+    s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
     t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
     dz_n, dz_v,
+    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
     HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
-    HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
+    HAS_SCAL: tl.constexpr, KIND: tl.constexpr, COMPACT_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """``dS`` for the compacted rows and vocabulary columns ``[v_start, v_end)``. Stored at ``dz[row, col]``
+    (the student given as logits), or with ``COMPACT_OUT`` at ``dz[slot, col - v_start]`` (a gradient-logit chunk
+    that the host multiplies with cuBLAS)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
+    start = pid_n.to(tl.int64) * BLOCK_N
     rows, row_mask, g, ls, lt, scal = _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr,
-                                                 pid_n.to(tl.int64) * BLOCK_N, n_sel, inv_temp,
-                                                 HAS_TEACHER, HAS_SCAL, BLOCK_N)
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    s = logit_tile(sz_ptr, sz_ptr, sz_ptr, sz_ptr, rows, row_mask, cols, col_mask,
-                   0, 0, 0, 0, 0, s_zn, s_zv, inv_temp,
-                   False, False, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+                                                 start, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
+    cols = v_start + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_end
+    s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sz_ptr, rows, row_mask, cols, col_mask,
+                   DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, inv_temp,
+                   S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     u = s
     if HAS_TEACHER:
         u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
@@ -177,4 +186,11 @@ def dlogits_kernel(
                        T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     valid = row_mask[:, None] & col_mask[None, :]
     ds = grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND)
-    tl.store(dz_ptr + rows[:, None] * dz_n + cols[None, :] * dz_v, ds.to(dz_ptr.dtype.element_ty), mask=valid)
+    if COMPACT_OUT:
+        out_rows = start + tl.arange(0, BLOCK_N)
+        out_cols = cols - v_start
+    else:
+        out_rows = rows
+        out_cols = cols
+    tl.store(dz_ptr + out_rows[:, None] * dz_n + out_cols[None, :] * dz_v, ds.to(dz_ptr.dtype.element_ty),
+             mask=valid)
