@@ -20,7 +20,7 @@ tile once (see ``benchmarks/TUNING.md``).
 import triton
 import triton.language as tl
 
-from .common import log_mixture, logit_tile, mma
+from .common import both_tiles, log_mixture, mma
 
 # KIND values (the host maps jsd with beta = 0 / 1 to forward / reverse KL, their special-cased values).
 K_ENTROPY, K_REVERSE_KL, K_FORWARD_KL, K_JSD = 0, 1, 2, 3
@@ -62,6 +62,24 @@ def _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, start, n_sel, inv_temp,
 
 
 @triton.jit
+def _grad_logits(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                 rows, row_mask, cols, col_mask, ls, lt, scal, g,
+                 DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
+                 s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+                 S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr,
+                 T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, KIND: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """``(dS, valid)`` of a rows x cols tile: both logit tiles recomputed, then :func:`grad_tile`."""
+    s, u = both_tiles(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                      rows, row_mask, cols, col_mask, DS, DT, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
+                      t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp, S_LINEAR, S_BIAS,
+                      HAS_TEACHER, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    valid = row_mask[:, None] & col_mask[None, :]
+    return grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND), valid
+
+
+@triton.jit
 def dhidden_kernel(
     sh_ptr, sw_ptr, sb_ptr,
     th_ptr, tw_ptr, tb_ptr, tz_ptr,
@@ -87,16 +105,12 @@ def dhidden_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sh_ptr, rows, row_mask, cols, col_mask,
-                       DS, s_hn, s_hd, s_wv, s_wd, 0, 0, inv_temp,
-                       True, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        u = s
-        if HAS_TEACHER:
-            u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
-                           DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
-                           T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        valid = row_mask[:, None] & col_mask[None, :]
-        ds = grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND)
+        ds, valid = _grad_logits(sh_ptr, sw_ptr, sb_ptr, sh_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                                 rows, row_mask, cols, col_mask, ls, lt, scal, g,
+                                 DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
+                                 s_hn, s_hd, s_wv, s_wd, 0, 0, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+                                 True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+                                 BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         w = tl.load(sw_ptr + cols[:, None] * s_wv + dcols[None, :] * s_wd,
                     mask=col_mask[:, None] & dcol_mask[None, :], other=0.0)
         acc = mma(ds.to(w.dtype), w, acc, DOT_PRECISION)
@@ -129,16 +143,12 @@ def dweight_kernel(
     for r0 in range(0, n_sel, BLOCK_N):
         rows, row_mask, g, ls, lt, scal = _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr,
                                                      r0, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
-        s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sh_ptr, rows, row_mask, cols, col_mask,
-                       DS, s_hn, s_hd, s_wv, s_wd, 0, 0, inv_temp,
-                       True, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        u = s
-        if HAS_TEACHER:
-            u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
-                           DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
-                           T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        valid = row_mask[:, None] & col_mask[None, :]
-        ds = grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND)
+        ds, valid = _grad_logits(sh_ptr, sw_ptr, sb_ptr, sh_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                                 rows, row_mask, cols, col_mask, ls, lt, scal, g,
+                                 DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
+                                 s_hn, s_hd, s_wv, s_wd, 0, 0, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+                                 True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+                                 BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         h = tl.load(sh_ptr + rows[:, None] * s_hn + dcols[None, :] * s_hd,
                     mask=row_mask[:, None] & dcol_mask[None, :], other=0.0)
         acc = mma(tl.trans(ds.to(h.dtype)), h, acc, DOT_PRECISION)
@@ -176,16 +186,12 @@ def dlogits_kernel(
                                                  start, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
     cols = v_start + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_end
-    s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sz_ptr, rows, row_mask, cols, col_mask,
-                   DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, inv_temp,
-                   S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-    u = s
-    if HAS_TEACHER:
-        u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
-                       DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
-                       T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-    valid = row_mask[:, None] & col_mask[None, :]
-    ds = grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND)
+    ds, valid = _grad_logits(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                             rows, row_mask, cols, col_mask, ls, lt, scal, g,
+                             DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
+                             s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+                             S_LINEAR, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     if COMPACT_OUT:
         out_rows = start + tl.arange(0, BLOCK_N)
         out_cols = cols - v_start

@@ -63,6 +63,33 @@ def logit_tile(
 
 
 @triton.jit
+def both_tiles(
+    sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+    rows, row_mask, cols, col_mask, DS, DT,
+    s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
+    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+    inv_temp,
+    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``(s, u)``: the student's and, with HAS_TEACHER, the teacher's logit tiles (``u = s`` without one).
+
+    Both tiles first: the teacher's matmul then runs with only ``s`` live, not the tiles derived from it.
+    """
+    s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sz_ptr, rows, row_mask, cols, col_mask,
+                   DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, inv_temp,
+                   S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    u = s
+    if HAS_TEACHER:
+        u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
+                       DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
+                       T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    return s, u
+
+
+@triton.jit
 def log_mixture(lp, lq, log_beta, log1m_beta):
     """``log(beta*q + (1-beta)*p)`` from log-probabilities, as a stable logaddexp (NaN only where p = q = 0)."""
     a = lq + log_beta

@@ -10,7 +10,7 @@ one-pass algorithm of DESIGN §1.
 import triton
 import triton.language as tl
 
-from .common import NEG_BIG, log_mixture, logit_tile
+from .common import NEG_BIG, both_tiles, log_mixture
 
 # Fields of the statistics partials (fp32) ...
 F_MS, F_ZS, F_AS, F_LABEL, F_BEST_S = 0, 1, 2, 3, 4
@@ -72,15 +72,10 @@ def stats_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sz_ptr, rows, row_mask, cols, col_mask,
-                       DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, inv_temp,
-                       S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        # Both tiles first: the teacher's matmul then runs with only s live, not the student's derived tiles.
-        u = s
-        if HAS_TEACHER:
-            u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
-                           DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
-                           T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        s, u = both_tiles(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                          rows, row_mask, cols, col_mask, DS, DT, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
+                          t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp, S_LINEAR, S_BIAS,
+                          HAS_TEACHER, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         # student: argmax, then rescale and accumulate
         tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
         better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
@@ -169,12 +164,10 @@ def jsd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sz_ptr, rows, row_mask, cols, col_mask,
-                       DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, inv_temp,
-                       S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
-                       DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
-                       T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        s, u = both_tiles(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
+                          rows, row_mask, cols, col_mask, DS, DT, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
+                          t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp, S_LINEAR, S_BIAS,
+                          True, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         lp = s - ls[:, None]
         lq = u - lt[:, None]
         p = tl.exp(lp)
