@@ -781,7 +781,8 @@ def test_zero_weights_and_empty_inputs(backend):
 
 
 class _NumelRecorder(TorchDispatchMode):
-    """Records the numel of every tensor each op returns (in-place ops return their target: counted too)."""
+    """Records (numel, op, bytes) of every tensor each op returns (in-place ops return their target: counted
+    too)."""
 
     def __init__(self):
         super().__init__()
@@ -791,7 +792,7 @@ class _NumelRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self.sizes.append((t.numel(), str(func)))
+                self.sizes.append((t.numel(), str(func), t.numel() * t.element_size()))
         return out
 
 
@@ -817,7 +818,7 @@ def test_torch_backend_never_allocates_n_by_v(monkeypatch, kind, beta):
         return rec.sizes
 
     sizes = record("torch")
-    ops = {op for _, op in sizes}
+    ops = {op for _, op, _ in sizes}
     assert any("addmm" in op or "mm" in op for op in ops), "backward GEMMs were not recorded"
     biggest = max(sizes)
     assert biggest[0] <= max(largest_input, tile_elems), f"{biggest} exceeds inputs {largest_input}, tile {tile_elems}"
