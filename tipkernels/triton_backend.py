@@ -56,10 +56,11 @@ def default_config(prob: Problem) -> Dict[str, object]:
     chunk, pipeline depth and warps (a config that sets block_d, num_stages or num_warps but not its bwd_ twin uses
     it for both).
     num_warps, num_stages (None: Triton's default): launch options.
-    bwd_strategy (linear students): ``"matmul"`` computes each gradient-logit tile once into a
-    ``[selected rows, vocabulary chunk]`` buffer of at most ``bwd_chunk_mib`` MiB (at least one bwd_block_v wide) and leaves ``d hidden`` /
-    ``d weight`` to cuBLAS (plus an fp32 ``[selected rows, D]`` accumulator); ``"tiles"`` never allocates more than
-    its outputs but recomputes the logit tiles ``D / block_dh`` times (see ``benchmarks/TUNING.md``).
+    bwd_strategy (linear students): ``"matmul"`` computes each gradient-logit tile once into a ``[rows, vocabulary
+    chunk]`` buffer of at most ``bwd_chunk_mib`` MiB (at least one bwd_block_v wide) and leaves ``d hidden`` /
+    ``d weight`` to cuBLAS, with an fp32 ``[rows, D]`` accumulator of at most 4 x ``bwd_chunk_mib`` MiB (rows in
+    passes); ``"tiles"`` never allocates more than its outputs but recomputes the logit tiles ``D / block_dh`` times
+    (see ``benchmarks/TUNING.md``).
     """
     dtype = (prob.student_hidden if prob.student_is_linear else prob.student_logits).dtype
     wide = dtype == torch.float32 or dtype == torch.float64
@@ -526,35 +527,8 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     bdh = cfg["block_dh"]
     s_strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
     if cfg["bwd_strategy"] == "matmul":
-        # dS once per (row block, vocab tile) into [selected rows, vocab chunk] buffers; cuBLAS does the rest
-        gdt = h.dtype
-        width = int(cfg["bwd_chunk_mib"] * 2**20) // (n_sel * h.element_size()) // bv * bv
-        width = min(max(bv, width), triton.cdiv(vocab, bv) * bv)
-        chunk = torch.empty((n_sel, width), dtype=gdt, device=dev)
-        h_sel = h if n_sel == n else h.index_select(0, idx)  # idx is sorted: n_sel == n means every row
-        d_sel = torch.zeros((n_sel, ds_dim), dtype=torch.float32, device=dev)  # d h of the selected rows
-        part = None if gdt == torch.float32 else torch.empty((n_sel, ds_dim), dtype=gdt, device=dev)
-        for v0 in range(0, vocab, width):
-            v1 = min(vocab, v0 + width)
-            g = chunk[:, : v1 - v0]
-            _launch(
-                _bwd.dlogits_kernel, (triton.cdiv(n_sel, bn), triton.cdiv(v1 - v0, bv)),
-                h, w, b, h, *t_ptrs, *row_inputs, g,
-                n_sel, v0, v1, ds_dim, dt, *scalars, *s_strides, 0, 0, *t_strides, g.stride(0), g.stride(1),
-                S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, **common,
-            )
-            with _exact_fp32_matmuls():
-                if d_weight.is_contiguous():
-                    torch.mm(g.t(), h_sel, out=d_weight[v0:v1])
-                else:  # a transposed weight's gradient has its strides
-                    d_weight[v0:v1].copy_(g.t() @ h_sel)
-                if part is None:
-                    d_sel.addmm_(g, w[v0:v1])
-                else:  # the 16-bit product of one chunk, accumulated in fp32 across chunks
-                    d_sel.add_(torch.mm(g, w[v0:v1], out=part))
-            if d_bias is not None:
-                d_bias[v0:v1] = g.sum(0, dtype=torch.float32)
-        d_student.index_copy_(0, idx, d_sel.to(d_student.dtype))
+        _backward_matmul(prob, cfg, common, row_inputs, (h, w, b), s_strides, t_ptrs, t_strides, dt, scalars,
+                         d_student, d_weight, d_bias)
         return finish()
     grid_a = (triton.cdiv(n_sel, bn), triton.cdiv(ds_dim, bdh))
     _launch(
@@ -573,3 +547,49 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
         S_BIAS=prob.student_bias is not None, BLOCK_DH=bdh, **common,
     )
     return finish()
+
+
+def _backward_matmul(prob, cfg, common, row_inputs, student, s_strides, t_ptrs, t_strides, dt, scalars,
+                     d_student, d_weight, d_bias) -> None:
+    """The "matmul" strategy: ``dS`` once per (row block, vocab tile) into ``[rows, vocab chunk]`` buffers of at
+    most ``bwd_chunk_mib``; cuBLAS forms ``d W[chunk] (+)= dSᵀ @ h[rows]`` and ``d h[rows] += dS @ W[chunk]`` (fp32
+    accumulator). Rows go in passes whose fp32 accumulator is at most 4 × ``bwd_chunk_mib``, so the extra memory
+    does not grow with N; ``d W`` is written by the first pass and accumulated (in its dtype) by later ones."""
+    h, w, b = student
+    idx, rest = row_inputs[0], row_inputs[1:]
+    n, vocab, dev, ds_dim = h.shape[0], w.shape[0], h.device, h.shape[1]
+    bn, bv = cfg["bwd_block_n"], cfg["bwd_block_v"]
+    budget = int(cfg["bwd_chunk_mib"] * 2**20)
+    per_pass = max(bn, 4 * budget // (4 * ds_dim))
+    for r0 in range(0, idx.numel(), per_pass):
+        ids = idx[r0:r0 + per_pass]
+        m = ids.numel()
+        width = min(max(bv, budget // (m * h.element_size()) // bv * bv), triton.cdiv(vocab, bv) * bv)
+        chunk = torch.empty((m, width), dtype=h.dtype, device=dev)
+        h_sel = h if m == n else h.index_select(0, ids)  # idx is sorted: m == n means every row, in order
+        d_sel = torch.zeros((m, ds_dim), dtype=torch.float32, device=dev)
+        part = None if h.dtype == torch.float32 else torch.empty((m, ds_dim), dtype=h.dtype, device=dev)
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            g = chunk[:, : v1 - v0]
+            _launch(
+                _bwd.dlogits_kernel, (triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv)),
+                h, w, b, h, *t_ptrs, ids, *rest, g,
+                m, v0, v1, ds_dim, dt, *scalars, *s_strides, 0, 0, *t_strides, g.stride(0), g.stride(1),
+                S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, **common,
+            )
+            with _exact_fp32_matmuls():
+                dw = d_weight[v0:v1]
+                if r0:
+                    dw.addmm_(g.t(), h_sel)
+                elif dw.is_contiguous():
+                    torch.mm(g.t(), h_sel, out=dw)
+                else:  # a transposed weight's gradient has its strides
+                    dw.copy_(g.t() @ h_sel)
+                if part is None:
+                    d_sel.addmm_(g, w[v0:v1])
+                else:  # the 16-bit product of one chunk, accumulated in fp32 across chunks
+                    d_sel.add_(torch.mm(g, w[v0:v1], out=part))
+            if d_bias is not None:
+                d_bias[v0:v1] += g.sum(0, dtype=torch.float32).to(d_bias.dtype)
+        d_student.index_copy_(0, ids, d_sel.to(d_student.dtype))
