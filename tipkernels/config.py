@@ -3,7 +3,8 @@
 ``check_finite`` (default True): every public op checks its float inputs for NaN/Inf first and raises a ValueError
 naming the tensor and the first bad index (one extra read of the inputs and a host sync; turn off for speed).
 ``deterministic`` (default False): bitwise-identical outputs and gradients across repeated runs on the same machine
-and software stack. The torch and reference backends then run their work inside :func:`deterministic_scope`, i.e.
+and software stack. The torch and reference backends (and the cuBLAS part of the triton backend's "matmul"
+backward) then run their work inside :func:`deterministic_scope`, i.e.
 under ``torch.use_deterministic_algorithms(True)`` (PyTorch picks deterministic kernels and *raises* on an op that
 has none instead of silently varying; on CUDA, cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` or ``:16:8`` set
 before the process starts, else PyTorch raises a RuntimeError naming it). Independently of the flag, no backend uses

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import triton
 
+from .config import deterministic
 from .kernels import backward as _bwd
 from .kernels import stats as _stats
 from .problem import IGNORE_INDEX, Problem, combine_jsd
@@ -549,6 +550,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     return finish()
 
 
+@deterministic  # its cuBLAS matmuls run under torch.use_deterministic_algorithms when the flag is on
 def _backward_matmul(prob, cfg, common, row_inputs, student, s_strides, t_ptrs, t_strides, dt, scalars,
                      d_student, d_weight, d_bias) -> None:
     """The "matmul" strategy: ``dS`` once per (row block, vocab tile) into ``[rows, vocab chunk]`` buffers of at
