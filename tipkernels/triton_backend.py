@@ -148,11 +148,6 @@ def device_key(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def dtype_key(dtype: torch.dtype) -> str:
-    """``"bf16"``, ``"fp16"`` or ``"fp32"`` (float64 runs in fp32)."""
-    return _DTYPE_KEYS[dtype]
-
-
 @functools.lru_cache(maxsize=32)
 def _read_table(path: str, mtime: float) -> Tuple[dict, ...]:
     try:
