@@ -38,28 +38,35 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_call(fn: Callable, device) -> float:
+    """Seconds of one ``fn()``: CUDA events around it on CUDA (after a sync), the wall clock elsewhere. Its
+    output is released after the clock stops."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    del out
+    return seconds
+
+
 def timeit(fn: Callable, *, device, warmup: int = 1, repeats: int = 5,
            setup: Optional[Callable] = None) -> float:
     """Median seconds of ``fn()`` (or ``fn(setup())`` when ``setup`` is given; setup is not timed)."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
 
     def call():
-        arg = setup() if setup is not None else None
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(arg) if setup is not None else fn()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            out = fn(arg) if setup is not None else fn()
-            seconds = time.perf_counter() - t0
-        del out, arg
-        return seconds
+        if setup is None:
+            return time_call(fn, device)
+        arg = setup()
+        return time_call(lambda: fn(arg), device)
 
     for _ in range(max(0, warmup)):
         call()

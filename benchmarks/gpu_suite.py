@@ -58,9 +58,9 @@ import torch  # noqa: E402
 
 import tipkernels as tk  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    MIB, REPO_ROOT, MemoryMarks, PhaseTimer, RssPeak, _proc_status_kib, _reset_hwm, dense_matmul_tflops,
+    MIB, REPO_ROOT, MemoryMarks, PhaseTimer, RssPeak, dense_matmul_tflops,
     describe_error, device_name, env_markdown, fmt_mib, fmt_ms, fmt_pct, free_memory, gemm_floor_flops, is_oom,
-    make_inputs, markdown_table, rss_bytes, slug,
+    make_inputs, markdown_table, rss_bytes, slug, time_call,
 )
 
 ALL_VARIANTS = ("triton", "torch", "reference", "compiled", "compiled_ref", "liger")
@@ -442,36 +442,23 @@ def tip_step_cell(device, *, backend: str, rule: str, ratio: float, batch: int, 
             out.loss.backward()
             selected[0] = out.selection.mask
 
-    def run(timed: bool):
+    def run():
         h_s.grad = None
         w_s.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        if timed and device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time_call(step, device)
 
     with deadline(cell_timeout):
-        first = statistics.mean(run(False) for _ in range(max(1, warmup)))
+        first = statistics.mean(run() for _ in range(max(1, warmup)))
     mem = marks_for(device)
     try:
         mem.begin()
-        run(False)
+        run()
         mem.mark("step")
     finally:
         if isinstance(mem, CpuMarks):
             mem.close()
     with deadline(cell_timeout):
-        times = [run(True) for _ in range(pick_repeats(first, repeats, target_s, min_repeats=min(3, repeats)))]
+        times = [run() for _ in range(pick_repeats(first, repeats, target_s, min_repeats=min(3, repeats)))]
     h_s.grad = None
     w_s.grad = None
     sel = selected[0]

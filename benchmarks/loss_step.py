@@ -40,10 +40,11 @@ import torch  # noqa: E402
 
 import tipkernels as tk  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    MIB, RssPeak, dense_matmul_tflops, env_markdown, fmt_mib, fmt_ms, fmt_pct, gemm_floor_flops,
+    MIB, RssPeak, dense_matmul_tflops, env_markdown, fmt_mib, fmt_ms, fmt_pct, gemm_floor_flops, make_inputs,
     malloc_for_memory, malloc_for_speed, markdown_table, parse_csv, peak_extra_bytes, run_json_worker, sync,
+    time_call,
 )
-from benchmarks.gpu_suite import DTYPES, make_inputs  # noqa: E402
+from benchmarks.gpu_suite import DTYPES  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.2, 0.1)
 DEFAULTS = {  # (batch, seq, vocab, d_s, d_t, dtype)
@@ -116,17 +117,7 @@ def worker(a) -> dict:
 def _timed(step, params, device) -> float:
     for p in params:
         p.grad = None
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
+    return time_call(step, device)
 
 
 def timing_worker(a, cells) -> dict:
