@@ -249,23 +249,17 @@ def check_backward(prob, kind, beta, grad, got, tol, atol=0.0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["linear", "student_logits", "teacher_logits", "strided"])
-@pytest.mark.parametrize("kind,beta", KINDS)
-def test_backward(kind, beta, variant, dtype):
-    prob = make_problem(variant, dtype, seed=6)
-    grad = grad_rows_for(prob.num_rows)
-    got = tb.backward(prob, kind, grad, saved_for(prob, beta), beta, config=SMALL)
-    check_backward(prob, kind, beta, grad, got, TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["linear", "teacher_logits", "strided"])
-@pytest.mark.parametrize("kind,beta", KINDS)
-def test_backward_tiles_strategy(kind, beta, variant, dtype):
+@pytest.mark.parametrize("variant,config", [
+    ("linear", SMALL), ("student_logits", SMALL), ("teacher_logits", SMALL), ("strided", SMALL),
     # the linear student's other backward: per-(row block, hidden block) kernels, no gradient-logit buffer
+    ("linear", TILES), ("teacher_logits", TILES), ("strided", TILES),
+], ids=["linear", "student_logits", "teacher_logits", "strided", "linear-tiles", "teacher_logits-tiles",
+        "strided-tiles"])
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_backward(kind, beta, variant, config, dtype):
     prob = make_problem(variant, dtype, seed=6)
     grad = grad_rows_for(prob.num_rows)
-    got = tb.backward(prob, kind, grad, saved_for(prob, beta), beta, config=TILES)
+    got = tb.backward(prob, kind, grad, saved_for(prob, beta), beta, config=config)
     check_backward(prob, kind, beta, grad, got, TOL[dtype])
 
 

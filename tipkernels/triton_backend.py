@@ -451,7 +451,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     orig = prob
     prob = _prepare(prob)
     beta = float(beta)
-    n, vocab, dev = prob.num_rows, prob.vocab_size, prob.device
+    n, vocab = prob.num_rows, prob.vocab_size
     linear = prob.student_is_linear
 
     # Outputs: d_student rows that are never touched must be exactly 0.
@@ -557,7 +557,7 @@ def _backward_matmul(prob, cfg, common, row_inputs, student, s_strides, t_ptrs, 
     n, vocab, dev, ds_dim = h.shape[0], w.shape[0], h.device, h.shape[1]
     bn, bv = cfg["bwd_block_n"], cfg["bwd_block_v"]
     budget = int(cfg["bwd_chunk_mib"] * 2**20)
-    per_pass = max(bn, 4 * budget // (4 * ds_dim))
+    per_pass = max(bn, 4 * budget // (torch.float32.itemsize * ds_dim))  # rows of the fp32 accumulator
     for r0 in range(0, idx.numel(), per_pass):
         ids = idx[r0:r0 + per_pass]
         m = ids.numel()
