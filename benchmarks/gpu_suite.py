@@ -650,7 +650,7 @@ def run_tuning(args, budget: Budget, out_dir: str) -> str:
     """Tune at the goal shape (N=8192, V=151936; ``--quick``: the tuner's tiny shape); write ``tuned_configs.json``
     and ``tuning.md`` to ``out_dir`` and put the table first in ``$TIPKERNELS_TRITON_CONFIGS`` for this process."""
     from benchmarks import tune_triton
-    from tipkernels import triton_backend
+    from tipkernels.backends import triton as triton_backend
 
     table, notes = os.path.join(out_dir, "tuned_configs.json"), os.path.join(out_dir, "tuning.md")
     seconds = args.tune_budget_s if budget.seconds is None else max(0.0, min(args.tune_budget_s, budget.left() - 60))
@@ -666,7 +666,7 @@ def run_tuning(args, budget: Budget, out_dir: str) -> str:
     with open(notes) as f:
         text = f.read()
     body = text[text.index("Shape:"):]  # without its title and environment table (the report has them)
-    return (f"`{table}` is used by every later triton cell (copy its entries into `tipkernels/tuned_configs.json` "
+    return (f"`{table}` is used by every later triton cell (copy its entries into `tipkernels/backends/triton/tuned_configs.json` "
             f"to keep them).\n" + body)
 
 

@@ -398,7 +398,7 @@ def parse_args(argv=None):
                    "on the CPU)")
     p.add_argument("--score-budget-mib", type=int, default=None,
                    help="fp32 temporaries of a materialised variant's no-grad scoring chunk (default: the torch "
-                   "backend's tile budget, tipkernels.torch_backend.CHUNK_BUDGET_BYTES)")
+                   "backend's tile budget, tipkernels.backends.chunked.CHUNK_BUDGET_BYTES)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per CPU cell (0: torch's default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     p.add_argument("--out-dir", default=None, help="where the Markdown table and the PNG go "
@@ -417,7 +417,7 @@ def parse_args(argv=None):
             p.error(f"unknown impl {impl!r}; expected some of {','.join(IMPLS)}")
     a.ratios = parse_csv(a.ratios, float)
     if a.score_budget_mib is None:
-        from tipkernels.torch_backend import CHUNK_BUDGET_BYTES
+        from tipkernels.backends.chunked import CHUNK_BUDGET_BYTES
         a.score_budget_mib = max(1, CHUNK_BUDGET_BYTES // MIB)
     if a.warmup is None:
         a.warmup = 1 if a.device == "cuda" else 0

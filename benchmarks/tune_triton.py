@@ -12,10 +12,10 @@ teacher: LSEs, entropies, KLs, argmaxes), backward keys on the reverse-KL backwa
 most twice the starting config's plus 1e-6; a candidate that fails to compile or launch (e.g. too much shared
 memory) is recorded and skipped.
 
-Output: the table as ``tipkernels.triton_backend.tuned_config`` reads it (``--merge`` keeps the other entries of an
+Output: the table as ``tipkernels.backends.triton.tuned_config`` reads it (``--merge`` keeps the other entries of an
 existing file; an entry with the same device, dtype and ranges is replaced), and a Markdown notes file listing every
 candidate (time, ratio to the start, error, outcome). Use the table with ``TIPKERNELS_TRITON_CONFIGS=FILE`` or copy
-its entries into ``tipkernels/tuned_configs.json`` (packaged) and commit them with the notes.
+its entries into ``tipkernels/backends/triton/tuned_configs.json`` (packaged) and commit them with the notes.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     describe_error, device_name, env_markdown, fmt_ms, free_memory, make_inputs, markdown_table, timeit,
 )
-from tipkernels import torch_backend as _tb  # noqa: E402
-from tipkernels import triton_backend as _trb  # noqa: E402
-from tipkernels.problem import build_problem  # noqa: E402
+from tipkernels.backends import chunked as _tb  # noqa: E402
+from tipkernels.backends import triton as _trb  # noqa: E402
+from tipkernels.inputs import build_problem  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -159,7 +159,7 @@ def write_table(path: str, entry: dict, merge: bool) -> None:
     entries = [entry] + [e for e in entries if any(e.get(k) != entry[k] for k in same)]
     with open(path, "w") as f:
         json.dump({"about": "Tuned Triton launch configs, first match wins "
-                            "(tipkernels.triton_backend.tuned_config); written by benchmarks/tune_triton.py",
+                            "(tipkernels.backends.triton.tuned_config); written by benchmarks/tune_triton.py",
                    "entries": entries}, f, indent=1)
         f.write("\n")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels import torch_backend
-from tipkernels.config import deterministic_scope, options
+from tipkernels.backends import chunked as torch_backend
+from tipkernels.options import deterministic_scope, options
 
 from conftest import DEVICE
 from test_ops import make_case

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels import reference
+from tipkernels.backends import reference
 from tipkernels.selection import RULES
 
 from conftest import DEVICE

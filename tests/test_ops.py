@@ -1,7 +1,7 @@
 """Every value and gradient of the public ops against float64 truth on materialised logits (DESIGN §5).
 
 The truth is computed here, in float64, from the *same* (already rounded) input values: the logits are formed by
-plain matmuls and fed to ``tipkernels.reference``'s per-row formulas, and autograd gives the gradients.
+plain matmuls and fed to ``tipkernels.backends.reference``'s per-row formulas, and autograd gives the gradients.
 ``test_reference_matches_plain_formulas`` cross-checks those formulas against formulas written out in this file
 (log_softmax KLs, an explicit mixture for JSD, TRL's special-cased β limits, the padded-teacher renormalisation).
 
@@ -26,12 +26,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import tipkernels as tk
-from tipkernels import reference, torch_backend
+from tipkernels.backends import chunked as torch_backend
+from tipkernels.backends import reference
 
 Tensor = torch.Tensor
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-HAS_TRITON_BACKEND = importlib.util.find_spec("tipkernels.triton_backend") is not None
+HAS_TRITON_BACKEND = importlib.util.find_spec("tipkernels.backends.triton") is not None
 #: Fast paths under test; "reference" is added where comparing it with itself still checks the API plumbing.
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON_BACKEND else [])
 ALL_BACKENDS = BACKENDS + ["reference"]
@@ -614,7 +615,7 @@ def plain_formulas(s: Tensor, u_padded: Tensor, beta: float) -> Dict[str, Tensor
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_reference_matches_plain_formulas(backend, beta, tiles_3x16):
-    """Cross-checks tipkernels.reference (and the torch backend, chunked) with formulas written out here."""
+    """Cross-checks tipkernels.backends.reference (and the torch backend, chunked) with formulas written out here."""
     n, v, ds, dt = 29, 101, 40, 19
     case = make_case(n, v, ds, dt, dtype=torch.float64, seed=9)
     temperature = 0.7

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import tipkernels as tk
-from tipkernels import reference
+from tipkernels.backends import reference
 from tipkernels.selection import RULES
 
 from conftest import DEVICE

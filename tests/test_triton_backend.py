@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tipkernels import reference as ref  # noqa: E402
-from tipkernels import triton_backend as tb  # noqa: E402
-from tipkernels.problem import IGNORE_INDEX, Problem, build_problem  # noqa: E402
+from tipkernels.backends import reference as ref  # noqa: E402
+from tipkernels.backends import triton as tb  # noqa: E402
+from tipkernels.inputs import IGNORE_INDEX, Problem, build_problem  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
 

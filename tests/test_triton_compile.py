@@ -97,7 +97,7 @@ CASE_IDS = [c["id"] for c in CASES]
 def _problem(case):
     import torch
 
-    from tipkernels.problem import Problem
+    from tipkernels.inputs import Problem
 
     dt = getattr(torch, case["dtype"])
     shape = DEFAULT_SHAPE if case["config"] == "default" else SMALL_SHAPE
@@ -130,7 +130,7 @@ def _record(case):
     """The launches the backend makes for the case's calls (nothing runs: outputs are garbage)."""
     import torch
 
-    from tipkernels import triton_backend as tb
+    from tipkernels.backends import triton as tb
 
     prob = _problem(case)
     cfg = SMALL if case["config"] == "small" else None
@@ -381,8 +381,8 @@ def test_config_rejects_blocks_a_gpu_cannot_compile():
     """tl.dot needs power-of-two tiles of at least 16; the interpreter would run other sizes, a GPU would not."""
     import torch
 
-    from tipkernels import triton_backend as tb
-    from tipkernels.problem import Problem
+    from tipkernels.backends import triton as tb
+    from tipkernels.inputs import Problem
 
     prob = Problem(student_hidden=torch.zeros(3, 8), student_weight=torch.zeros(5, 8))
     for bad in (dict(block_v=8), dict(block_d=48), dict(bwd_block_v=24), dict(block_dh=1.5)):

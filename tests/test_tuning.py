@@ -1,4 +1,4 @@
-"""Tuned Triton configs: the table lookup of ``tipkernels.triton_backend`` and the search of
+"""Tuned Triton configs: the table lookup of ``tipkernels.backends.triton`` and the search of
 ``benchmarks/tune_triton.py`` (interpreted on the CPU at a tiny shape; on a GPU the same code runs compiled)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels import triton_backend as trb
-from tipkernels.problem import build_problem
+from tipkernels.backends import triton as trb
+from tipkernels.inputs import build_problem
 
 from conftest import DEVICE
 

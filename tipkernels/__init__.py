@@ -5,7 +5,7 @@ weights, chunked over the vocabulary (never ``[tokens, vocab]`` logits); token-i
 drop-in loss that differentiates only the selected tokens. See DESIGN.md for the math.
 """
 
-from .config import set_options
+from .options import set_options
 from .loss import TIPDistillationLoss
 from .ops import divergence_from_logits, fused_linear_divergence, fused_linear_entropy, token_stats
 from .selection import quadrant_shares, quadrants, select_tokens

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .ops.core import op_backend, row_values, saved_from_stats
-from .parallel import global_vocab
+from .backends.vocab_parallel import global_vocab
 from .ops.stats import stats_from_rows
-from .problem import DIVERGENCES, build_problem, check_beta, check_choice, check_temperature
+from .inputs import DIVERGENCES, build_problem, check_beta, check_choice, check_temperature
 from .selection import BUDGETS, RULES, check_fraction, quadrant_shares, quadrants, select_tokens
 from .types import TIPLossOutput, TokenStats
 

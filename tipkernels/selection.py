@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .problem import check_choice
+from .inputs import check_choice
 from .types import Selection, TokenStats
 
 Tensor = torch.Tensor

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..problem import DIVERGENCES
+from ..inputs import DIVERGENCES
 from ..selection import BUDGETS, RULES
 from .config import OPDConfig
 

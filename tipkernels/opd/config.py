@@ -8,7 +8,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..problem import DIVERGENCES
+from ..inputs import DIVERGENCES
 from ..selection import BUDGETS, RULES
 
 _BACKENDS = ("auto", "torch", "triton", "reference")

@@ -16,8 +16,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .. import reference, torch_backend
-from ..problem import REDUCTIONS, Problem, check_choice, resolve_backend
+from ..backends import chunked as torch_backend
+from ..backends import reference
+from ..inputs import REDUCTIONS, Problem, check_choice, resolve_backend
 
 Tensor = torch.Tensor
 
@@ -35,13 +36,13 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
             "or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter"
         )
     try:
-        return importlib.import_module("tipkernels.triton_backend")
+        return importlib.import_module("tipkernels.backends.triton")
     except ModuleNotFoundError as err:  # no triton installed (or the kernels are absent)
         raise NotImplementedError(f"the triton backend is not available here: {err}") from err
 
 
 def op_backend(name: str, device: torch.device, process_group=None, local_vocab: int = 0):
-    """``get_backend``, wrapped in a :class:`tipkernels.parallel.VocabParallelBackend` when ``process_group`` is
+    """``get_backend``, wrapped in a :class:`tipkernels.backends.vocab_parallel.VocabParallelBackend` when ``process_group`` is
     given (then ``local_vocab`` is this rank's number of lm_head rows; construction is collective)."""
     be = get_backend(name, device)
     if process_group is None:
@@ -49,7 +50,7 @@ def op_backend(name: str, device: torch.device, process_group=None, local_vocab:
     if be is reference:
         raise ValueError("backend='reference' cannot run vocabulary-parallel (its backward recomputes the local "
                          "softmax); use backend='torch' or 'triton' with a process_group")
-    from ..parallel import VocabParallelBackend
+    from ..backends.vocab_parallel import VocabParallelBackend
 
     return VocabParallelBackend(be, process_group, local_vocab, device)
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..problem import DIVERGENCES, build_problem, check_beta, check_choice
+from ..inputs import DIVERGENCES, build_problem, check_beta, check_choice
 from .core import check_weights, get_backend, op_backend, reduce, row_values
 
 Tensor = torch.Tensor
@@ -47,7 +47,7 @@ def fused_linear_divergence(
         process_group: a ``torch.distributed`` group for vocabulary parallelism: this rank passes its contiguous
             shard of the student and teacher lm_head rows (shards in rank order), every rank the same hidden
             states; every rank gets the global values, the complete hidden-state gradient and its own weight
-            shard's gradient (see :mod:`tipkernels.parallel`).
+            shard's gradient (see :mod:`tipkernels.backends.vocab_parallel`).
 
     Returns:
         fp32 tensor (fp64 for fp64 inputs): per-token values shaped like the token dims, or a 0-dim tensor.

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..problem import build_problem, check_choice
+from ..inputs import build_problem, check_choice
 from .core import op_backend, reduce, row_values
 
 Tensor = torch.Tensor

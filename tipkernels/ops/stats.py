@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from ..problem import build_problem
+from ..inputs import build_problem
 from ..types import TokenStats
-from ..parallel import global_vocab, shard_labels
+from ..backends.vocab_parallel import global_vocab, shard_labels
 from .core import get_backend, op_backend
 
 Tensor = torch.Tensor

@@ -3,7 +3,7 @@
 Tokens are processed in row chunks and the vocabulary in column chunks; a tile of logits of at most
 ``CHUNK_BUDGET_BYTES`` (all fp32 temporaries counted) exists at a time. The forward keeps online accumulators per
 row (running maxima, rescaled sums), the backward recomputes each tile from the hidden states and weights and
-the per-row LSEs/values saved by the forward. Implements the backend contract of :mod:`tipkernels.problem`.
+the per-row LSEs/values saved by the forward. Implements the backend contract of :mod:`tipkernels.inputs`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .config import deterministic
-from .problem import IGNORE_INDEX, Problem, combine_jsd
+from ..options import deterministic
+from ..inputs import IGNORE_INDEX, Problem, combine_jsd
 
 Tensor = torch.Tensor
 

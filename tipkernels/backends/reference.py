@@ -17,8 +17,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import deterministic
-from .problem import IGNORE_INDEX, Problem
+from ..options import deterministic
+from ..inputs import IGNORE_INDEX, Problem
 
 Tensor = torch.Tensor
 
@@ -133,7 +133,7 @@ def value(prob: Problem, kind: str, beta: float = 0.5) -> Tensor:
 
 @deterministic
 def forward_stats(prob: Problem) -> Dict[str, Tensor]:
-    """Every per-row statistic (see ``tipkernels.problem``), materialising the logits."""
+    """Every per-row statistic (see ``tipkernels.inputs``), materialising the logits."""
     with torch.no_grad():
         s = student_logits(prob)
         out = {

@@ -1,4 +1,4 @@
-"""Triton backend: the fused kernels of ``tipkernels.kernels`` behind the backend contract of ``tipkernels.problem``.
+"""Triton backend: the fused kernels of ``stats`` and ``backward`` behind the backend contract of ``tipkernels.inputs``.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported; tests).
 float64 inputs are computed in fp32 (gradients are returned in float64). Block sizes come from
@@ -20,10 +20,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from .config import deterministic
-from .kernels import backward as _bwd
-from .kernels import stats as _stats
-from .problem import IGNORE_INDEX, Problem, combine_jsd
+from ...options import deterministic
+from . import backward as _bwd
+from . import stats as _stats
+from ...inputs import IGNORE_INDEX, Problem, combine_jsd
 
 Tensor = torch.Tensor
 
@@ -306,7 +306,7 @@ def _teacher_args(prob: Problem):
 
 
 def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, Tensor]:
-    """All per-row statistics in one pass over the vocabulary (see ``tipkernels.problem``)."""
+    """All per-row statistics in one pass over the vocabulary (see ``tipkernels.inputs``)."""
     prob = _prepare(prob)
     n, vocab, dev = prob.num_rows, prob.vocab_size, prob.device
     has_teacher, has_labels = prob.has_teacher, prob.labels is not None

@@ -3,7 +3,7 @@
 The public ops (``tipkernels.ops``) validate their arguments once, here, and hand the backends a
 :class:`Problem`: 2-D tensors, the teacher already cut to the student's vocabulary, the temperature checked.
 
-Backend contract (``tipkernels.torch_backend``, ``tipkernels.triton_backend``, ``tipkernels.reference``)::
+Backend contract (``tipkernels.backends.chunked``, ``tipkernels.backends.triton``, ``tipkernels.backends.reference``)::
 
     forward_stats(prob) -> dict of per-row tensors [N]:
         student_lse, entropy (fp32), student_argmax (int64); with a teacher also
@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import options
+from .options import options
 
 Tensor = torch.Tensor
 

@@ -2,7 +2,7 @@
 
 Rank ``r`` of ``P`` passes the rows ``[o_r, o_r + V_r)`` of the student's (and teacher's) lm_head, shards ordered
 by rank; every rank passes the same hidden states. :class:`VocabParallelBackend` wraps any backend (it implements
-the backend contract of :mod:`tipkernels.problem`) and turns shard-local statistics into global ones with a few
+the backend contract of :mod:`tipkernels.inputs`) and turns shard-local statistics into global ones with a few
 all-reduces of per-token scalars: O(N) communication per pass, never O(N·V).
 
 The math (DESIGN §1, split over shards). With shard-local LSEs ``Ls_r`` / ``Lt_r`` and the global
@@ -28,7 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .problem import IGNORE_INDEX, Problem, combine_jsd
+from ..inputs import IGNORE_INDEX, Problem, combine_jsd
 
 Tensor = torch.Tensor
 
@@ -46,7 +46,7 @@ class VocabParallelBackend:
     """A backend over this rank's vocabulary shard whose outputs are the global (all-vocabulary) values.
 
     Args:
-        local: the backend module computing on the shard (``tipkernels.torch_backend``, ``triton_backend``, ...).
+        local: the backend module computing on the shard (``tipkernels.backends.chunked``, ``tipkernels.backends.triton``, ...).
         group: the ``torch.distributed`` process group whose ranks hold the shards, in rank order.
         local_vocab: the number of student lm_head rows this rank holds (``V_r``).
 
