@@ -290,7 +290,7 @@ def make_inputs(n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, 
 
 
 def gemm_floor_flops(n: int, v: int, d_s: int, d_t: int, ratio: float = 1.0, phase: str = "step") -> float:
-    """Matmul FLOPs of DESIGN §5 for ``n`` tokens, vocabulary ``v``, hidden sizes ``d_s``/``d_t``.
+    """Matmul FLOPs of docs/design.md §4 for ``n`` tokens, vocabulary ``v``, hidden sizes ``d_s``/``d_t``.
 
     scoring / forward: ``2·N·V·(D_s + D_t)`` (both models' logits, once). backward (of the ``ρ·N`` selected rows):
     ``ρ·N·V·(2D_s + 2D_t + 4D_s)`` (recompute both logit tiles, then ``dh_s`` and ``dW_s``). step: both.

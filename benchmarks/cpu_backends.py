@@ -1,4 +1,4 @@
-"""Reference (materialised logits) vs the chunked torch backend on the CPU: time and peak memory (issue 2).
+"""Reference (materialised logits) vs the chunked torch backend on the CPU: time and peak memory (docs/design.md §3).
 
 Reverse KL, forward + backward, fused from hidden states (fp32). Each variant runs in a fresh process: its peak
 memory is the peak resident set during the first forward+backward minus the resident set once the inputs exist
@@ -9,7 +9,7 @@ thresholds). Printed as ratios torch / reference from one run.
     python benchmarks/cpu_backends.py                               # N=4096, V=32768, D_s=D_t=512 (≈1 min)
     python benchmarks/cpu_backends.py --n 1024 --v 8192 --repeats 2 --out /tmp/x.md   # a quick look
 
-Goal (issue 2): the torch backend's extra peak memory ≤ 10% of the reference's, its time ≤ 1.5× the reference's.
+Goal (docs/design.md §3): the torch backend's extra peak memory ≤ 10% of the reference's, its time ≤ 1.5× the reference's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One command for a CUDA machine: the correctness suite compiled on the GPU, then the benchmarks of DESIGN §5.
+"""One command for a CUDA machine: the correctness suite compiled on the GPU, then the benchmarks of docs/design.md §4.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu_suite.py --out "$OUT"        # everything (≈10 min)
     python benchmarks/gpu_suite.py --skip-tests --n 8192 --v 151936 --variants triton,liger
@@ -823,7 +823,7 @@ def main(argv=None) -> int:
     def write_divergence(status: str = "") -> None:
         body = [f"## 3. Reverse KL, fused linear (D_s={args.d}, D_t={args.d_teacher}, {args.dtype})", "",
                 "Cell: median time (fraction of the GEMM floor at the measured matmul rate) +peak memory beyond "
-                "inputs and gradients. Floors (DESIGN §5): scoring/forward `2·N·V·(D_s+D_t)`, backward "
+                "inputs and gradients. Floors (docs/design.md §4): scoring/forward `2·N·V·(D_s+D_t)`, backward "
                 "`N·V·(2D_s+2D_t+4D_s)`, step both. The backward's peak is counted from the memory held after "
                 "the forward.", ""]
         body.append(markdown_table([{"variant": k, "what": VARIANT_LABELS[k]} for k in args.variants],

@@ -1,4 +1,4 @@
-"""The TIPDistillationLoss step against the retention ratio: time and peak memory (issue 4 item 6).
+"""The TIPDistillationLoss step against the retention ratio: time and peak memory (docs/design.md §7).
 
 One step = the no-grad scoring pass over every token + the TIP selection + the backward over the selected rows
 (``out = loss_fn(h_s, W_s, h_t, W_t, mask); out.loss.backward()``), at ratios 1.0, 0.5, 0.2, 0.1. A ``none`` row
@@ -13,8 +13,8 @@ load from other processes on a shared machine hits every ratio alike and the rat
 * CUDA (triton backend): a warm-up step (compilation), then ``torch.cuda.max_memory_allocated`` over one step
   minus the allocation before it; time = median of ``--repeats`` rounds timed with CUDA events.
 
-``vs 1.0`` is the time over the same rule's ratio-1.0 step (issue 4's GPU goal: ≤ 0.6 at ratio 0.2);
-``ideal`` the GEMM floor's ratio ``(scoring + ρ·backward) / (scoring + backward)`` of DESIGN §5; ``of floor``
+``vs 1.0`` is the time over the same rule's ratio-1.0 step (the GPU goal of docs/design.md §7: ≤ 0.6 at ratio 0.2);
+``ideal`` the GEMM floor's ratio ``(scoring + ρ·backward) / (scoring + backward)`` of docs/design.md §4; ``of floor``
 the floor's time over the measured one at the device's dense matmul rate in the same dtype.
 
     PYTHONPATH=. python benchmarks/loss_step.py                       # CPU: B=4, L=1024, V=32768, D=512 (≈4 min)
@@ -195,7 +195,7 @@ def report(results: list, rate_tflops, args) -> str:
             f"time = median of {args.repeats} steps; extra peak = peak over the inputs "
             f"({results[0]['peak_method']}; on the CPU it includes the {grads:.0f} MiB of fp32 gradients).\n\n"
             f"`vs 1.0` = time over the same rule's ratio-1.0 step; `ideal` = the GEMM floor's ratio "
-            f"(scoring + ρ·backward)/(scoring + backward) of DESIGN §5; `of floor` = floor time / measured time at "
+            f"(scoring + ρ·backward)/(scoring + backward) of docs/design.md §4; `of floor` = floor time / measured time at "
             f"the measured dense {args.dtype} matmul rate ({rate_tflops:.2f} TFLOP/s).")
     return "\n\n".join([head, env_markdown(args.device), markdown_table(rows_of(results, rate_tflops, args),
                                                                             COLUMNS)]) + "\n"

@@ -1,4 +1,4 @@
-"""Deterministic mode (issue 8 item 4): ``tk.set_options(deterministic=True)``.
+"""Deterministic mode (docs/design.md §8): ``tk.set_options(deterministic=True)``.
 
 Bitwise-identical outputs and gradients across repeated runs (same inputs, same process), for the torch backend
 and the triton backend (interpreted here at tiny shapes, compiled on a GPU), every op and the TIP loss; the flag

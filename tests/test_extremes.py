@@ -1,8 +1,8 @@
-"""Numerical extremes (issue 8 item 2), each with a defined result, on every backend (torch, triton, reference).
+"""Numerical extremes (docs/design.md §8), each with a defined result, on every backend (torch, triton, reference).
 
 What each extreme returns (the README's "Guarantees" section states the same):
 
-- logits of magnitude 1e4, temperature 1e-3 or 1e3, a vocabulary of 2: the float64 truth within DESIGN §5's rule
+- logits of magnitude 1e4, temperature 1e-3 or 1e3, a vocabulary of 2: the float64 truth within docs/design.md §8's rule
   (values and gradients; at huge logits gradients are judged on ``gradient_floors``' scale, see test_ops).
 - a teacher whose softmax underflows to exact zeros on most of the vocabulary (logit gaps of 1e3: ``e^-1000`` is 0
   even in float64): every divergence stays finite, because log q is taken in log space (``u - Lt``), never as

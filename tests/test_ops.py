@@ -1,11 +1,11 @@
-"""Every value and gradient of the public ops against float64 truth on materialised logits (DESIGN §5).
+"""Every value and gradient of the public ops against float64 truth on materialised logits (docs/design.md §8).
 
 The truth is computed here, in float64, from the *same* (already rounded) input values: the logits are formed by
 plain matmuls and fed to ``tipkernels.backends.reference``'s per-row formulas, and autograd gives the gradients.
 ``test_reference_matches_plain_formulas`` cross-checks those formulas against formulas written out in this file
 (log_softmax KLs, an explicit mixture for JSD, TRL's special-cased β limits, the padded-teacher renormalisation).
 
-The pass rule (DESIGN §5): ``err(backend) <= err(reference in the input dtype) + TOL[dtype]``, where ``err`` is
+The pass rule (docs/design.md §8): ``err(backend) <= err(reference in the input dtype) + TOL[dtype]``, where ``err`` is
 :func:`scaled_err`: the max-abs difference to the truth divided by the scale of the truth (max |truth|, floored
 at 1 for values, so small values are compared absolutely; not floored for gradients, so a gradient is compared
 relative to its own largest entry).
@@ -178,7 +178,7 @@ def leaf(t: Optional[Tensor], layout=None) -> Optional[Tensor]:
 
 
 def _logits64(hidden, weight, bias, temperature, vocab):
-    """Float64 logits over the first ``vocab`` entries (a padded teacher cut there, as DESIGN §3 requires)."""
+    """Float64 logits over the first ``vocab`` entries (a padded teacher cut there, as docs/design.md §1 requires)."""
     d = hidden.shape[-1]
     s = hidden.double().reshape(-1, d) @ weight[:vocab].double().t()
     if bias is not None:
@@ -295,7 +295,7 @@ def gradient_floors(go: Tensor, temperature: float, hidden: Optional[Tensor] = N
 
 def assert_rule(fast: Dict[str, Tensor], same_dtype_ref: Dict[str, Tensor], truth: Dict[str, Tensor],
                 dtype: torch.dtype, what: str = "", floors: Optional[Dict[str, float]] = None) -> None:
-    """DESIGN §5: each value/gradient of ``fast`` is within the same-dtype reference's error + TOL[dtype].
+    """docs/design.md §8: each value/gradient of ``fast`` is within the same-dtype reference's error + TOL[dtype].
 
     ``floors`` (see :func:`gradient_floors`) replaces the default floor of a gradient's scale (0: relative to
     its own largest entry); only the extreme-logit variants pass it."""
@@ -644,7 +644,7 @@ def test_reference_matches_plain_formulas(backend, beta, tiles_3x16):
     torch.testing.assert_close(bs.grad, d_s.sum(0) / temperature, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(hs.grad, d_s @ case.ws / temperature, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ws.grad, d_s.t() @ case.hs / temperature, rtol=1e-10, atol=1e-12)
-    # the analytic gradient of DESIGN §1: (1-β) p (log p - log m - KL(p||m)) (forward KL at β=0: p - q)
+    # the analytic gradient of docs/design.md §2: (1-β) p (log p - log m - KL(p||m)) (forward KL at β=0: p - q)
     p, q = torch.softmax(s.detach(), -1), torch.softmax(u.detach(), -1)
     if beta == 0.0:
         analytic = p - q

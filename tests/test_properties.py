@@ -3,7 +3,7 @@
 Hypothesis draws shapes (N, V, D_s ≠ D_t, [N] or [B, L] token dims), dtypes (fp32, bf16; fp64 for the torch and
 reference backends), temperatures, biases, padded teacher vocabularies (padding rows hold huge values, so any
 leak shows), masks with empty rows, weights with zeros, ratios, budgets and rules. Values and gradients must pass
-DESIGN §5's rule (``test_ops.assert_rule``: error against the float64 truth at most the same-dtype reference's
+docs/design.md §8's rule (``test_ops.assert_rule``: error against the float64 truth at most the same-dtype reference's
 plus TOL[dtype]). Shapes stay tiny (N ≤ 16, V ≤ 40, D ≤ 24): the Triton kernels run in the interpreter here.
 
 Profiles (tests/conftest.py): ``HYPOTHESIS_PROFILE=ci`` (default: 40 derandomized examples per test, reproducible)

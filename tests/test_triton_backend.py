@@ -1,4 +1,4 @@
-"""The Triton backend against the float64 reference (DESIGN §5), on CPU under the Triton interpreter.
+"""The Triton backend against the float64 reference (docs/design.md §8), on CPU under the Triton interpreter.
 
 Rule: the backend's error against the float64 truth is at most the error of the reference computed in the
 input dtype, plus a tolerance (fp32 5e-4, 16-bit 1e-2; relative to the magnitude of the truth).

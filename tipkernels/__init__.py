@@ -2,7 +2,7 @@
 
 Per-token softmax statistics, entropy and teacher–student divergences straight from hidden states and lm_head
 weights, chunked over the vocabulary (never ``[tokens, vocab]`` logits); token-importance selection rules; and a
-drop-in loss that differentiates only the selected tokens. See DESIGN.md for the math.
+drop-in loss that differentiates only the selected tokens. See docs/design.md for the math.
 """
 
 from .options import set_options

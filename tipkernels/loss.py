@@ -1,6 +1,6 @@
 """``TIPDistillationLoss``: score every token once, select the informative ones, differentiate only those.
 
-One step (DESIGN §2):
+One step (docs/design.md §7):
 
 1. **Scoring pass** (no grad): the fused forward over every valid token gives per-token LSEs, entropy and both
    KLs (both models' GEMMs, once). Only per-token scalars are kept.

@@ -1,4 +1,4 @@
-"""Token-importance (TIP) scores, quadrants and selection rules (DESIGN §2).
+"""Token-importance (TIP) scores, quadrants and selection rules (docs/design.md §6).
 
 Every rule scores the valid tokens of a ``[B, L]`` batch and keeps a budget of them: ``⌊ρ·m⌋`` of each sequence's
 ``m`` valid tokens (``budget="per_sequence"``, the paper's) or ``⌊ρ·M⌋`` of the batch's ``M`` (``"per_batch"``).

@@ -1,4 +1,4 @@
-"""Chunked PyTorch backend: the quantities of DESIGN §1 without ever holding ``[N, V]`` logits.
+"""Chunked PyTorch backend: the quantities of docs/design.md §1 without ever holding ``[N, V]`` logits.
 
 Tokens are processed in row chunks and the vocabulary in column chunks; a tile of logits of at most
 ``CHUNK_BUDGET_BYTES`` (all fp32 temporaries counted) exists at a time. The forward keeps online accumulators per
@@ -225,7 +225,7 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
 
 def grad_logits_tile(kind: str, s: Tensor, u: Optional[Tensor], ls: Tensor, lt: Optional[Tensor],
                      saved_value: Optional[Tensor], beta: float) -> Tensor:
-    """``∂ value / ∂ s_j`` on a tile (DESIGN §1), before the upstream gradient and 1/T.
+    """``∂ value / ∂ s_j`` on a tile (docs/design.md §2), before the upstream gradient and 1/T.
 
     ``s``/``u`` are the temperature-scaled logits ``[n, c]``; ``ls``/``lt`` the LSEs ``[n, 1]``; ``saved_value``
     ``[n, 1]`` is H (entropy), KL(p||q) (reverse_kl) or KL(p||m) (jsd).

@@ -1,4 +1,4 @@
-"""The executable spec: every quantity of DESIGN §1 on materialised ``[N, V]`` logits.
+"""The executable spec: every quantity of docs/design.md §1 on materialised ``[N, V]`` logits.
 
 Used as the truth in tests (cast the inputs to float64 first) and as the naive baseline in benchmarks. Logits
 are formed with a plain matmul in the input dtype, then upcast to at least fp32 for the softmax math, as a

@@ -5,7 +5,7 @@ by rank; every rank passes the same hidden states. :class:`VocabParallelBackend`
 the backend contract of :mod:`tipkernels.inputs`) and turns shard-local statistics into global ones with a few
 all-reduces of per-token scalars: O(N) communication per pass, never O(N·V).
 
-The math (DESIGN §1, split over shards). With shard-local LSEs ``Ls_r`` / ``Lt_r`` and the global
+The math (docs/design.md §5: the quantities of §1 split over shards). With shard-local LSEs ``Ls_r`` / ``Lt_r`` and the global
 ``Ls = logsumexp_r Ls_r`` (all-reduce max, then sum), the shard's share of the mass is ``π_r = e^{Ls_r − Ls}`` for the
 student and ``τ_r = e^{Lt_r − Lt}`` for the teacher, and for the shard-normalised statistics ``H_r, KL_r, ...``:
 
@@ -16,7 +16,7 @@ student and ``τ_r = e^{Lt_r − Lt}`` for the teacher, and for the shard-normal
 - JSD: with the global LSEs each shard's unclamped ``Σ q (log q − log m)`` and ``Σ p (log p − log m)`` are the
   global sums restricted to it (one more all-reduce, in JSD's second pass).
 
-The backward needs no new math: the gradient tile of DESIGN §1 only reads the *global* LSEs and per-row values,
+The backward needs no new math: the gradient tile of docs/design.md §2 only reads the *global* LSEs and per-row values,
 which the forward saved, so each rank's local backward gives the gradient of its own weight shard exactly, and
 the hidden-state gradients of the ranks are summed with one all-reduce of ``[N, D]``.
 """

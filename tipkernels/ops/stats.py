@@ -1,4 +1,4 @@
-"""``token_stats``: every per-token statistic of DESIGN §1 in one no-grad pass."""
+"""``token_stats``: every per-token statistic of docs/design.md §1 in one no-grad pass."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 
 KINDS = ("entropy", "reverse_kl", "forward_kl", "jsd")
 
-# tl.dot precision for fp32 inputs: "ieee" keeps fp32 results within the fp32 tolerance of DESIGN §5
+# tl.dot precision for fp32 inputs: "ieee" keeps fp32 results within the fp32 tolerance of docs/design.md §8
 # (tf32 would not, at real hidden sizes); set to "tf32" to trade that for tensor-core speed.
 FP32_DOT_PRECISION = "ieee"
 

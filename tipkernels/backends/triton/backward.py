@@ -2,7 +2,7 @@
 
 Both kernels run over a compacted list of row indices (the rows whose upstream gradient is non-zero) and
 recompute the logit tiles of both models, then form the gradient tile ``dS = g/T * f(s, u)`` with
-``f`` from DESIGN §1, using the LSEs and per-row scalars saved by the forward:
+``f`` from docs/design.md §2, using the LSEs and per-row scalars saved by the forward:
 
 - ``dhidden_kernel``, grid ``(row blocks, hidden blocks)``: ``dh[rows, dblock] = sum_v dS @ W[v, dblock]``.
 - ``dweight_kernel``, grid ``(vocab blocks, hidden blocks)``: ``dW[vblock, dblock] = sum_rows dS^T @ h``,

@@ -4,7 +4,7 @@ Both use a 2-D grid ``(row blocks, vocabulary splits)``: program ``(i, k)`` stre
 ``i*BLOCK_N ...`` over its contiguous range of ``tiles_per_split`` vocabulary tiles and writes per-row
 *partial* accumulators to ``part[field, k, row]``; the host merges the splits (a few ``[splits, N]`` ops).
 Splitting the vocabulary keeps the GPU busy when there are few rows; with one split it is the plain
-one-pass algorithm of DESIGN §1.
+one-pass algorithm of docs/design.md §1 (grid and splits: §4).
 """
 
 import triton
