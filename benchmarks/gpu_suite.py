@@ -661,8 +661,8 @@ def run_tuning(args, budget: Budget, out_dir: str) -> str:
     log(f"[tune] tune_triton.py {' '.join(argv)}")
     if tune_triton.main(argv) != 0:
         return "the tuner refused to run (see the log)"
-    old = os.environ.get(triton_backend.TUNED_CONFIGS_ENV)
-    os.environ[triton_backend.TUNED_CONFIGS_ENV] = table + (os.pathsep + old if old else "")
+    old = os.environ.get(triton_backend.config.TUNED_CONFIGS_ENV)
+    os.environ[triton_backend.config.TUNED_CONFIGS_ENV] = table + (os.pathsep + old if old else "")
     with open(notes) as f:
         text = f.read()
     body = text[text.index("Shape:"):]  # without its title and environment table (the report has them)

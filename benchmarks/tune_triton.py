@@ -12,10 +12,10 @@ teacher: LSEs, entropies, KLs, argmaxes), backward keys on the reverse-KL backwa
 most twice the starting config's plus 1e-6; a candidate that fails to compile or launch (e.g. too much shared
 memory) is recorded and skipped.
 
-Output: the table as ``tipkernels.backends.triton.tuned_config`` reads it (``--merge`` keeps the other entries of an
+Output: the table as ``tipkernels.backends.triton.config.tuned_config`` reads it (``--merge`` keeps the other entries of an
 existing file; an entry with the same device, dtype and ranges is replaced), and a Markdown notes file listing every
 candidate (time, ratio to the start, error, outcome). Use the table with ``TIPKERNELS_TRITON_CONFIGS=FILE`` or copy
-its entries into ``tipkernels/backends/triton/tuned_configs.json`` (packaged) and commit them with the notes.
+its entries into ``tipkernels.backends.triton.config.tuned_configs.json`` (packaged) and commit them with the notes.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def tune(*, n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, spac
     device = torch.device(device)
     t0 = time.monotonic()
     prob, passes = build_passes(n, v, d_s, d_t, dtype, device)
-    start = _trb._config(prob, None)
+    start = _trb.config.resolve(prob, None)
     best = dict(start)
     rows: List[dict] = []
     summary = {}
@@ -159,7 +159,7 @@ def write_table(path: str, entry: dict, merge: bool) -> None:
     entries = [entry] + [e for e in entries if any(e.get(k) != entry[k] for k in same)]
     with open(path, "w") as f:
         json.dump({"about": "Tuned Triton launch configs, first match wins "
-                            "(tipkernels.backends.triton.tuned_config); written by benchmarks/tune_triton.py",
+                            "(tipkernels.backends.triton.config.tuned_config); written by benchmarks/tune_triton.py",
                    "entries": entries}, f, indent=1)
         f.write("\n")
 
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         return 2
     result = tune(n=args.n, v=args.v, d_s=args.d, d_t=args.d_teacher, dtype=DTYPES[args.dtype], device=args.device,
                   space=args.space, sweeps=args.sweeps, repeats=args.repeats, budget_s=args.budget_s)
-    entry = {"device": _trb.device_key(args.device), "dtype": args.dtype,
+    entry = {"device": _trb.config.device_key(args.device), "dtype": args.dtype,
              "d_min": args.d_range[0], "d_max": args.d_range[1], "v_min": args.v_range[0], "v_max": args.v_range[1],
              "config": result["best"],
              "measured": {name: {"start_ms": round(s["start"] * 1e3, 3), "tuned_ms": round(s["best"] * 1e3, 3)}

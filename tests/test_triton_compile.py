@@ -1,7 +1,7 @@
 """Every Triton kernel specialisation the backend launches compiles for Hopper (sm_90), on a machine without a GPU.
 
 The other Triton tests run the kernels in Triton's CPU interpreter, which never compiles them. Here each case
-builds a small CPU problem, runs the backend's entry points with ``triton_backend.recorded_launches()`` (so the
+builds a small CPU problem, runs the backend's entry points with ``tipkernels.backends.triton.recorded_launches()`` (so the
 kernels, arguments, constexprs and launch options are exactly the backend's own), turns each launch into a
 signature with Triton's own JIT binder (same int/alignment specialisation as a real launch) and compiles it
 ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: TTIR -> TTGIR -> LLVM ->
@@ -135,9 +135,9 @@ def _record(case):
     prob = _problem(case)
     cfg = SMALL if case["config"] == "small" else None
     cfg = dict(cfg or {}, **case.get("overrides", {}))
-    saved_prec = tb.FP32_DOT_PRECISION
+    saved_prec = tb.config.FP32_DOT_PRECISION
     if case["fp32_dot"]:
-        tb.FP32_DOT_PRECISION = case["fp32_dot"]
+        tb.config.FP32_DOT_PRECISION = case["fp32_dot"]
     try:
         with tb.recorded_launches() as launches:
             saved = tb.forward_stats(prob, config=cfg)
@@ -150,11 +150,11 @@ def _record(case):
                     full = dict(saved, teacher_lse=fake, reverse_kl=fake, kl_pm=fake)
                     tb.backward(prob, call[1], torch.ones(prob.num_rows), full, beta, config=cfg)
                     if prob.student_is_linear:  # the other strategy's kernels too
-                        other = "tiles" if tb._config(prob, cfg)["bwd_strategy"] == "matmul" else "matmul"
+                        other = "tiles" if tb.config.resolve(prob, cfg)["bwd_strategy"] == "matmul" else "matmul"
                         tb.backward(prob, call[1], torch.ones(prob.num_rows), full, beta,
                                     config=dict(cfg, bwd_strategy=other))
     finally:
-        tb.FP32_DOT_PRECISION = saved_prec
+        tb.config.FP32_DOT_PRECISION = saved_prec
     return launches
 
 
@@ -388,7 +388,7 @@ def test_config_rejects_blocks_a_gpu_cannot_compile():
     for bad in (dict(block_v=8), dict(block_d=48), dict(bwd_block_v=24), dict(block_dh=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tb.forward_stats(prob, config=bad)
-    cfg = tb._config(prob, dict(block_d=16, num_stages=3))
+    cfg = tb.config.resolve(prob, dict(block_d=16, num_stages=3))
     assert cfg["bwd_block_d"] == 16 and cfg["bwd_num_stages"] == 3  # set once, used by both passes
 
 

@@ -10,6 +10,7 @@ import torch
 
 import tipkernels as tk
 from tipkernels.backends import triton as trb
+from tipkernels.backends.triton import config as trc
 from tipkernels.inputs import build_problem
 
 from conftest import DEVICE
@@ -30,44 +31,44 @@ def _table(tmp_path, entries, name="tuned.json"):
 
 
 def _entry(**kw):
-    e = {"device": trb.device_key(DEVICE), "dtype": "fp32", "d_min": 16, "d_max": 32, "v_min": 32, "v_max": 64,
+    e = {"device": trc.device_key(DEVICE), "dtype": "fp32", "d_min": 16, "d_max": 32, "v_min": 32, "v_max": 64,
          "config": {"block_n": 32, "block_d": 32}}
     e.update(kw)
     return e
 
 
 def test_the_packaged_table_is_valid_and_consulted_last(monkeypatch, tmp_path):
-    monkeypatch.delenv(trb.TUNED_CONFIGS_ENV, raising=False)
-    assert trb.tuned_tables() == [trb.PACKAGED_TUNED_CONFIGS]
-    with open(trb.PACKAGED_TUNED_CONFIGS) as f:
+    monkeypatch.delenv(trc.TUNED_CONFIGS_ENV, raising=False)
+    assert trc.tuned_tables() == [trc.PACKAGED_TUNED_CONFIGS]
+    with open(trc.PACKAGED_TUNED_CONFIGS) as f:
         table = json.load(f)
     assert isinstance(table["entries"], list)
     a, b = _table(tmp_path, [], "a.json"), _table(tmp_path, [], "b.json")
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, a + ":" + b)
-    assert trb.tuned_tables() == [a, b, trb.PACKAGED_TUNED_CONFIGS]
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, a + ":" + b)
+    assert trc.tuned_tables() == [a, b, trc.PACKAGED_TUNED_CONFIGS]
 
 
 def test_a_matching_entry_overrides_the_defaults_and_a_call_config_overrides_it(monkeypatch, tmp_path):
     prob = _prob()
-    default = trb._config(prob, None)
+    default = trc.resolve(prob, None)
     assert default["block_n"] == 64 and default["block_d"] == 16 and default["bwd_block_d"] == 32
     other = _entry(dtype="bf16", config={"block_n": 16})  # same shape, other dtype: never matches fp32
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, _table(tmp_path, [other, _entry(), _entry(config={"block_n": 16})]))
-    cfg = trb._config(prob, None)
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, _table(tmp_path, [other, _entry(), _entry(config={"block_n": 16})]))
+    cfg = trc.resolve(prob, None)
     assert cfg["block_n"] == 32  # the first matching entry wins
     assert cfg["block_d"] == 32 and cfg["bwd_block_d"] == 32  # block_d without its bwd_ twin sets both
     assert cfg["block_v"] == default["block_v"]
-    assert trb._config(prob, {"block_n": 128})["block_n"] == 128
+    assert trc.resolve(prob, {"block_n": 128})["block_n"] == 128
     # outside the ranges (vocabulary, hidden size) the defaults stay
-    assert trb._config(_prob(v=80), None)["block_n"] == 64
-    assert trb._config(_prob(d=48), None)["block_n"] == 64
+    assert trc.resolve(_prob(v=80), None)["block_n"] == 64
+    assert trc.resolve(_prob(d=48), None)["block_n"] == 64
 
 
 def test_results_with_a_tuned_entry_match_the_reference(monkeypatch, tmp_path):
     prob = _prob(n=20, v=40, d=24)
     entry = _entry(config={"block_n": 16, "block_v": 16, "block_d": 16, "bwd_block_v": 16, "block_dh": 16})
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, _table(tmp_path, [entry]))
-    assert trb._config(prob, None)["block_v"] == 16
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, _table(tmp_path, [entry]))
+    assert trc.resolve(prob, None)["block_v"] == 16
     hs = prob.student_hidden.double().requires_grad_(True)
     want = tk.token_stats(hs, prob.student_weight.double(), prob.teacher_hidden.double(),
                           prob.teacher_weight.double(), backend="reference")
@@ -91,22 +92,22 @@ def test_results_with_a_tuned_entry_match_the_reference(monkeypatch, tmp_path):
 def test_a_malformed_table_is_a_clear_error(monkeypatch, tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, str(path))
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, str(path))
     with pytest.raises(ValueError, match=match) as err:
-        trb._config(_prob(), None)
+        trc.resolve(_prob(), None)
     assert "bad.json" in str(err.value)
 
 
 def test_missing_table_and_unknown_keys_are_clear_errors(monkeypatch, tmp_path):
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, str(tmp_path / "nowhere.json"))
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, str(tmp_path / "nowhere.json"))
     with pytest.raises(ValueError, match="nowhere.json.*does not exist"):
-        trb._config(_prob(), None)
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, _table(tmp_path, [_entry(config={"blok_n": 32})]))
+        trc.resolve(_prob(), None)
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, _table(tmp_path, [_entry(config={"blok_n": 32})], "unknown_key.json"))
     with pytest.raises(KeyError, match="unknown tuned config keys.*blok_n"):
-        trb._config(_prob(), None)
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, _table(tmp_path, [_entry(config={"block_n": 48})]))
+        trc.resolve(_prob(), None)
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, _table(tmp_path, [_entry(config={"block_n": 48})], "bad_block.json"))
     with pytest.raises(ValueError, match="block_n=48"):
-        trb._config(_prob(), None)
+        trc.resolve(_prob(), None)
 
 
 # ------------------------------------------------------------------------------------------------ the search
@@ -115,7 +116,7 @@ def test_missing_table_and_unknown_keys_are_clear_errors(monkeypatch, tmp_path):
 def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_candidates(monkeypatch, tmp_path):
     from benchmarks import tune_triton as tt
 
-    monkeypatch.delenv(trb.TUNED_CONFIGS_ENV, raising=False)
+    monkeypatch.delenv(trc.TUNED_CONFIGS_ENV, raising=False)
     real = trb.forward_stats
 
     def corrupt_when_block_v_is_16(prob, *, config=None):
@@ -158,7 +159,7 @@ def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_can
 def test_the_command_writes_a_table_the_backend_reads(monkeypatch, tmp_path):
     from benchmarks import tune_triton as tt
 
-    monkeypatch.delenv(trb.TUNED_CONFIGS_ENV, raising=False)
+    monkeypatch.delenv(trc.TUNED_CONFIGS_ENV, raising=False)
     out = tmp_path / "t.json"
     old = _entry(device="elsewhere")
     out.write_text(json.dumps({"entries": [old]}))
@@ -169,13 +170,13 @@ def test_the_command_writes_a_table_the_backend_reads(monkeypatch, tmp_path):
     assert len(entries) == 2 and entries[1] == old
     new = entries[0]
     assert (new["device"], new["dtype"], new["d_min"], new["d_max"], new["v_min"], new["v_max"]) == \
-        (trb.device_key(DEVICE), "fp32", 16, 64, 32, 64)
-    assert set(new["config"]) == set(trb.default_config(_prob()))
+        (trc.device_key(DEVICE), "fp32", 16, 64, 32, 64)
+    assert set(new["config"]) == set(trc.default_config(_prob()))
     assert new["measured"]["forward"]["tuned_ms"] <= new["measured"]["forward"]["start_ms"]
     notes = (tmp_path / "t.md").read_text()
     assert "| forward | start |" in notes and "block_n=16" in notes
-    monkeypatch.setenv(trb.TUNED_CONFIGS_ENV, str(out))
-    assert trb.tuned_config(_prob(v=48, d=32)) == new["config"]
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, str(out))
+    assert trc.tuned_config(_prob(v=48, d=32)) == new["config"]
 
 
 @pytest.mark.parametrize("over, err, match", [
@@ -187,6 +188,46 @@ def test_the_command_writes_a_table_the_backend_reads(monkeypatch, tmp_path):
     ({"bwd_chunk_mib": "64"}, ValueError, "bwd_chunk_mib='64'"),
 ])
 def test_a_bad_call_config_is_a_clear_error(monkeypatch, over, err, match):
-    monkeypatch.delenv(trb.TUNED_CONFIGS_ENV, raising=False)
+    monkeypatch.delenv(trc.TUNED_CONFIGS_ENV, raising=False)
     with pytest.raises(err, match=match):
-        trb._config(_prob(), over)
+        trc.resolve(_prob(), over)
+
+
+def test_set_options_triton_config_is_validated_and_applied_over_the_tables(monkeypatch, tmp_path):
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, _table(tmp_path, [_entry(config={"block_n": 32, "block_v": 16})]))
+    prob = _prob()
+    with tk.set_options(triton_config={"block_n": 16, "bwd_strategy": "tiles"}):
+        cfg = trc.resolve(prob)
+        assert cfg["block_n"] == 16 and cfg["bwd_strategy"] == "tiles"  # over the tuned entry
+        assert cfg["block_v"] == 16  # the tuned entry's other keys still apply
+        assert trc.resolve(prob, {"block_n": 64})["block_n"] == 64  # a call's config wins
+    assert trc.resolve(prob)["block_n"] == 32  # restored on exit
+    with pytest.raises(KeyError, match="unknown tk.set_options triton_config keys.*blok_n"):
+        tk.set_options(triton_config={"blok_n": 16})
+    with pytest.raises(ValueError, match="block_v=24: must be a power of two"):
+        tk.set_options(triton_config={"block_v": 24})
+    with pytest.raises(TypeError, match="triton_config must be a dict"):
+        tk.set_options(triton_config=[("block_n", 16)])
+
+
+def test_tables_are_read_once_and_a_call_resolves_its_config_once(monkeypatch, tmp_path):
+    path = _table(tmp_path, [_entry(config={"block_n": 16})], "once.json")
+    monkeypatch.setenv(trc.TUNED_CONFIGS_ENV, path)
+    assert trc.resolve(_prob())["block_n"] == 16
+    import os
+
+    os.remove(path)  # cached: no filesystem access after the first lookup
+    assert trc.resolve(_prob())["block_n"] == 16
+    trc.reload_tuned_configs()
+    with pytest.raises(ValueError, match="once.json.*does not exist"):
+        trc.resolve(_prob())
+    monkeypatch.delenv(trc.TUNED_CONFIGS_ENV)
+    calls = []
+    real = trc.resolve
+    monkeypatch.setattr(trc, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(5, 24, generator=g, device=DEVICE, requires_grad=True)
+    ws, wt = (torch.randn(40, 24, generator=g, device=DEVICE) / 5 for _ in range(2))
+    ht = torch.randn(5, 24, generator=g, device=DEVICE)
+    tk.fused_linear_divergence(hs, ws, ht, wt, divergence="jsd", reduction="sum", backend="triton").backward()
+    assert len(calls) == 1  # forward stats, the JSD pass and the backward share one resolution

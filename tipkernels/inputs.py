@@ -1,32 +1,17 @@
-"""Input validation and the flattened problem every backend computes on.
+"""One vocabulary for inputs: the enums, every argument check, and the flattened problem every backend computes on.
 
-The public ops (``tipkernels.ops``) validate their arguments once, here, and hand the backends a
-:class:`Problem`: 2-D tensors, the teacher already cut to the student's vocabulary, the temperature checked.
-
-Backend contract (``tipkernels.backends.chunked``, ``tipkernels.backends.triton``, ``tipkernels.backends.reference``)::
-
-    forward_stats(prob) -> dict of per-row tensors [N]:
-        student_lse, entropy (fp32), student_argmax (int64); with a teacher also
-        teacher_lse, teacher_entropy, reverse_kl, forward_kl (fp32), teacher_argmax (int64);
-        with labels also label_logprob (fp32; 0 where the label is IGNORE_INDEX).
-    jsd_sums(prob, student_lse, teacher_lse, beta) -> (kl_qm, kl_pm):
-        per-row sums over this problem's vocabulary of q (log q - log m) and p (log p - log m), unclamped, with p
-        and q normalised by the given LSEs (so that vocabulary shards can add them up; torch/triton backends).
-    jsd_forward(prob, student_lse, teacher_lse, beta) -> (jsd, kl_pm):
-        per-row fp32 JSD(beta) and KL(p || m) (the latter is what the gradient needs); ``combine_jsd`` of the
-        sums where a backend has ``jsd_sums``.
-    backward(prob, kind, grad_rows, saved, beta) -> (d_student, d_weight, d_bias):
-        kind in {"entropy", "reverse_kl", "forward_kl", "jsd"}; grad_rows fp32 [N] is the upstream gradient of
-        each row's value (rows where it is 0 are skipped); saved holds the per-row fp32 tensors the kind's
-        gradient needs (student_lse always; teacher_lse for KL/JSD; entropy / reverse_kl / kl_pm for
-        entropy / reverse_kl / jsd). d_student is d hidden [N, Ds] (or d logits [N, V] when the student is given
-        as logits), d_weight [V, Ds] and d_bias [V] (None when absent), each in its input's dtype.
+The public ops (``tipkernels.ops``), the loss, the selection rules and the OPD config validate their arguments
+here, once, and the ops hand the backends a :class:`Problem`: 2-D tensors, the teacher already cut to the
+student's vocabulary, the temperature checked. Every choice the library accepts is spelt once below
+(:data:`BACKENDS`, :data:`DIVERGENCES`, :data:`KINDS`, :data:`REDUCTIONS`, :data:`RULES`, :data:`BUDGETS`), and so
+is the β rule of the JSD (:func:`effective_kind`). The backend contract is :class:`tipkernels.backends.Backend`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -36,10 +21,35 @@ from .options import options
 Tensor = torch.Tensor
 
 IGNORE_INDEX = -100
+#: ``backend=`` choices: "auto" is triton for CUDA tensors and torch elsewhere (:func:`tipkernels.backends.get_backend`).
+BACKENDS = ("auto", "torch", "triton", "reference")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+#: What a per-row value is: the student's entropy or a divergence (the backends' ``kind``).
+KINDS = ("entropy",) + DIVERGENCES
 REDUCTIONS = ("none", "sum", "mean")
-BACKENDS = ("auto", "torch", "reference", "triton")
+#: TIP selection rules (see :mod:`tipkernels.selection`) and budgets.
+RULES = ("all", "random", "entropy_topk", "entropy_sample", "soft_or", "q3", "divergence")
+BUDGETS = ("per_sequence", "per_batch")
+#: Rules whose selection is random, hence can give importance weights (``all`` trivially: weights 1).
+SAMPLING_RULES = ("all", "random", "entropy_sample")
+#: The per-row value each kind's gradient reads from a forward's saved tensors (besides the LSEs).
+SAVED_VALUE = {"entropy": "entropy", "reverse_kl": "reverse_kl", "forward_kl": None, "jsd": "kl_pm"}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def effective_kind(kind: str, beta: float) -> str:
+    """The β rule, the one place it is written: JSD(β=0) is forward KL and JSD(β=1) reverse KL, exactly (values and
+    gradients; the mixture ``m = β q + (1−β) p`` is then ``p`` or ``q``). Any other kind or β is returned as is."""
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+def detach(t):
+    """``t.detach()`` for a tensor; anything else (None, or a wrong type left for the checks to name) as is."""
+    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 @dataclass
@@ -50,7 +60,8 @@ class Problem:
     ``student_bias [V]``) or given as ``student_logits [N, V]``. The teacher, if any, is linear
     (``teacher_hidden [N, Dt]``, ``teacher_weight [V, Dt]``, ``teacher_bias [V]``) or ``teacher_logits [N, V]``;
     a padded teacher vocabulary has already been cut to the first V entries (views, no copy).
-    Logits of both models are divided by ``temperature``.
+    Logits of both models are divided by ``temperature``. ``backend_config`` is what a backend resolved for this op
+    call (:meth:`tipkernels.backends.Backend.plan`; None until then).
     """
 
     student_hidden: Optional[Tensor] = None
@@ -63,6 +74,7 @@ class Problem:
     teacher_logits: Optional[Tensor] = None
     labels: Optional[Tensor] = None
     temperature: float = 1.0
+    backend_config: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -100,6 +112,7 @@ class Problem:
             teacher_logits=take(self.teacher_logits),
             labels=take(self.labels),
             temperature=self.temperature,
+            backend_config=self.backend_config,
         )
 
 
@@ -107,9 +120,10 @@ def combine_jsd(kl_qm: Tensor, kl_pm: Tensor, beta: float):
     """``(JSD(β), KL(p‖m))`` per row from the sums of ``jsd_sums``: both KLs clamped at 0 (rounding can leave
     them a hair below), mixed as β·KL(q‖m) + (1−β)·KL(p‖m); β = 0 / 1 are forward / reverse KL exactly."""
     kl_qm, kl_pm = kl_qm.clamp_min(0), kl_pm.clamp_min(0)
-    if beta == 0.0:
+    kind = effective_kind("jsd", beta)
+    if kind == "forward_kl":  # m = p: the sums hold KL(q‖p) and 0
         return kl_qm, kl_pm
-    if beta == 1.0:
+    if kind == "reverse_kl":  # m = q: they hold 0 and KL(p‖q)
         return kl_pm, kl_pm.clone()
     return beta * kl_qm + (1.0 - beta) * kl_pm, kl_pm
 
@@ -154,6 +168,58 @@ def check_beta(beta) -> float:
     if not (0.0 <= b <= 1.0):
         raise ValueError(f"beta must lie in [0, 1], got {beta!r}")
     return b
+
+
+def check_fraction(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    """A real number in (0, 1] (bools and NaN rejected)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_number(name: str, value, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
+                 hi_open: bool = False):
+    """A finite int (``integer``) or real number in the interval from ``lo`` to ``hi`` (open ends as flagged); bools
+    rejected. TypeError for the wrong type, ValueError naming the interval otherwise. Returns ``value``."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+        lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {lo_b}{lo}, {hi}{hi_b}, got {value!r}")
+    return value
+
+
+def check_mask(mask, shape: Optional[torch.Size], *, what: str = "the stats' shape",
+               device: Optional[torch.device] = None) -> Tensor:
+    """A bool token mask shaped ``shape`` (``[B, L]`` or ``[N]``; any when None), on ``device`` if given.
+
+    Returns it viewed as ``[B, L]`` (``[N]`` becomes ``[1, N]``)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor ([B, L] or [N]), got {got}")
+    if shape is not None and mask.shape != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {what} {tuple(shape)}")
+    if mask.dim() not in (1, 2):
+        raise ValueError(f"mask and stats must be shaped [B, L] or [N], got {tuple(mask.shape)}")
+    if device is not None and mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, the hidden states on {device}")
+    return mask if mask.dim() == 2 else mask.reshape(1, -1)
+
+
+def check_weights(weights, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
+    """Optional float per-token weights shaped like the token dims ``lead``, on ``device``."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating torch.Tensor, got {getattr(weights, 'dtype', type(weights))}")
+    if weights.shape != lead:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}, expected the token dims {tuple(lead)}")
+    if weights.device != device:
+        raise ValueError(f"weights is on {weights.device}, the inputs on {device}")
+    return weights
 
 
 def check_finite(name: str, t: Optional[Tensor]) -> None:
@@ -329,10 +395,3 @@ def build_problem(
     )
     return prob, lead
 
-
-def resolve_backend(backend, device: torch.device) -> str:
-    """Map ``backend`` (one of BACKENDS) to a concrete backend for tensors on ``device``."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend

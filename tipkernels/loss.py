@@ -12,17 +12,17 @@ One step (docs/design.md §7):
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from .ops.core import op_backend, row_values, saved_from_stats
+from .backends import get_backend
 from .backends.vocab_parallel import global_vocab
-from .ops.stats import stats_from_rows
-from .inputs import DIVERGENCES, build_problem, check_beta, check_choice, check_temperature
-from .selection import BUDGETS, RULES, check_fraction, quadrant_shares, quadrants, select_tokens
+from .inputs import (BACKENDS, BUDGETS, DIVERGENCES, RULES, build_problem, check_beta, check_choice, check_fraction,
+                     check_mask, check_temperature, detach)
+from .ops.core import detached, row_values, saved_from_stats
+from .selection import quadrant_shares, quadrants, select_tokens
 from .types import TIPLossOutput, TokenStats
 
 Tensor = torch.Tensor
@@ -35,7 +35,7 @@ class TIPDistillationLoss(nn.Module):
     """Token-importance on-policy distillation loss over fused per-token divergences.
 
     Args:
-        rule: TIP selection rule, one of ``tipkernels.selection.RULES`` ("all", "random", "entropy_topk",
+        rule: TIP selection rule, one of ``tipkernels.inputs.RULES`` ("all", "random", "entropy_topk",
             "entropy_sample", "soft_or", "q3", "divergence").
         ratio: retention ratio ρ in (0, 1].
         divergence: the per-token loss: "reverse_kl" (OPD's), "forward_kl" or "jsd".
@@ -70,7 +70,7 @@ class TIPDistillationLoss(nn.Module):
         self.beta = check_beta(beta)
         self.temperature = check_temperature(temperature)
         self.budget = check_choice("budget", budget, BUDGETS)
-        self.backend = check_choice("backend", backend, ("auto", "torch", "triton", "reference"))
+        self.backend = check_choice("backend", backend, BACKENDS)
         self.importance_weights = bool(importance_weights)
         self.compute_metrics = bool(compute_metrics)
         self.process_group = process_group
@@ -85,28 +85,25 @@ class TIPDistillationLoss(nn.Module):
                 student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                 teacher_logits: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> TIPLossOutput:
-        if teacher_logits is not None:
-            teacher_logits = teacher_logits.detach()
         prob, lead = build_problem(
-            student_hidden, student_weight,
-            None if teacher_hidden is None else teacher_hidden.detach(),
-            None if teacher_weight is None else teacher_weight.detach(),
-            teacher_logits=teacher_logits, student_bias=student_bias,
-            teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+            student_hidden, student_weight, detach(teacher_hidden), detach(teacher_weight),
+            teacher_logits=detach(teacher_logits), student_bias=student_bias, teacher_bias=detach(teacher_bias),
             temperature=self.temperature, require_teacher=True,
         )
-        mask = _check_mask(mask, lead, prob.device)
-        backend = op_backend(self.backend, prob.device, self.process_group, prob.vocab_size)
+        if mask is None:
+            mask = torch.ones(lead if len(lead) == 2 else (1, lead.numel()), dtype=torch.bool, device=prob.device)
+        else:
+            mask = check_mask(mask, lead, what="the hidden states' token dims", device=prob.device)
+        backend = get_backend(self.backend, prob.device, self.process_group, prob.vocab_size)
+        prob = backend.plan(prob)  # resolved once; the row subsets below carry it
         flat_mask = mask.reshape(-1)
 
         # 1. scoring pass over the valid rows, no grad
         valid_idx = flat_mask.nonzero().squeeze(1)
-        scoring = replace(prob, student_hidden=_detach(prob.student_hidden),
-                          student_weight=_detach(prob.student_weight), student_bias=_detach(prob.student_bias))
         with torch.no_grad():
-            rows = backend.forward_stats(scoring.rows(valid_idx))
+            rows = backend.forward_stats(detached(prob, "student").rows(valid_idx))
             full = {k: _scatter(v, valid_idx, prob.num_rows) for k, v in rows.items() if k in _STAT_ROW_FIELDS}
-        stats = stats_from_rows(full, global_vocab(backend, prob), mask.shape)
+        stats = TokenStats.from_rows(full, mask.shape, vocab_size=global_vocab(backend, prob))
 
         # 2. selection on the device
         selection = select_tokens(stats, mask, rule=self.rule, ratio=self.ratio, budget=self.budget,
@@ -118,7 +115,7 @@ class TIPDistillationLoss(nn.Module):
         sub = prob.rows(sel_idx)
         picked = {k: v.index_select(0, sel_idx) for k, v in full.items()}
         with torch.no_grad():
-            precomputed = saved_from_stats(backend, _detached(sub), self.divergence, self.beta, picked)
+            precomputed = saved_from_stats(backend, detached(sub, "student"), self.divergence, self.beta, picked)
         values = row_values(sub, self.divergence, self.beta, backend, precomputed=precomputed)
         w = selection.weights.reshape(-1).index_select(0, sel_idx).to(values.dtype)
         loss = (values * w).sum() / w.sum().clamp_min(torch.finfo(values.dtype).tiny)
@@ -143,27 +140,6 @@ class TIPDistillationLoss(nn.Module):
             for q, share in quadrant_shares(quad, m).items():
                 out[f"{q.lower()}_{where}"] = share
         return out
-
-
-def _check_mask(mask, lead: torch.Size, device: torch.device) -> Tensor:
-    if mask is None:
-        return torch.ones(lead if len(lead) == 2 else (1, lead.numel()), dtype=torch.bool, device=device)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor [B, L], got {getattr(mask, 'dtype', type(mask).__name__)}")
-    if mask.shape != lead:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the hidden states' token dims {tuple(lead)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device}, the hidden states on {device}")
-    return mask if mask.dim() == 2 else mask.reshape(1, -1)
-
-
-def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach()
-
-
-def _detached(prob):
-    return replace(prob, student_hidden=_detach(prob.student_hidden), student_weight=_detach(prob.student_weight),
-                   student_bias=_detach(prob.student_bias))
 
 
 def _scatter(values: Tensor, index: Tensor, n: int) -> Tensor:

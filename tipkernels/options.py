@@ -1,4 +1,4 @@
-"""Library-wide switches: ``tk.set_options(check_finite=..., deterministic=...)``.
+"""Library-wide switches: ``tk.set_options(check_finite=..., deterministic=..., triton_config=...)``.
 
 ``check_finite`` (default True): every public op checks its float inputs for NaN/Inf first and raises a ValueError
 naming the tensor and the first bad index (one extra read of the inputs and a host sync; turn off for speed).
@@ -11,6 +11,9 @@ before the process starts, else PyTorch raises a RuntimeError naming it). Indepe
 atomics: every output element is written by one program / one chunk, in a fixed order, so the torch backend on the
 CPU and the triton backend (fixed grid, host-side merge of the vocabulary splits) are already reproducible run to
 run; the flag makes that a checked guarantee for the PyTorch ops involved.
+``triton_config`` (default None): a dict of Triton launch options (block sizes, warps, stages, backward strategy; the
+keys of ``tipkernels.backends.triton.config.KEYS``) applied to every triton call, over the defaults and the tuned
+tables; validated when set (KeyError for an unknown key, ValueError for a bad value). Needs triton installed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -26,6 +30,7 @@ import torch
 class Options:
     check_finite: bool = True
     deterministic: bool = False
+    triton_config: Optional[dict] = None
 
 
 options = Options()
@@ -66,7 +71,12 @@ class set_options(contextlib.ContextDecorator):
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         for name, value in changes.items():
-            if not isinstance(value, bool):
+            if name == "triton_config":
+                if value is not None:
+                    from .backends.triton.config import validate  # imports triton
+
+                    changes[name] = validate(value, "tk.set_options triton_config")
+            elif not isinstance(value, bool):
                 raise TypeError(f"option {name} must be a bool, got {type(value).__name__}")
         self._previous = {name: getattr(options, name) for name in changes}
         for name, value in changes.items():

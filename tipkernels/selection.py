@@ -30,16 +30,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .inputs import check_choice
+from .inputs import BUDGETS, RULES, SAMPLING_RULES, check_choice, check_fraction, check_mask
 from .types import Selection, TokenStats
 
 Tensor = torch.Tensor
 
-RULES = ("all", "random", "entropy_topk", "entropy_sample", "soft_or", "q3", "divergence")
-BUDGETS = ("per_sequence", "per_batch")
 QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
-#: Rules whose selection is random, hence can give importance weights (``all`` trivially: weights 1).
-SAMPLING_RULES = ("all", "random", "entropy_sample")
 
 _RULE_FIELDS = {
     "all": (),
@@ -56,15 +52,6 @@ _INF = float("inf")
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def check_fraction(name: str, value, *, allow_none: bool = False) -> Optional[float]:
-    """A real number in (0, 1] (bools and NaN rejected)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 def _check_threshold(name: str, value) -> Optional[float]:
     if value is None:
         return None
@@ -73,23 +60,12 @@ def _check_threshold(name: str, value) -> Optional[float]:
     return float(value)
 
 
-def _check_mask(mask, shape, what: str = "the stats' shape") -> None:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor, got {got}")
-    if shape is not None and mask.shape != shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {what} {tuple(shape)}")
-    if mask.dim() not in (1, 2):
-        raise ValueError(f"mask and stats must be shaped [B, L] or [N], got {tuple(mask.shape)}")
-
-
 def _rows(stats: TokenStats, mask: Tensor, names: tuple, who: str) -> Tuple[Dict[str, Tensor], Tensor]:
     """Validate, then view the mask and the named fields as ``[B, L]`` (``[N]`` becomes ``[1, N]``).
 
     Fields are computed on in at least fp32 (fp64 stats stay fp64)."""
     stats.require(*names, who=who)
-    _check_mask(mask, stats.shape)
-    valid = mask if mask.dim() == 2 else mask.reshape(1, -1)
+    valid = check_mask(mask, stats.shape)
     fields = {}
     for n in names:
         x = getattr(stats, n).reshape(valid.shape)
@@ -350,7 +326,7 @@ def quadrant_shares(quad: Tensor, among: Optional[Tensor] = None) -> Dict[str, f
     if among is None:
         among = quad > 0
     else:
-        _check_mask(among, quad.shape, "quad's shape")
+        check_mask(among, quad.shape, what="quad's shape")
     counts = torch.bincount(torch.where(among, quad, 0).flatten().long(), minlength=5)[1:5].tolist()
     total = sum(counts)
     return {name: (c / total if total else 0.0) for name, c in zip(QUADRANTS, counts)}

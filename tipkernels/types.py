@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Optional
 
@@ -67,6 +68,18 @@ class TokenStats:
                     f"TokenStats fields must share one shape: {f.name} has {tuple(value.shape)}, "
                     f"expected {tuple(shape)}"
                 )
+
+    @classmethod
+    def from_rows(cls, rows: Dict[str, Tensor], lead_shape, *, vocab_size: int) -> "TokenStats":
+        """The stats shaped ``lead_shape`` from a backend's per-row dict (``forward_stats``: ``[N]`` tensors).
+
+        Float fields become fp32 (fp64 when the LSEs are fp64); ``entropy_norm = entropy / log vocab_size`` is added
+        (0 when ``vocab_size`` is 1; under vocabulary parallelism pass the global vocabulary)."""
+        out_dtype = torch.float64 if rows["student_lse"].dtype == torch.float64 else torch.float32
+        out = {k: (v.to(out_dtype) if v.is_floating_point() else v).reshape(lead_shape) for k, v in rows.items()}
+        log_v = math.log(vocab_size)
+        out["entropy_norm"] = out["entropy"] / log_v if log_v > 0 else torch.zeros_like(out["entropy"])
+        return cls(**out)
 
     @property
     def shape(self) -> Optional[torch.Size]:

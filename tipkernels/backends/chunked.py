@@ -1,9 +1,12 @@
-"""Chunked PyTorch backend: the quantities of docs/design.md §1 without ever holding ``[N, V]`` logits.
+"""Chunked PyTorch backend (registry name "torch"): the quantities of docs/design.md §1 without ever holding ``[N, V]`` logits.
 
 Tokens are processed in row chunks and the vocabulary in column chunks; a tile of logits of at most
 ``CHUNK_BUDGET_BYTES`` (all fp32 temporaries counted) exists at a time. The forward keeps online accumulators per
 row (running maxima, rescaled sums), the backward recomputes each tile from the hidden states and weights and
-the per-row LSEs/values saved by the forward. Implements the backend contract of :mod:`tipkernels.inputs`.
+the per-row LSEs/values saved by the forward. Implements the backend contract of :class:`tipkernels.backends.Backend`.
+
+The module is ``chunked.py``, not ``torch.py``: a submodule named ``torch`` becomes the attribute ``torch`` of the
+``tipkernels.backends`` package once imported, shadowing the ``torch`` module in the package's ``__init__`` namespace.
 """
 
 from __future__ import annotations
@@ -14,9 +17,15 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from ..options import deterministic
-from ..inputs import IGNORE_INDEX, Problem, combine_jsd
+from ..inputs import IGNORE_INDEX, SAVED_VALUE, Problem, combine_jsd, effective_kind
 
 Tensor = torch.Tensor
+
+# Capability flags of the backend contract (tipkernels.backends.Backend).
+name = "torch"
+autograd_native = False
+supports_vocab_parallel = True
+has_jsd_sums = True
 
 #: Upper bound on the bytes of fp32 temporaries alive for one logits tile.
 CHUNK_BUDGET_BYTES = 64 * 2**20
@@ -189,9 +198,10 @@ def _cat(parts, dtype, device) -> Tensor:
 
 def _log_mixture(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
     """``log(β q + (1-β) p)``; the limits β=0 (m=p) and β=1 (m=q) exactly."""
-    if beta == 0.0:
+    kind = effective_kind("jsd", beta)
+    if kind == "forward_kl":
         return logp
-    if beta == 1.0:
+    if kind == "reverse_kl":
         return logq
     return torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
 
@@ -249,12 +259,13 @@ def _where_live(p: Tensor, grad: Tensor) -> Tensor:
     return torch.where(p > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
-SAVED_VALUE = {"entropy": "entropy", "reverse_kl": "reverse_kl", "forward_kl": None, "jsd": "kl_pm"}
-
-
 @deterministic
 def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tensor], beta: float = 0.5):
-    """Recompute tiles and accumulate ``d hidden``/``d logits``, ``d weight``, ``d bias``; zero rows skipped."""
+    """Recompute tiles and accumulate ``d hidden``/``d logits``, ``d weight``, ``d bias``; zero rows skipped.
+
+    The formula is the effective kind's (JSD at β = 0 / 1 is forward / reverse KL); the saved value read is the
+    requested kind's (``SAVED_VALUE``: at β = 1 JSD's ``kl_pm`` is KL(p‖q))."""
+    formula = effective_kind(kind, beta)
     n, vocab = prob.num_rows, prob.vocab_size
     lin = prob.student_is_linear
     src = prob.student_hidden if lin else prob.student_logits
@@ -272,7 +283,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     g_all = sel(grad_rows).to(dtype) / prob.temperature
     ls_all = sel(saved["student_lse"]).to(dtype)
     lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and kind != "entropy" else None
-    value_name = SAVED_VALUE[kind]
+    value_name = None if formula == "forward_kl" else SAVED_VALUE[kind]
     val_all = sel(saved[value_name]).to(dtype) if value_name is not None else None
     m = keep.numel()
     rows, cols = tile_shape(m, vocab)
@@ -288,7 +299,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
             for v0, v1 in _chunks(vocab, cols):
                 s = student.tile(hs, r0, r1, v0, v1)
                 u = teacher.tile(ht, r0, r1, v0, v1) if lt is not None else None
-                ds = grad_logits_tile(kind, s, u, ls, lt, val, beta).mul_(g)
+                ds = grad_logits_tile(formula, s, u, ls, lt, val, beta).mul_(g)
                 if not lin:
                     d_student[keep[r0:r1], v0:v1] = ds.to(d_student.dtype)
                     continue
@@ -304,3 +315,8 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
 
 def _cast(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
     return None if grad is None else grad.to(like.dtype)
+
+
+def plan(prob: Problem) -> Problem:
+    """The contract's per-call preparation: nothing to resolve here."""
+    return prob

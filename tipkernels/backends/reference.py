@@ -18,9 +18,15 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..options import deterministic
-from ..inputs import IGNORE_INDEX, Problem
+from ..inputs import IGNORE_INDEX, Problem, effective_kind
 
 Tensor = torch.Tensor
+
+# Capability flags of the backend contract (tipkernels.backends.Backend).
+name = "reference"
+autograd_native = True
+supports_vocab_parallel = False
+has_jsd_sums = False
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -84,12 +90,11 @@ def forward_kl(s: Tensor, u: Tensor) -> Tensor:
 def jsd(s: Tensor, u: Tensor, beta: float) -> Tensor:
     """Generalised JSD(β) in TRL's convention: ``β KL(q||m) + (1-β) KL(p||m)``, ``m = β q + (1-β) p``.
 
-    β = 0 is forward KL and β = 1 reverse KL, taken as exact limits.
+    β = 0 is forward KL and β = 1 reverse KL, taken as exact limits (:func:`tipkernels.inputs.effective_kind`).
     """
-    if beta == 0.0:
-        return forward_kl(s, u)
-    if beta == 1.0:
-        return reverse_kl(s, u)
+    kind = effective_kind("jsd", beta)
+    if kind != "jsd":
+        return divergence(s, u, kind)
     logp = torch.log_softmax(s, dim=-1)
     logq = torch.log_softmax(u, dim=-1)
     logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
@@ -102,9 +107,10 @@ def kl_to_mixture(s: Tensor, u: Tensor, beta: float) -> Tensor:
     """``KL(p || m)`` per row, the quantity the JSD gradient needs."""
     logp = torch.log_softmax(s, dim=-1)
     logq = torch.log_softmax(u, dim=-1)
-    if beta == 0.0:
+    kind = effective_kind("jsd", beta)
+    if kind == "forward_kl":  # m = p
         return torch.zeros_like(logp[:, 0])
-    logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta)) if beta < 1.0 else logq
+    logm = logq if kind == "reverse_kl" else torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
     return _nonneg(_xlogy_sum(logp, logp - logm))
 
 
@@ -188,3 +194,8 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     g = [None if t is None else next(it) for t in leaves]
     d_student = g[0] if prob.student_is_linear else g[3]
     return d_student, g[1], g[2]
+
+
+def plan(prob: Problem) -> Problem:
+    """The contract's per-call preparation: nothing to resolve here."""
+    return prob

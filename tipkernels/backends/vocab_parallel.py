@@ -2,7 +2,7 @@
 
 Rank ``r`` of ``P`` passes the rows ``[o_r, o_r + V_r)`` of the student's (and teacher's) lm_head, shards ordered
 by rank; every rank passes the same hidden states. :class:`VocabParallelBackend` wraps any backend (it implements
-the backend contract of :mod:`tipkernels.inputs`) and turns shard-local statistics into global ones with a few
+the backend contract of :class:`tipkernels.backends.Backend`) and turns shard-local statistics into global ones with a few
 all-reduces of per-token scalars: O(N) communication per pass, never O(N·V).
 
 The math (docs/design.md §5: the quantities of §1 split over shards). With shard-local LSEs ``Ls_r`` / ``Lt_r`` and the global
@@ -23,7 +23,6 @@ the hidden-state gradients of the ranks are summed with one all-reduce of ``[N, 
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Dict, Optional
 
 import torch
@@ -46,7 +45,7 @@ class VocabParallelBackend:
     """A backend over this rank's vocabulary shard whose outputs are the global (all-vocabulary) values.
 
     Args:
-        local: the backend module computing on the shard (``tipkernels.backends.chunked``, ``tipkernels.backends.triton``, ...).
+        local: the backend computing on the shard (:mod:`tipkernels.backends.chunked`, :mod:`...triton`).
         group: the ``torch.distributed`` process group whose ranks hold the shards, in rank order.
         local_vocab: the number of student lm_head rows this rank holds (``V_r``).
 
@@ -54,11 +53,17 @@ class VocabParallelBackend:
     ``vocab_size`` is the global ``V``; ``vocab_offset`` this rank's first row.
     """
 
-    def __init__(self, local: ModuleType, group, local_vocab: int, device: torch.device):
+    autograd_native = False
+    supports_vocab_parallel = False  # a shard of a shard is not supported
+    has_jsd_sums = False
+
+    def __init__(self, local, group, local_vocab: int, device: torch.device):
         dist = _dist()
         if local_vocab < 1:
             raise ValueError(f"every rank must hold at least one lm_head row; this rank holds {local_vocab}")
-        self.local, self.group = local, group
+        if not local.supports_vocab_parallel:
+            raise ValueError(f"backend={local.name!r} cannot run vocabulary-parallel")
+        self.local, self.group, self.name = local, group, local.name
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         sizes = torch.zeros(self.world, dtype=torch.int64, device=device)
         sizes[self.rank] = int(local_vocab)
@@ -93,6 +98,9 @@ class VocabParallelBackend:
         return cand
 
     # ---------------------------------------------------------------------------------------- the contract
+
+    def plan(self, prob: Problem) -> Problem:
+        return self.local.plan(prob)
 
     def forward_stats(self, prob: Problem) -> Dict[str, Tensor]:
         raw = self.local.forward_stats(prob)
@@ -171,21 +179,9 @@ def shard_labels(labels: Optional[Tensor], backend: VocabParallelBackend) -> Opt
     return torch.where(mine, labels - lo, torch.full_like(labels, IGNORE_INDEX))
 
 
-def wrap(local: ModuleType, process_group, local_vocab: int, device: torch.device):
-    """``local`` itself without a process group, else a :class:`VocabParallelBackend` over it."""
-    if process_group is None:
-        return local
-    return VocabParallelBackend(local, process_group, local_vocab, device)
-
-
 def global_vocab(backend, prob: Problem) -> int:
     """The vocabulary size that normalises the entropy: the global one under vocabulary parallelism."""
     return backend.vocab_size if isinstance(backend, VocabParallelBackend) else prob.vocab_size
 
 
-def check_group(process_group) -> None:
-    if process_group is not None:
-        _dist()
-
-
-__all__ = ["VocabParallelBackend", "wrap", "shard_labels", "global_vocab", "check_group"]
+__all__ = ["VocabParallelBackend", "shard_labels", "global_vocab"]

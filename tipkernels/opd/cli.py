@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..inputs import DIVERGENCES
-from ..selection import BUDGETS, RULES
-from .config import OPDConfig
+from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES
+from .config import PARALLEL, SCHEDULES, OPDConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="OPD steps (default 300; 100 with --quick)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default="runs/demo", help="metrics, figure, checkpoints (default runs/demo)")
-    d.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "reference"),
+    d.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernel backend (auto: triton on CUDA, torch on CPU)")
     d.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     d.add_argument("--no-cache", action="store_true", help="retrain the teacher even if a cached one exists")
@@ -79,18 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=1e-6)
     o.add_argument("--weight-decay", type=float, default=0.0)
     o.add_argument("--warmup-steps", type=int, default=10)
-    o.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+    o.add_argument("--schedule", default="cosine", choices=SCHEDULES)
     o.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only the last)")
     o.add_argument("--output-dir", default="runs/opd")
-    o.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "reference"))
+    o.add_argument("--backend", default="auto", choices=BACKENDS)
     o.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     o.add_argument("--dtype", default="auto", choices=_DTYPES, help="load both models in this dtype")
     o.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from a checkpoint directory (default: the latest in --output-dir)")
     o.add_argument("--no-progress", action="store_true")
-    o.add_argument("--parallel", default="auto", choices=("auto", "none", "ddp", "fsdp"),
+    o.add_argument("--parallel", default="auto", choices=PARALLEL,
                    help="data parallelism under torchrun: ddp, fsdp (FSDP2, the student sharded) or none; auto "
                         "(default): ddp when launched by torchrun with more than one process, else none. "
                         "--batch-size is per process")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..inputs import DIVERGENCES
-from ..selection import BUDGETS, RULES
+from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, SAMPLING_RULES, check_choice, check_number
 
-_BACKENDS = ("auto", "torch", "triton", "reference")
+#: OPD-only choices (the library-wide ones are in :mod:`tipkernels.inputs`).
+SCHEDULES = ("cosine", "constant")
+PARALLEL = ("none", "auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -19,7 +19,7 @@ class OPDConfig:
     """Configuration of :class:`tipkernels.opd.OPDTrainer`.
 
     Loss and selection (passed to :class:`tipkernels.TIPDistillationLoss`):
-        rule: TIP rule, one of ``tipkernels.selection.RULES``; ratio: retention ratio ρ in (0, 1];
+        rule: TIP rule, one of ``tipkernels.inputs.RULES``; ratio: retention ratio ρ in (0, 1];
         divergence: "reverse_kl" (OPD's), "forward_kl" or "jsd"; beta: JSD's β; temperature: divides both models'
         logits in the loss; budget: "per_sequence" or "per_batch"; backend: "auto" (triton on CUDA, torch
         elsewhere), "torch", "triton" or "reference"; importance_weights: unbiased weights for sampling rules.
@@ -90,27 +90,17 @@ class OPDConfig:
 
     def __post_init__(self) -> None:
         def choice(name, options):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in options:
-                raise ValueError(f"OPDConfig.{name} must be one of {list(options)}, got {value!r}")
+            check_choice(f"OPDConfig.{name}", getattr(self, name), options)
 
-        def number(name, lo, hi, *, integer=False, lo_open=False, hi_open=False):
-            value = getattr(self, name)
-            kind = numbers.Integral if integer else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"OPDConfig.{name} must be {'an int' if integer else 'a number'}, "
-                                f"got {type(value).__name__} {value!r}")
-            if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo) \
-                    or (hi_open and value == hi):
-                lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
-                raise ValueError(f"OPDConfig.{name} must lie in {lo_b}{lo}, {hi}{hi_b}, got {value!r}")
+        def number(name, lo, hi, **kw):
+            check_number(f"OPDConfig.{name}", getattr(self, name), lo, hi, **kw)
 
         choice("rule", RULES)
         choice("divergence", DIVERGENCES)
         choice("budget", BUDGETS)
-        choice("backend", _BACKENDS)
-        choice("schedule", ("cosine", "constant"))
-        choice("parallel", ("none", "auto", "ddp", "fsdp"))
+        choice("backend", BACKENDS)
+        choice("schedule", SCHEDULES)
+        choice("parallel", PARALLEL)
         number("ratio", 0, 1, lo_open=True)
         number("beta", 0, 1)
         number("temperature", 0, math.inf, lo_open=True)
@@ -126,9 +116,9 @@ class OPDConfig:
         number("adam_eps", 0, math.inf, lo_open=True)
         number("min_lr_ratio", 0, 1)
         number("grad_clip", 0, math.inf)
-        if self.importance_weights and self.rule not in ("all", "random", "entropy_sample"):
-            raise ValueError(f"OPDConfig.importance_weights=True needs a sampling rule (all, random, "
-                             f"entropy_sample), got rule={self.rule!r}")
+        if self.importance_weights and self.rule not in SAMPLING_RULES:
+            raise ValueError(f"OPDConfig.importance_weights=True needs a sampling rule {SAMPLING_RULES}, "
+                             f"got rule={self.rule!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise TypeError(f"OPDConfig.output_dir must be a non-empty str, got {self.output_dir!r}")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)

@@ -43,7 +43,6 @@ from . import checkpoint
 from .models import body, sequence_tip_loss, unwrap
 
 Tensor = torch.Tensor
-PARALLEL = ("none", "auto", "ddp", "fsdp")
 _RANK_SEED_STRIDE = 1_000_003
 
 

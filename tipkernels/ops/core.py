@@ -1,4 +1,4 @@
-"""Backend dispatch and the one autograd.Function every differentiable op goes through.
+"""The one autograd.Function every differentiable op goes through, and the reductions.
 
 ``RowValues`` maps the student's tensors to one value per token row (entropy or a divergence). Its forward
 either runs the backend's forward or takes values already computed by a no-grad scoring pass (the TIP loss);
@@ -8,63 +8,18 @@ its backward asks the backend to recompute logit tiles from the saved per-row LS
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass, replace
-from types import ModuleType
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..backends import chunked as torch_backend
-from ..backends import reference
-from ..inputs import REDUCTIONS, Problem, check_choice, resolve_backend
+from ..backends import Backend
+from ..inputs import REDUCTIONS, Problem, check_choice, detach, effective_kind
 
 Tensor = torch.Tensor
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` ("auto", "torch", "reference", "triton") and tensors on ``device``."""
-    name = resolve_backend(name, device)
-    if name == "torch":
-        return torch_backend
-    if name == "reference":
-        return reference
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got tensors on {device}); on the CPU use backend='torch', "
-            "or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter"
-        )
-    try:
-        return importlib.import_module("tipkernels.backends.triton")
-    except ModuleNotFoundError as err:  # no triton installed (or the kernels are absent)
-        raise NotImplementedError(f"the triton backend is not available here: {err}") from err
-
-
-def op_backend(name: str, device: torch.device, process_group=None, local_vocab: int = 0):
-    """``get_backend``, wrapped in a :class:`tipkernels.backends.vocab_parallel.VocabParallelBackend` when ``process_group`` is
-    given (then ``local_vocab`` is this rank's number of lm_head rows; construction is collective)."""
-    be = get_backend(name, device)
-    if process_group is None:
-        return be
-    if be is reference:
-        raise ValueError("backend='reference' cannot run vocabulary-parallel (its backward recomputes the local "
-                         "softmax); use backend='torch' or 'triton' with a process_group")
-    from ..backends.vocab_parallel import VocabParallelBackend
-
-    return VocabParallelBackend(be, process_group, local_vocab, device)
-
-
-def effective_kind(kind: str, beta: float) -> str:
-    """JSD at β=0 is forward KL and at β=1 reverse KL (exact limits, exact gradients)."""
-    if kind == "jsd" and beta == 0.0:
-        return "forward_kl"
-    if kind == "jsd" and beta == 1.0:
-        return "reverse_kl"
-    return kind
-
-
-def row_forward(backend: ModuleType, prob: Problem, kind: str, beta: float) -> Tuple[Tensor, Dict[str, Tensor]]:
+def row_forward(backend: Backend, prob: Problem, kind: str, beta: float) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Per-row values of ``kind`` and the per-row tensors its backward needs (no grad)."""
     kind = effective_kind(kind, beta)
     if kind == "entropy" and prob.has_teacher:
@@ -73,7 +28,7 @@ def row_forward(backend: ModuleType, prob: Problem, kind: str, beta: float) -> T
     return saved_from_stats(backend, prob, kind, beta, stats)
 
 
-def saved_from_stats(backend: ModuleType, prob: Problem, kind: str, beta: float,
+def saved_from_stats(backend: Backend, prob: Problem, kind: str, beta: float,
                      stats: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Values and saved tensors of ``kind`` from forward stats already computed (runs JSD's second pass)."""
     kind = effective_kind(kind, beta)
@@ -94,7 +49,7 @@ class _Call:
     prob: Problem
     kind: str
     beta: float
-    backend: ModuleType
+    backend: Backend
     precomputed: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None
 
 
@@ -129,36 +84,25 @@ class RowValues(torch.autograd.Function):
         return None, d_student, d_weight, d_bias, None
 
 
-def row_values(prob: Problem, kind: str, beta: float, backend: ModuleType,
+def row_values(prob: Problem, kind: str, beta: float, backend: Backend,
                precomputed: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None) -> Tensor:
     """Differentiable per-row values ``[N]`` of ``kind`` ("entropy", "reverse_kl", "forward_kl", "jsd").
 
-    With the reference backend the logits are materialised and autograd does the rest; otherwise the fused
-    ``RowValues`` function runs. ``precomputed`` = (values, saved) from an earlier no-grad pass skips the forward.
+    An ``autograd_native`` backend (the reference) materialises the logits and autograd does the rest; otherwise
+    the fused ``RowValues`` function runs. ``precomputed`` = (values, saved) from an earlier no-grad pass skips the
+    forward.
     """
-    if backend is reference:
-        teacher_free = replace(prob, teacher_hidden=_detach(prob.teacher_hidden),
-                               teacher_weight=_detach(prob.teacher_weight), teacher_bias=_detach(prob.teacher_bias),
-                               teacher_logits=_detach(prob.teacher_logits))
-        return reference.value(teacher_free, kind, beta)
+    if backend.autograd_native:
+        return backend.value(detached(prob, "teacher"), kind, beta)
+    prob = backend.plan(prob)
     call = _Call(prob=prob, kind=kind, beta=beta, backend=backend, precomputed=precomputed)
     return RowValues.apply(call, prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits)
 
 
-def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach()
-
-
-def check_weights(weights, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
-    if weights is None:
-        return None
-    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating torch.Tensor, got {getattr(weights, 'dtype', type(weights))}")
-    if weights.shape != lead:
-        raise ValueError(f"weights has shape {tuple(weights.shape)}, expected the token dims {tuple(lead)}")
-    if weights.device != device:
-        raise ValueError(f"weights is on {weights.device}, the inputs on {device}")
-    return weights
+def detached(prob: Problem, *sides: str) -> Problem:
+    """``prob`` with the tensors of ``sides`` ("student", "teacher"; default both) detached."""
+    names = [f"{side}_{t}" for side in (sides or ("student", "teacher")) for t in ("hidden", "weight", "bias", "logits")]
+    return replace(prob, **{n: detach(getattr(prob, n)) for n in names})
 
 
 def reduce(values: Tensor, lead: torch.Size, reduction: str, weights: Optional[Tensor] = None) -> Tensor:

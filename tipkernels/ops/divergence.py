@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..inputs import DIVERGENCES, build_problem, check_beta, check_choice
-from .core import check_weights, get_backend, op_backend, reduce, row_values
+from ..backends import get_backend
+from ..inputs import DIVERGENCES, REDUCTIONS, build_problem, check_beta, check_choice, check_weights
+from .core import reduce, row_values
 
 Tensor = torch.Tensor
 
@@ -43,7 +44,8 @@ def fused_linear_divergence(
         weights: optional float ``[N]``/``[B, L]`` per-token weights. Rows of weight 0 cost nothing in backward.
         reduction: "none" (per-token values, times weights if given, shaped like the token dims), "sum", or
             "mean" (the weighted mean ``Σ w·v / Σ w`` with weights; 0 when empty).
-        backend: "auto", "torch", "triton" or "reference".
+        backend: one of :data:`tipkernels.inputs.BACKENDS`: "auto" (triton for CUDA tensors, torch otherwise),
+            "torch", "triton" or "reference".
         process_group: a ``torch.distributed`` group for vocabulary parallelism: this rank passes its contiguous
             shard of the student and teacher lm_head rows (shards in rank order), every rank the same hidden
             states; every rank gets the global values, the complete hidden-state gradient and its own weight
@@ -59,8 +61,8 @@ def fused_linear_divergence(
         student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, require_teacher=True,
     )
     weights = check_weights(weights, lead, prob.device)
-    check_choice("reduction", reduction, ("none", "sum", "mean"))
-    be = op_backend(backend, prob.device, process_group, prob.vocab_size)
+    check_choice("reduction", reduction, REDUCTIONS)
+    be = get_backend(backend, prob.device, process_group, prob.vocab_size)
     values = row_values(prob, divergence, beta, be)
     return reduce(values, lead, reduction, weights)
 
@@ -91,6 +93,6 @@ def divergence_from_logits(
         teacher_logits = teacher_logits.detach()
     prob, lead = build_problem(None, None, student_logits=student_logits, teacher_logits=teacher_logits,
                                temperature=temperature, require_teacher=True)
-    check_choice("reduction", reduction, ("none", "sum", "mean"))
+    check_choice("reduction", reduction, REDUCTIONS)
     values = row_values(prob, divergence, beta, get_backend(backend, prob.device))
     return reduce(values, lead, reduction)

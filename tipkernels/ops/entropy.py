@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..inputs import build_problem, check_choice
-from .core import op_backend, reduce, row_values
+from ..backends import get_backend
+from ..inputs import REDUCTIONS, build_problem, check_choice
+from .core import reduce, row_values
 
 Tensor = torch.Tensor
 
@@ -35,6 +36,6 @@ def fused_linear_entropy(
         fp32 (fp64 for fp64 inputs) per-token entropies shaped like the token dims, or a 0-dim tensor.
     """
     prob, lead = build_problem(hidden, weight, student_bias=bias, temperature=temperature)
-    check_choice("reduction", reduction, ("none", "sum", "mean"))
-    values = row_values(prob, "entropy", 0.0, op_backend(backend, prob.device, process_group, prob.vocab_size))
+    check_choice("reduction", reduction, REDUCTIONS)
+    values = row_values(prob, "entropy", 0.0, get_backend(backend, prob.device, process_group, prob.vocab_size))
     return reduce(values, lead, reduction)

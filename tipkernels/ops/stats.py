@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from ..inputs import build_problem
-from ..types import TokenStats
+from ..backends import get_backend
 from ..backends.vocab_parallel import global_vocab, shard_labels
-from .core import get_backend, op_backend
+from ..inputs import build_problem, detach
+from ..types import TokenStats
 
 Tensor = torch.Tensor
-
-
-def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.detach() if isinstance(t, Tensor) else t
 
 
 def token_stats(
@@ -54,23 +49,14 @@ def token_stats(
     """
     be = None
     if process_group is not None and isinstance(student_hidden, Tensor) and isinstance(student_weight, Tensor):
-        be = op_backend(backend, student_hidden.device, process_group, student_weight.shape[0])
+        be = get_backend(backend, student_hidden.device, process_group, student_weight.shape[0])
         labels = shard_labels(labels, be)
     prob, lead = build_problem(
-        _detach(student_hidden), _detach(student_weight), _detach(teacher_hidden), _detach(teacher_weight),
-        teacher_logits=_detach(teacher_logits), student_bias=_detach(student_bias),
-        teacher_bias=_detach(teacher_bias), labels=labels, temperature=temperature,
+        detach(student_hidden), detach(student_weight), detach(teacher_hidden), detach(teacher_weight),
+        teacher_logits=detach(teacher_logits), student_bias=detach(student_bias),
+        teacher_bias=detach(teacher_bias), labels=labels, temperature=temperature,
     )
     be = be or get_backend(backend, prob.device)
     with torch.no_grad():
-        raw = be.forward_stats(prob)
-    return stats_from_rows(raw, global_vocab(be, prob), lead)
-
-
-def stats_from_rows(raw: dict, vocab_size: int, lead: torch.Size) -> TokenStats:
-    """Build a :class:`TokenStats` shaped ``lead`` from a backend's per-row dict (adds ``entropy_norm``)."""
-    out_dtype = torch.float64 if raw["student_lse"].dtype == torch.float64 else torch.float32
-    fields = {k: (v if not v.is_floating_point() else v.to(out_dtype)).reshape(lead) for k, v in raw.items()}
-    log_v = math.log(vocab_size)
-    fields["entropy_norm"] = fields["entropy"] / log_v if log_v > 0 else torch.zeros_like(fields["entropy"])
-    return TokenStats(**fields)
+        raw = be.forward_stats(be.plan(prob))
+    return TokenStats.from_rows(raw, lead, vocab_size=global_vocab(be, prob))

@@ -11,19 +11,32 @@ recompute the logit tiles of both models, then form the gradient tile ``dS = g/T
   (``d logits = dS``), or, for a linear student, written as a ``[rows, vocabulary chunk]`` gradient-logit chunk
   that the host multiplies with the weight and the hidden states (cuBLAS): the backend's ``"matmul"`` strategy.
 
+The launchers (:func:`backward`, and :func:`_backward_matmul` for the ``"matmul"`` strategy) follow the kernels.
 Every output element is owned by one program, so results are deterministic (no atomics). In the ``"tiles"``
 strategy (``dhidden_kernel`` + ``dweight_kernel``) each hidden block recomputes the logit tiles over the full
 hidden dims, so the recompute costs ``D / BLOCK_DH`` times the forward's; the ``"matmul"`` strategy recomputes each
 tile once (see ``benchmarks/TUNING.md``).
 """
 
+import contextlib
+import math
+from typing import Dict, Optional
+
+import torch
 import triton
 import triton.language as tl
 
+from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, effective_kind
+from ...options import deterministic
+from . import config as _cfg
 from .common import both_tiles, log_mixture, mma
+from .launch import launch, model_args, prepare, teacher_args
 
-# KIND values (the host maps jsd with beta = 0 / 1 to forward / reverse KL, their special-cased values).
+Tensor = torch.Tensor
+
+# KIND values of the kernels; the host passes the effective kind (JSD at beta = 0 / 1 is forward / reverse KL).
 K_ENTROPY, K_REVERSE_KL, K_FORWARD_KL, K_JSD = 0, 1, 2, 3
+_KIND = {"entropy": K_ENTROPY, "reverse_kl": K_REVERSE_KL, "forward_kl": K_FORWARD_KL, "jsd": K_JSD}
 
 
 @triton.jit
@@ -200,3 +213,161 @@ def dlogits_kernel(
         out_cols = cols
     tl.store(dz_ptr + out_rows[:, None] * dz_n + out_cols[None, :] * dz_v, ds.to(dz_ptr.dtype.element_ty),
              mask=valid)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmuls():
+    """fp32 matmuls without TF32 while ``FP32_DOT_PRECISION`` is "ieee" (as the kernels' own dots)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = _cfg.FP32_DOT_PRECISION == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tensor], beta: float = 0.5,
+             *, config: Optional[dict] = None):
+    """``(d_student, d_weight, d_bias)`` of ``sum_n grad_rows[n] * value_n`` for ``kind`` (see the contract)."""
+    check_choice("kind", kind, KINDS)
+    orig = prob
+    prob = prepare(prob)
+    beta = float(beta)
+    n, vocab = prob.num_rows, prob.vocab_size
+    linear = prob.student_is_linear
+
+    # Outputs: d_student rows that are never touched must be exactly 0.
+    if linear:
+        d_student = torch.zeros_like(prob.student_hidden)
+        d_weight = torch.zeros_like(prob.student_weight)
+        d_bias = None if prob.student_bias is None else torch.zeros_like(prob.student_bias)
+    else:
+        d_student = torch.zeros_like(prob.student_logits)
+        d_weight = d_bias = None
+
+    def finish():
+        cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
+        if linear:
+            return (cast(d_student, orig.student_hidden), cast(d_weight, orig.student_weight),
+                    cast(d_bias, orig.student_bias))
+        return cast(d_student, orig.student_logits), None, None
+
+    grad_rows = grad_rows.reshape(-1).float()
+    idx = torch.nonzero(grad_rows).reshape(-1)  # host sync: cost then scales with the rows that matter
+    n_sel = idx.numel()
+    if n == 0 or n_sel == 0:
+        return finish()
+
+    # The gradient formula is the effective kind's; its per-row scalar is the requested kind's saved value (at
+    # beta = 1 JSD's kl_pm is KL(p||q), the reverse-KL scalar).
+    formula = effective_kind(kind, beta)
+    k = _KIND[formula]
+    scal = None if formula == "forward_kl" else saved[SAVED_VALUE[kind]]
+    needs_teacher = kind != "entropy"
+    if needs_teacher and not prob.has_teacher:
+        raise ValueError(f"kind {kind!r} needs a teacher")
+    log_beta = math.log(beta) if k == K_JSD else 0.0
+    log1m_beta = math.log1p(-beta) if k == K_JSD else 0.0
+
+    cfg = _cfg.for_call(prob, config)
+    bn, bv = cfg["bwd_block_n"], cfg["bwd_block_v"]
+    ls = saved["student_lse"].float().contiguous()
+    lt = saved["teacher_lse"].float().contiguous() if needs_teacher else ls
+    scal = scal.float().contiguous() if scal is not None else ls
+    t_ptrs, dt, t_strides = teacher_args(prob) if needs_teacher else model_args(None, None, None, None, ls)
+    common = dict(
+        HAS_TEACHER=needs_teacher, T_LINEAR=needs_teacher and prob.teacher_hidden is not None,
+        T_BIAS=needs_teacher and prob.teacher_bias is not None, HAS_SCAL=k != K_FORWARD_KL, KIND=k,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["bwd_block_d"], DOT_PRECISION=_cfg.dot_precision(prob),
+        **_cfg.launch_opts(cfg, backward=True),
+    )
+    scalars = (1.0 / prob.temperature, log_beta, log1m_beta, 1.0 - beta)
+    row_inputs = (idx, grad_rows.contiguous(), ls, lt, scal)
+
+    if not linear:
+        z = prob.student_logits
+        grid = (triton.cdiv(n_sel, bn), triton.cdiv(vocab, bv))
+        launch(
+            dlogits_kernel, grid,
+            z, z, z, z, *t_ptrs, *row_inputs, d_student,
+            n_sel, 0, vocab, 0, dt, *scalars, 0, 0, 0, 0, z.stride(0), z.stride(1), *t_strides,
+            d_student.stride(0), d_student.stride(1), S_LINEAR=False, S_BIAS=False, COMPACT_OUT=False, **common,
+        )
+        return finish()
+
+    h, w = prob.student_hidden, prob.student_weight
+    b = prob.student_bias if prob.student_bias is not None else w
+    ds_dim = h.shape[1]
+    bdh = cfg["block_dh"]
+    s_strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    if cfg["bwd_strategy"] == "matmul":
+        _backward_matmul(prob, cfg, common, row_inputs, (h, w, b), s_strides, t_ptrs, t_strides, dt, scalars,
+                         d_student, d_weight, d_bias)
+        return finish()
+    grid_a = (triton.cdiv(n_sel, bn), triton.cdiv(ds_dim, bdh))
+    launch(
+        dhidden_kernel, grid_a,
+        h, w, b, *t_ptrs, *row_inputs, d_student,
+        n_sel, vocab, ds_dim, dt, *scalars, *s_strides, *t_strides,
+        d_student.stride(0), d_student.stride(1),
+        S_BIAS=prob.student_bias is not None, BLOCK_DH=bdh, **common,
+    )
+    grid_b = (triton.cdiv(vocab, bv), triton.cdiv(ds_dim, bdh))
+    launch(
+        dweight_kernel, grid_b,
+        h, w, b, *t_ptrs, *row_inputs, d_weight, d_bias if d_bias is not None else d_weight,
+        n_sel, vocab, ds_dim, dt, *scalars, *s_strides, *t_strides,
+        d_weight.stride(0), d_weight.stride(1),
+        S_BIAS=prob.student_bias is not None, BLOCK_DH=bdh, **common,
+    )
+    return finish()
+
+
+@deterministic  # its cuBLAS matmuls run under torch.use_deterministic_algorithms when the flag is on
+def _backward_matmul(prob, cfg, common, row_inputs, student, s_strides, t_ptrs, t_strides, dt, scalars,
+                     d_student, d_weight, d_bias) -> None:
+    """The "matmul" strategy: ``dS`` once per (row block, vocab tile) into ``[rows, vocab chunk]`` buffers of at
+    most ``bwd_chunk_mib``; cuBLAS forms ``d W[chunk] (+)= dSᵀ @ h[rows]`` and ``d h[rows] += dS @ W[chunk]`` (fp32
+    accumulator). Rows go in passes whose fp32 accumulator is at most 4 × ``bwd_chunk_mib``, so the extra memory
+    does not grow with N; ``d W`` is written by the first pass and accumulated (in its dtype) by later ones."""
+    h, w, b = student
+    idx, rest = row_inputs[0], row_inputs[1:]
+    n, vocab, dev, ds_dim = h.shape[0], w.shape[0], h.device, h.shape[1]
+    bn, bv = cfg["bwd_block_n"], cfg["bwd_block_v"]
+    budget = int(cfg["bwd_chunk_mib"] * 2**20)
+    per_pass = max(bn, 4 * budget // (torch.float32.itemsize * ds_dim))  # rows of the fp32 accumulator
+    for r0 in range(0, idx.numel(), per_pass):
+        ids = idx[r0:r0 + per_pass]
+        m = ids.numel()
+        width = min(max(bv, budget // (m * h.element_size()) // bv * bv), triton.cdiv(vocab, bv) * bv)
+        chunk = torch.empty((m, width), dtype=h.dtype, device=dev)
+        h_sel = h if m == n else h.index_select(0, ids)  # idx is sorted: m == n means every row, in order
+        d_sel = torch.zeros((m, ds_dim), dtype=torch.float32, device=dev)
+        part = None if h.dtype == torch.float32 else torch.empty((m, ds_dim), dtype=h.dtype, device=dev)
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            g = chunk[:, : v1 - v0]
+            launch(
+                dlogits_kernel, (triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv)),
+                h, w, b, h, *t_ptrs, ids, *rest, g,
+                m, v0, v1, ds_dim, dt, *scalars, *s_strides, 0, 0, *t_strides, g.stride(0), g.stride(1),
+                S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, **common,
+            )
+            with _exact_fp32_matmuls():
+                dw = d_weight[v0:v1]
+                if r0:
+                    dw.addmm_(g.t(), h_sel)
+                elif dw.is_contiguous():
+                    torch.mm(g.t(), h_sel, out=dw)
+                else:  # a transposed weight's gradient has its strides
+                    dw.copy_(g.t() @ h_sel)
+                if part is None:
+                    d_sel.addmm_(g, w[v0:v1])
+                else:  # the 16-bit product of one chunk, accumulated in fp32 across chunks
+                    d_sel.add_(torch.mm(g, w[v0:v1], out=part))
+            if d_bias is not None:
+                d_bias[v0:v1] += g.sum(0, dtype=torch.float32).to(d_bias.dtype)
+        d_student.index_copy_(0, ids, d_sel.to(d_student.dtype))

@@ -1,4 +1,5 @@
-"""Forward passes over the vocabulary: the one-pass statistics kernel and the JSD second pass.
+"""Forward passes over the vocabulary: the one-pass statistics kernel, the JSD second pass, their launchers and the
+host-side merge of the vocabulary splits.
 
 Both use a 2-D grid ``(row blocks, vocabulary splits)``: program ``(i, k)`` streams the logit tiles of rows
 ``i*BLOCK_N ...`` over its contiguous range of ``tiles_per_split`` vocabulary tiles and writes per-row
@@ -7,10 +8,19 @@ Splitting the vocabulary keeps the GPU busy when there are few rows; with one sp
 one-pass algorithm of docs/design.md §1 (grid and splits: §4).
 """
 
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+from ...inputs import IGNORE_INDEX, Problem, combine_jsd, effective_kind
+from . import config as _cfg
 from .common import NEG_BIG, both_tiles, log_mixture
+from .launch import launch, prepare, student_args, teacher_args
+
+Tensor = torch.Tensor
 
 # Fields of the statistics partials (fp32) ...
 F_MS, F_ZS, F_AS, F_LABEL, F_BEST_S = 0, 1, 2, 3, 4
@@ -186,3 +196,129 @@ def jsd_kernel(
     base = part_ptr + pid_v.to(tl.int64) * N + rows
     tl.store(base, kl_qm, mask=row_mask)
     tl.store(base + stride_f, kl_pm, mask=row_mask)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, Tensor]:
+    """All per-row statistics in one pass over the vocabulary (the contract of :class:`tipkernels.backends.Backend`)."""
+    prob = prepare(prob)
+    n, vocab, dev = prob.num_rows, prob.vocab_size, prob.device
+    has_teacher, has_labels = prob.has_teacher, prob.labels is not None
+    f32 = dict(dtype=torch.float32, device=dev)
+    if n == 0:
+        empty = torch.empty(0, **f32)
+        out = {"student_lse": empty, "entropy": empty.clone(),
+               "student_argmax": torch.empty(0, dtype=torch.int64, device=dev)}
+        if has_teacher:
+            out.update(teacher_lse=empty.clone(), teacher_entropy=empty.clone(), reverse_kl=empty.clone(),
+                       forward_kl=empty.clone(), teacher_argmax=torch.empty(0, dtype=torch.int64, device=dev))
+        if has_labels:
+            out["label_logprob"] = empty.clone()
+        return out
+
+    cfg = _cfg.for_call(prob, config)
+    n_splits, per_split = _cfg.splits(cfg, n, vocab, dev)
+    n_fields = NUM_FIELDS_TEACHER if has_teacher else NUM_FIELDS_STUDENT
+    part = torch.empty((n_fields, n_splits, n), **f32)
+    args = torch.empty((2 if has_teacher else 1, n_splits, n), dtype=torch.int32, device=dev)
+    labels = prob.labels.contiguous() if has_labels else part
+    s_ptrs, ds, s_strides = student_args(prob)
+    t_ptrs, dt, t_strides = teacher_args(prob)
+    grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
+    launch(
+        stats_kernel, grid,
+        *s_ptrs, *t_ptrs, labels, part, args,
+        n, vocab, ds, dt, per_split, 1.0 / prob.temperature,
+        *s_strides, *t_strides,
+        S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None,
+        HAS_TEACHER=has_teacher, T_LINEAR=prob.teacher_hidden is not None,
+        T_BIAS=prob.teacher_bias is not None, HAS_LABELS=has_labels,
+        BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
+        DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
+    )
+    return _merge_stats(part, args, prob.labels, has_teacher)
+
+
+def _merge_softmax(m, z, a):
+    """Merge split accumulators [S, N] (max, sum e^{x-m}, sum e^{x-m}(x-m)) onto the global max."""
+    top = m.max(0).values
+    shift = m - top  # <= 0; a split that saw nothing has m = -1e30 and z = a = 0
+    w = torch.exp(shift)
+    return top, shift, w, (w * z).sum(0), (w * (a + shift * z)).sum(0)
+
+
+def _merge_stats(part: Tensor, args: Tensor, labels: Optional[Tensor], has_teacher: bool) -> Dict[str, Tensor]:
+    ms, shift_s, w_s, zs, as_ = _merge_softmax(part[F_MS], part[F_ZS], part[F_AS])
+    log_zs = torch.log(zs)
+    lse_s = ms + log_zs
+
+    def argmax(best, arg):
+        k = best.argmax(0, keepdim=True)  # first split on ties, i.e. the smallest index
+        return arg.gather(0, k)[0].long()
+
+    out = {
+        "student_lse": lse_s,
+        "entropy": (log_zs - as_ / zs).clamp_min(0.0),
+        "student_argmax": argmax(part[F_BEST_S], args[I_ARG_S]),
+    }
+    if has_teacher:
+        mt, shift_t, w_t, zt, at = _merge_softmax(part[F_MT], part[F_ZT], part[F_AT])
+        log_zt = torch.log(zt)
+        zs_k, zt_k = part[F_ZS], part[F_ZT]
+        c = (w_s * (part[F_C] + (shift_s - shift_t) * zs_k)).sum(0)
+        d = (w_t * (part[F_D] + (shift_t - shift_s) * zt_k)).sum(0)
+        out.update(
+            teacher_lse=mt + log_zt,
+            teacher_entropy=(log_zt - at / zt).clamp_min(0.0),
+            reverse_kl=(c / zs - log_zs + log_zt).clamp_min(0.0),
+            forward_kl=(d / zt - log_zt + log_zs).clamp_min(0.0),
+            teacher_argmax=argmax(part[F_BEST_T], args[I_ARG_T]),
+        )
+    if labels is not None:
+        picked = part[F_LABEL].sum(0) - lse_s
+        out["label_logprob"] = torch.where(labels != IGNORE_INDEX, picked, torch.zeros_like(picked))
+    return out
+
+
+#: jsd_kernel's MODE for the effective kind of JSD(β) (:func:`tipkernels.inputs.effective_kind`).
+_JSD_MODE = {"jsd": 0, "forward_kl": 1, "reverse_kl": 2}
+
+
+def jsd_forward(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
+                *, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+    """Per-row JSD(beta) and KL(p || m), a second pass given both LSEs (beta = 0 / 1: forward / reverse KL)."""
+    return combine_jsd(*jsd_sums(prob, student_lse, teacher_lse, beta, config=config), float(beta))
+
+
+def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
+             *, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+    """Per-row unclamped ``Σ q (log q − log m)`` and ``Σ p (log p − log m)`` over this problem's vocabulary."""
+    prob = prepare(prob)
+    beta = float(beta)
+    n, vocab, dev = prob.num_rows, prob.vocab_size, prob.device
+    if n == 0:
+        z = torch.empty(0, dtype=torch.float32, device=dev)
+        return z, z.clone()
+    cfg = _cfg.for_call(prob, config)
+    n_splits, per_split = _cfg.splits(cfg, n, vocab, dev)
+    part = torch.zeros((2, n_splits, n), dtype=torch.float32, device=dev)
+    mode = _JSD_MODE[effective_kind("jsd", beta)]
+    s_ptrs, ds, s_strides = student_args(prob)
+    t_ptrs, dt, t_strides = teacher_args(prob)
+    grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
+    launch(
+        jsd_kernel, grid,
+        *s_ptrs, *t_ptrs,
+        student_lse.float().contiguous(), teacher_lse.float().contiguous(), part,
+        n, vocab, ds, dt, per_split, 1.0 / prob.temperature,
+        math.log(beta) if mode == 0 else 0.0, math.log1p(-beta) if mode == 0 else 0.0,
+        *s_strides, *t_strides,
+        S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None,
+        T_LINEAR=prob.teacher_hidden is not None, T_BIAS=prob.teacher_bias is not None,
+        MODE=mode, BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
+        DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
+    )
+    kl_qm, kl_pm = part.sum(1).unbind(0)  # mode 1 (beta = 0) leaves kl_pm 0; mode 2 (m = q) kl_qm 0
+    return kl_qm, kl_pm
