@@ -30,7 +30,7 @@ from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, effective_kind
 from ...options import deterministic
 from . import config as _cfg
 from .common import both_tiles, log_mixture, mma
-from .launch import launch, model_args, prepare, teacher_args
+from .launch import launch, model_args, prepare, student_args, teacher_args
 
 Tensor = torch.Tensor
 
@@ -40,8 +40,10 @@ _KIND = {"entropy": K_ENTROPY, "reverse_kl": K_REVERSE_KL, "forward_kl": K_FORWA
 
 
 @triton.jit
-def grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND: tl.constexpr):
-    """``g[:, None] * d value / d s`` (fp32) for a tile; ``scal`` is H, KL(p||q) or KL(p||m) per KIND."""
+def grad_tile(s, u, ls, lt, scal, g, valid, betas, KIND: tl.constexpr):
+    """``g[:, None] * d value / d s`` (fp32) for a tile; ``scal`` is H, KL(p||q) or KL(p||m) per KIND;
+    ``betas`` = (log beta, log(1 - beta), 1 - beta), read by JSD only."""
+    log_beta, log1m_beta, one_m_beta = betas
     lp = s - ls[:, None]
     p = tl.exp(lp)
     if KIND == 0:  # entropy: -p (log p + H)
@@ -57,9 +59,11 @@ def grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KI
 
 
 @triton.jit
-def _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, start, n_sel, inv_temp,
+def _row_block(row_in, start, n_sel, inv_temp,
                HAS_TEACHER: tl.constexpr, HAS_SCAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row ids of compacted slots ``start ...`` and their per-row inputs (0 past ``n_sel``)."""
+    """Row ids of compacted slots ``start ...`` and their per-row inputs (0 past ``n_sel``). ``row_in`` is the
+    tuple of pointers (compacted row ids, upstream gradient, student LSE, teacher LSE, per-row scalar)."""
+    idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr = row_in
     slots = start + tl.arange(0, BLOCK_N)
     slot_mask = slots < n_sel
     rows = tl.load(idx_ptr + slots, mask=slot_mask, other=0)
@@ -75,41 +79,32 @@ def _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, start, n_sel, inv_temp,
 
 
 @triton.jit
-def _grad_logits(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                 rows, row_mask, cols, col_mask, ls, lt, scal, g,
-                 DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-                 s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+def _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp, betas,
                  S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr,
                  T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, KIND: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """``(dS, valid)`` of a rows x cols tile: both logit tiles recomputed, then :func:`grad_tile`."""
-    s, u = both_tiles(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                      rows, row_mask, cols, col_mask, DS, DT, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-                      t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp, S_LINEAR, S_BIAS,
+    s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, inv_temp, S_LINEAR, S_BIAS,
                       HAS_TEACHER, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     valid = row_mask[:, None] & col_mask[None, :]
-    return grad_tile(s, u, ls, lt, scal, g, valid, log_beta, log1m_beta, one_m_beta, KIND), valid
+    return grad_tile(s, u, ls, lt, scal, g, valid, betas, KIND), valid
 
 
 @triton.jit
 def dhidden_kernel(
-    sh_ptr, sw_ptr, sb_ptr,
-    th_ptr, tw_ptr, tb_ptr, tz_ptr,
-    idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, dh_ptr,
-    n_sel, V, DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-    s_hn, s_hd, s_wv, s_wd,
-    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
-    dh_n, dh_d,
+    student, teacher,  # per model: (h, w, b, z pointers, D, h_n, h_d, w_v, w_d, z_n, z_v strides)
+    row_in, dh_ptr,  # row_in: (row ids, upstream gradient, student LSE, teacher LSE, per-row scalar) pointers
+    n_sel, V, inv_temp, betas, dh_n, dh_d,  # betas: (log beta, log(1 - beta), 1 - beta)
     S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
     HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    sh_ptr, sw_ptr, sb_ptr, sz_ptr, DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv = student
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows, row_mask, g, ls, lt, scal = _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr,
-                                                 pid_n.to(tl.int64) * BLOCK_N, n_sel, inv_temp,
+    rows, row_mask, g, ls, lt, scal = _row_block(row_in, pid_n.to(tl.int64) * BLOCK_N, n_sel, inv_temp,
                                                  HAS_TEACHER, HAS_SCAL, BLOCK_N)
     dcols = pid_d.to(tl.int64) * BLOCK_DH + tl.arange(0, BLOCK_DH)
     dcol_mask = dcols < DS
@@ -118,11 +113,8 @@ def dhidden_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        ds, valid = _grad_logits(sh_ptr, sw_ptr, sb_ptr, sh_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                                 rows, row_mask, cols, col_mask, ls, lt, scal, g,
-                                 DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-                                 s_hn, s_hd, s_wv, s_wd, 0, 0, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
-                                 True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+        ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp,
+                                 betas, True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
                                  BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         w = tl.load(sw_ptr + cols[:, None] * s_wv + dcols[None, :] * s_wd,
                     mask=col_mask[:, None] & dcol_mask[None, :], other=0.0)
@@ -133,18 +125,15 @@ def dhidden_kernel(
 
 @triton.jit
 def dweight_kernel(
-    sh_ptr, sw_ptr, sb_ptr,
-    th_ptr, tw_ptr, tb_ptr, tz_ptr,
-    idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, dw_ptr, db_ptr,
-    n_sel, V, DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-    s_hn, s_hd, s_wv, s_wd,
-    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
-    dw_v, dw_d,
+    student, teacher,  # per model, as in dhidden_kernel
+    row_in, dw_ptr, db_ptr,  # row_in as in dhidden_kernel
+    n_sel, V, inv_temp, betas, dw_v, dw_d,
     S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
     HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    sh_ptr, sw_ptr, sb_ptr, sz_ptr, DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv = student
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -154,13 +143,9 @@ def dweight_kernel(
     acc = tl.zeros((BLOCK_V, BLOCK_DH), tl.float32)
     acc_b = tl.zeros((BLOCK_V,), tl.float32)
     for r0 in range(0, n_sel, BLOCK_N):
-        rows, row_mask, g, ls, lt, scal = _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr,
-                                                     r0, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
-        ds, valid = _grad_logits(sh_ptr, sw_ptr, sb_ptr, sh_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                                 rows, row_mask, cols, col_mask, ls, lt, scal, g,
-                                 DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-                                 s_hn, s_hd, s_wv, s_wd, 0, 0, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
-                                 True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+        rows, row_mask, g, ls, lt, scal = _row_block(row_in, r0, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
+        ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp,
+                                 betas, True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
                                  BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         h = tl.load(sh_ptr + rows[:, None] * s_hn + dcols[None, :] * s_hd,
                     mask=row_mask[:, None] & dcol_mask[None, :], other=0.0)
@@ -176,13 +161,9 @@ def dweight_kernel(
 
 @triton.jit
 def dlogits_kernel(
-    sh_ptr, sw_ptr, sb_ptr, sz_ptr,
-    th_ptr, tw_ptr, tb_ptr, tz_ptr,
-    idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr, dz_ptr,
-    n_sel, v_start, v_end, DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-    s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
-    dz_n, dz_v,
+    student, teacher,  # per model, as in dhidden_kernel
+    row_in, dz_ptr,  # row_in as in dhidden_kernel
+    n_sel, v_start, v_end, inv_temp, betas, dz_n, dz_v,
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
     HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
     HAS_SCAL: tl.constexpr, KIND: tl.constexpr, COMPACT_OUT: tl.constexpr,
@@ -195,14 +176,10 @@ def dlogits_kernel(
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     start = pid_n.to(tl.int64) * BLOCK_N
-    rows, row_mask, g, ls, lt, scal = _row_block(idx_ptr, g_ptr, ls_ptr, lt_ptr, scal_ptr,
-                                                 start, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
+    rows, row_mask, g, ls, lt, scal = _row_block(row_in, start, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
     cols = v_start + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_end
-    ds, valid = _grad_logits(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                             rows, row_mask, cols, col_mask, ls, lt, scal, g,
-                             DS, DT, inv_temp, log_beta, log1m_beta, one_m_beta,
-                             s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+    ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp, betas,
                              S_LINEAR, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
                              BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     if COMPACT_OUT:
@@ -277,64 +254,51 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     ls = saved["student_lse"].float().contiguous()
     lt = saved["teacher_lse"].float().contiguous() if needs_teacher else ls
     scal = scal.float().contiguous() if scal is not None else ls
-    t_ptrs, dt, t_strides = teacher_args(prob) if needs_teacher else model_args(None, None, None, None, ls)
+    student = student_args(prob)
+    teacher = teacher_args(prob) if needs_teacher else model_args(None, None, None, None, ls)
     common = dict(
         HAS_TEACHER=needs_teacher, T_LINEAR=needs_teacher and prob.teacher_hidden is not None,
         T_BIAS=needs_teacher and prob.teacher_bias is not None, HAS_SCAL=k != K_FORWARD_KL, KIND=k,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["bwd_block_d"], DOT_PRECISION=_cfg.dot_precision(prob),
         **_cfg.launch_opts(cfg, backward=True),
     )
-    scalars = (1.0 / prob.temperature, log_beta, log1m_beta, 1.0 - beta)
-    row_inputs = (idx, grad_rows.contiguous(), ls, lt, scal)
+    scalars = (1.0 / prob.temperature, (log_beta, log1m_beta, 1.0 - beta))  # inv_temp, betas
+    row_in = (idx, grad_rows.contiguous(), ls, lt, scal)
 
     if not linear:
-        z = prob.student_logits
         grid = (triton.cdiv(n_sel, bn), triton.cdiv(vocab, bv))
         launch(
-            dlogits_kernel, grid,
-            z, z, z, z, *t_ptrs, *row_inputs, d_student,
-            n_sel, 0, vocab, 0, dt, *scalars, 0, 0, 0, 0, z.stride(0), z.stride(1), *t_strides,
+            dlogits_kernel, grid, student, teacher, row_in, d_student, n_sel, 0, vocab, *scalars,
             d_student.stride(0), d_student.stride(1), S_LINEAR=False, S_BIAS=False, COMPACT_OUT=False, **common,
         )
         return finish()
 
-    h, w = prob.student_hidden, prob.student_weight
-    b = prob.student_bias if prob.student_bias is not None else w
-    ds_dim = h.shape[1]
-    bdh = cfg["block_dh"]
-    s_strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    ds_dim, bdh = prob.student_hidden.shape[1], cfg["block_dh"]
     if cfg["bwd_strategy"] == "matmul":
-        _backward_matmul(prob, cfg, common, row_inputs, (h, w, b), s_strides, t_ptrs, t_strides, dt, scalars,
-                         d_student, d_weight, d_bias)
+        _backward_matmul(prob, cfg, common, row_in, student, teacher, scalars, d_student, d_weight, d_bias)
         return finish()
     grid_a = (triton.cdiv(n_sel, bn), triton.cdiv(ds_dim, bdh))
     launch(
-        dhidden_kernel, grid_a,
-        h, w, b, *t_ptrs, *row_inputs, d_student,
-        n_sel, vocab, ds_dim, dt, *scalars, *s_strides, *t_strides,
-        d_student.stride(0), d_student.stride(1),
-        S_BIAS=prob.student_bias is not None, BLOCK_DH=bdh, **common,
+        dhidden_kernel, grid_a, student, teacher, row_in, d_student, n_sel, vocab, *scalars,
+        d_student.stride(0), d_student.stride(1), S_BIAS=prob.student_bias is not None, BLOCK_DH=bdh, **common,
     )
     grid_b = (triton.cdiv(vocab, bv), triton.cdiv(ds_dim, bdh))
     launch(
-        dweight_kernel, grid_b,
-        h, w, b, *t_ptrs, *row_inputs, d_weight, d_bias if d_bias is not None else d_weight,
-        n_sel, vocab, ds_dim, dt, *scalars, *s_strides, *t_strides,
-        d_weight.stride(0), d_weight.stride(1),
+        dweight_kernel, grid_b, student, teacher, row_in, d_weight, d_bias if d_bias is not None else d_weight,
+        n_sel, vocab, *scalars, d_weight.stride(0), d_weight.stride(1),
         S_BIAS=prob.student_bias is not None, BLOCK_DH=bdh, **common,
     )
     return finish()
 
 
 @deterministic  # its cuBLAS matmuls run under torch.use_deterministic_algorithms when the flag is on
-def _backward_matmul(prob, cfg, common, row_inputs, student, s_strides, t_ptrs, t_strides, dt, scalars,
-                     d_student, d_weight, d_bias) -> None:
+def _backward_matmul(prob, cfg, common, row_in, student, teacher, scalars, d_student, d_weight, d_bias) -> None:
     """The "matmul" strategy: ``dS`` once per (row block, vocab tile) into ``[rows, vocab chunk]`` buffers of at
     most ``bwd_chunk_mib``; cuBLAS forms ``d W[chunk] (+)= dSᵀ @ h[rows]`` and ``d h[rows] += dS @ W[chunk]`` (fp32
     accumulator). Rows go in passes whose fp32 accumulator is at most 4 × ``bwd_chunk_mib``, so the extra memory
     does not grow with N; ``d W`` is written by the first pass and accumulated (in its dtype) by later ones."""
-    h, w, b = student
-    idx, rest = row_inputs[0], row_inputs[1:]
+    h, w = prob.student_hidden, prob.student_weight
+    idx, rest = row_in[0], row_in[1:]
     n, vocab, dev, ds_dim = h.shape[0], w.shape[0], h.device, h.shape[1]
     bn, bv = cfg["bwd_block_n"], cfg["bwd_block_v"]
     budget = int(cfg["bwd_chunk_mib"] * 2**20)
@@ -352,8 +316,7 @@ def _backward_matmul(prob, cfg, common, row_inputs, student, s_strides, t_ptrs, 
             g = chunk[:, : v1 - v0]
             launch(
                 dlogits_kernel, (triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv)),
-                h, w, b, h, *t_ptrs, ids, *rest, g,
-                m, v0, v1, ds_dim, dt, *scalars, *s_strides, 0, 0, *t_strides, g.stride(0), g.stride(1),
+                student, teacher, (ids, *rest), g, m, v0, v1, *scalars, g.stride(0), g.stride(1),
                 S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, **common,
             )
             with _exact_fp32_matmuls():

@@ -1,5 +1,9 @@
 """Building blocks shared by the forward and backward kernels.
 
+Kernel arguments are grouped per model: one tuple of pointers, hidden size and strides for the student and one for
+the teacher (``launch.model_args`` packs them; tuples as ``@triton.jit`` arguments need Triton >= 3.2, the
+interpreter >= 3.3).
+
 Conventions: row and column indices are int64 vectors (``N*V`` and ``V*D`` may pass 2**31); every matmul
 accumulates in fp32; vocabulary columns past ``V`` get logit ``-inf`` so they drop out of every softmax sum.
 """
@@ -25,20 +29,19 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def logit_tile(
-    h_ptr, w_ptr, b_ptr, z_ptr,
-    rows, row_mask, cols, col_mask,
-    D, stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv,
-    inv_temp,
+    model, rows, row_mask, cols, col_mask, inv_temp,
     LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """fp32 logits ``[BLOCK_N, BLOCK_V]`` of rows x cols, divided by the temperature.
+    """fp32 logits ``[BLOCK_N, BLOCK_V]`` of rows x cols of one model, divided by the temperature.
 
-    LINEAR: ``h[rows] @ w[cols].T (+ b[cols])`` over the hidden dim in chunks of BLOCK_D;
-    otherwise the tile is read from the logits tensor ``z``. Columns outside ``col_mask`` are ``-inf``;
-    rows outside ``row_mask`` are finite (their inputs read as 0) and must simply not be stored.
+    ``model`` is the tuple the host packs per model (``launch.model_args``): pointers ``(h, w, b, z)``, the hidden
+    size ``D`` and strides ``(h_n, h_d, w_v, w_d, z_n, z_v)``. LINEAR: ``h[rows] @ w[cols].T (+ b[cols])`` over the
+    hidden dim in chunks of BLOCK_D; otherwise the tile is read from the logits tensor ``z``. Columns outside
+    ``col_mask`` are ``-inf``; rows outside ``row_mask`` are finite (their inputs read as 0) and must not be stored.
     """
+    h_ptr, w_ptr, b_ptr, z_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv = model
     if LINEAR:
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -64,11 +67,7 @@ def logit_tile(
 
 @triton.jit
 def both_tiles(
-    sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-    rows, row_mask, cols, col_mask, DS, DT,
-    s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
-    inv_temp,
+    student, teacher, rows, row_mask, cols, col_mask, inv_temp,
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
     HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -78,13 +77,11 @@ def both_tiles(
 
     Both tiles first: the teacher's matmul then runs with only ``s`` live, not the tiles derived from it.
     """
-    s = logit_tile(sh_ptr, sw_ptr, sb_ptr, sz_ptr, rows, row_mask, cols, col_mask,
-                   DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, inv_temp,
+    s = logit_tile(student, rows, row_mask, cols, col_mask, inv_temp,
                    S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     u = s
     if HAS_TEACHER:
-        u = logit_tile(th_ptr, tw_ptr, tb_ptr, tz_ptr, rows, row_mask, cols, col_mask,
-                       DT, t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp,
+        u = logit_tile(teacher, rows, row_mask, cols, col_mask, inv_temp,
                        T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     return s, u
 

@@ -87,21 +87,24 @@ def prepare(prob: Problem) -> Problem:
     )
 
 
-def model_args(hidden, weight, bias, logits, dummy):
-    """Pointers (h, w, b, z), hidden size and strides (h_n, h_d, w_v, w_d, z_n, z_v) of one model."""
+def model_args(hidden, weight, bias, logits, dummy) -> tuple:
+    """One model's kernel argument: ``(h, w, b, z, D, h_n, h_d, w_v, w_d, z_n, z_v)`` (see ``common.logit_tile``).
+
+    A linear model fills the pointers h, w, b (``w`` again when there is no bias) and its strides; a model given as
+    logits fills z; an absent one is all ``dummy`` and zeros (never read: the kernel's flags say so)."""
     if hidden is not None:
-        return ((hidden, weight, bias if bias is not None else weight, dummy), hidden.shape[1],
-                (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0))
+        return (hidden, weight, bias if bias is not None else weight, dummy, hidden.shape[1],
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0)
     if logits is not None:
-        return (dummy, dummy, dummy, logits), 0, (0, 0, 0, 0, logits.stride(0), logits.stride(1))
-    return (dummy, dummy, dummy, dummy), 0, (0, 0, 0, 0, 0, 0)
+        return (dummy, dummy, dummy, logits, 0, 0, 0, 0, 0, logits.stride(0), logits.stride(1))
+    return (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
 
 
-def student_args(prob: Problem):
+def student_args(prob: Problem) -> tuple:
     dummy = prob.student_hidden if prob.student_is_linear else prob.student_logits
     return model_args(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, dummy)
 
 
-def teacher_args(prob: Problem):
+def teacher_args(prob: Problem) -> tuple:
     dummy = prob.student_hidden if prob.student_is_linear else prob.student_logits
     return model_args(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits, dummy)

@@ -31,13 +31,21 @@ I_ARG_S, I_ARG_T = 0, 1
 
 
 @triton.jit
+def _split_block(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program ``(i, k)`` of the ``(row blocks, vocabulary splits)`` grid: its rows, its vocabulary range
+    ``[v_begin, v_end)``, and where its partials go: ``part[field, k, row]`` is ``part + field * stride_f + off``."""
+    pid_v = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    v_begin = pid_v * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    return rows, rows < N, v_begin, v_end, pid_v.to(tl.int64) * N + rows, tl.num_programs(1).to(tl.int64) * N
+
+
+@triton.jit
 def stats_kernel(
-    sh_ptr, sw_ptr, sb_ptr, sz_ptr,
-    th_ptr, tw_ptr, tb_ptr, tz_ptr,
+    student, teacher,  # per model: (h, w, b, z pointers, D, h_n, h_d, w_v, w_d, z_n, z_v strides)
     label_ptr, part_ptr, arg_ptr,
-    N, V, DS, DT, tiles_per_split, inv_temp,
-    s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+    N, V, tiles_per_split, inv_temp,
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
     HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -54,13 +62,7 @@ def stats_kernel(
     Centring on the maxima keeps every summand O(logit spread) rather than O(|logit|), so nothing large
     cancels. Shifting a centre from m_old to m_new adds (m_old - m_new) per unit weight to the summands.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    v_begin = pid_v * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    rows, row_mask, v_begin, v_end, off, stride_f = _split_block(N, V, tiles_per_split, BLOCK_N, BLOCK_V)
     offs_v = tl.arange(0, BLOCK_V)
 
     ms = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
@@ -82,9 +84,7 @@ def stats_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s, u = both_tiles(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                          rows, row_mask, cols, col_mask, DS, DT, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-                          t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp, S_LINEAR, S_BIAS,
+        s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, inv_temp, S_LINEAR, S_BIAS,
                           HAS_TEACHER, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         # student: argmax, then rescale and accumulate
         tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
@@ -121,14 +121,13 @@ def stats_kernel(
             hit = cols[None, :] == labels[:, None]
             lab_logit += tl.sum(tl.where(hit, s, 0.0), axis=1)
 
-    stride_f = n_splits.to(tl.int64) * N
-    base = part_ptr + pid_v.to(tl.int64) * N + rows
+    base = part_ptr + off
     tl.store(base + 0 * stride_f, ms, mask=row_mask)
     tl.store(base + 1 * stride_f, zs, mask=row_mask)
     tl.store(base + 2 * stride_f, as_, mask=row_mask)
     tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
     tl.store(base + 4 * stride_f, best_s, mask=row_mask)
-    arg_base = arg_ptr + pid_v.to(tl.int64) * N + rows
+    arg_base = arg_ptr + off
     tl.store(arg_base, arg_s, mask=row_mask)
     if HAS_TEACHER:
         tl.store(base + 5 * stride_f, mt, mask=row_mask)
@@ -142,12 +141,9 @@ def stats_kernel(
 
 @triton.jit
 def jsd_kernel(
-    sh_ptr, sw_ptr, sb_ptr, sz_ptr,
-    th_ptr, tw_ptr, tb_ptr, tz_ptr,
+    student, teacher,  # per model, as in stats_kernel
     ls_ptr, lt_ptr, part_ptr,
-    N, V, DS, DT, tiles_per_split, inv_temp, log_beta, log1m_beta,
-    s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-    t_hn, t_hd, t_wv, t_wd, t_zn, t_zv,
+    N, V, tiles_per_split, inv_temp, log_beta, log1m_beta,
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -158,13 +154,7 @@ def jsd_kernel(
     MODE 0: general beta, m = beta q + (1-beta) p.  MODE 1 (beta = 0): field 0 = KL(q||p).
     MODE 2 (beta = 1): field 1 = KL(p||q). Unused fields are left untouched (host zero-fills them).
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    v_begin = pid_v * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    rows, row_mask, v_begin, v_end, off, stride_f = _split_block(N, V, tiles_per_split, BLOCK_N, BLOCK_V)
     offs_v = tl.arange(0, BLOCK_V)
     ls = tl.load(ls_ptr + rows, mask=row_mask, other=0.0)
     lt = tl.load(lt_ptr + rows, mask=row_mask, other=0.0)
@@ -174,9 +164,7 @@ def jsd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s, u = both_tiles(sh_ptr, sw_ptr, sb_ptr, sz_ptr, th_ptr, tw_ptr, tb_ptr, tz_ptr,
-                          rows, row_mask, cols, col_mask, DS, DT, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv,
-                          t_hn, t_hd, t_wv, t_wd, t_zn, t_zv, inv_temp, S_LINEAR, S_BIAS,
+        s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, inv_temp, S_LINEAR, S_BIAS,
                           True, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         lp = s - ls[:, None]
         lq = u - lt[:, None]
@@ -192,8 +180,7 @@ def jsd_kernel(
         else:
             kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
 
-    stride_f = n_splits.to(tl.int64) * N
-    base = part_ptr + pid_v.to(tl.int64) * N + rows
+    base = part_ptr + off
     tl.store(base, kl_qm, mask=row_mask)
     tl.store(base + stride_f, kl_pm, mask=row_mask)
 
@@ -224,14 +211,11 @@ def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, 
     part = torch.empty((n_fields, n_splits, n), **f32)
     args = torch.empty((2 if has_teacher else 1, n_splits, n), dtype=torch.int32, device=dev)
     labels = prob.labels.contiguous() if has_labels else part
-    s_ptrs, ds, s_strides = student_args(prob)
-    t_ptrs, dt, t_strides = teacher_args(prob)
     grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
     launch(
         stats_kernel, grid,
-        *s_ptrs, *t_ptrs, labels, part, args,
-        n, vocab, ds, dt, per_split, 1.0 / prob.temperature,
-        *s_strides, *t_strides,
+        student_args(prob), teacher_args(prob), labels, part, args,
+        n, vocab, per_split, 1.0 / prob.temperature,
         S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None,
         HAS_TEACHER=has_teacher, T_LINEAR=prob.teacher_hidden is not None,
         T_BIAS=prob.teacher_bias is not None, HAS_LABELS=has_labels,
@@ -305,16 +289,13 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
     n_splits, per_split = _cfg.splits(cfg, n, vocab, dev)
     part = torch.zeros((2, n_splits, n), dtype=torch.float32, device=dev)
     mode = _JSD_MODE[effective_kind("jsd", beta)]
-    s_ptrs, ds, s_strides = student_args(prob)
-    t_ptrs, dt, t_strides = teacher_args(prob)
     grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
     launch(
         jsd_kernel, grid,
-        *s_ptrs, *t_ptrs,
+        student_args(prob), teacher_args(prob),
         student_lse.float().contiguous(), teacher_lse.float().contiguous(), part,
-        n, vocab, ds, dt, per_split, 1.0 / prob.temperature,
+        n, vocab, per_split, 1.0 / prob.temperature,
         math.log(beta) if mode == 0 else 0.0, math.log1p(-beta) if mode == 0 else 0.0,
-        *s_strides, *t_strides,
         S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None,
         T_LINEAR=prob.teacher_hidden is not None, T_BIAS=prob.teacher_bias is not None,
         MODE=mode, BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
