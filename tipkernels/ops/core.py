@@ -1,5 +1,13 @@
 """The one autograd.Function every differentiable op goes through, and the reductions.
 
+How a call flows (docs/design.md §3), e.g. ``fused_linear_divergence(..., backend="triton")``: the op
+(:mod:`tipkernels.ops.divergence`) validates its inputs into a :class:`~tipkernels.inputs.Problem`
+(:func:`~tipkernels.inputs.build_problem`) and gets the backend (:func:`tipkernels.backends.get_backend`); here
+:func:`row_values` lets the backend ``plan`` the call (the triton launch config, resolved once) and runs
+:class:`RowValues`, whose forward calls ``forward_stats`` (and ``jsd_forward``) and whose backward calls
+``backward``: for triton, the launchers in :mod:`tipkernels.backends.triton.stats` / ``.backward``, beside their
+kernels.
+
 ``RowValues`` maps the student's tensors to one value per token row (entropy or a divergence). Its forward
 either runs the backend's forward or takes values already computed by a no-grad scoring pass (the TIP loss);
 its backward asks the backend to recompute logit tiles from the saved per-row LSEs/values, so nothing of size
