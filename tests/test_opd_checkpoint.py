@@ -280,7 +280,7 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tok, tmp_pa
     with pytest.warns(UserWarning, match=rf"skipping checkpoint .*checkpoint-2: .*{pattern}"):
         assert trainer.latest_checkpoint() == out / "checkpoint-1"
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*checkpoint-2"):
-        assert ckpt.load_latest(trainer, out) == out / "checkpoint-1"
+        assert trainer.load_checkpoint("latest") == out / "checkpoint-1"
     assert trainer.step == 1 and len(trainer.history) == 1
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tipkernels.opd import OPDTrainer
+from tipkernels.opd.process import ProcessContext
 from tipkernels.opd.rollout import Rollouts, generate
 
 from spawn_helpers import free_port, spawn
@@ -200,7 +201,7 @@ def test_parallel_without_a_process_group_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="torchrun"):
         OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "x", parallel="ddp"))
     trainer = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "y", parallel="auto"))
-    assert trainer._dist is None
+    assert type(trainer.process) is ProcessContext and trainer.process.world == 1 and trainer.process.is_main
 
 
 def test_a_process_group_the_trainer_creates_is_destroyed_at_exit():
