@@ -179,9 +179,9 @@ def write_state(directory: PathLike, step: int, state: State) -> None:
         raise TypeError(f"a checkpoint state must be a dict with str keys, got {type(state).__name__}")
     plain = {k: v for k, v in state.items() if _is_json(v)}
     rest = {k: v for k, v in state.items() if k not in plain}
+    _check_plain(rest, "state")
     with open(directory / STATE_JSON, "w") as f:
         json.dump({"format": FORMAT, "step": int(step), "entries": plain}, f)
-    _check_plain(rest, "state")
     torch.save({"step": int(step), "entries": rest}, directory / STATE_FILE)
 
 

@@ -335,8 +335,9 @@ class OPDTrainer:
         CUDA and selection generators as uint8 tensors); ``world_size`` and ``parallel``.
 
         Made only of tensors, numbers, strings, None, lists, tuples and dicts, so that a checkpoint stores it as
-        JSON plus a weights-only tensor file. Under ``parallel`` this is collective (every rank calls it); with
-        FSDP2 the optimizer state is complete on rank 0 only."""
+        JSON plus a weights-only tensor file. Like torch's state dicts it references live optimizer tensors
+        (``copy.deepcopy`` it to keep it across further steps). Under ``parallel`` this is collective (every rank
+        calls it); with FSDP2 the optimizer state is complete on rank 0 only."""
         return {
             "step": self.step,
             "optimizer": self.process.optimizer_state(unwrap(self.student), self.optimizer),
