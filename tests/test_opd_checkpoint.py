@@ -520,7 +520,8 @@ def test_legacy_pickle_checkpoint_is_refused_then_converted_and_resumed_exactly(
 
     assert ckpt.convert_legacy(old) == old  # the documented one-liner's call, on a trusted file
     m = ckpt.verify(old)
-    assert m["format_version"] == ckpt.FORMAT_VERSION == 2 and {"trainer_state.json", "trainer_state.pt"} <= set(m["files"])
+    assert m["format_version"] == ckpt.FORMAT_VERSION == 2
+    assert {"trainer_state.json", "trainer_state.pt"} <= set(m["files"])
     torch.manual_seed(4321)
     assert resumed.load_checkpoint(old) == old
     got = resumed.train()

@@ -187,9 +187,9 @@ class OPDTrainer:
         c = self.config
         if prompts is None:  # the global batch's prompts, this rank's slice
             prompts = self.process.shard(self._next_prompts(c.batch_size * self.process.world))
-        return generate(self.process.generation_model(self.student), self.tokenizer, prompts, max_new_tokens=c.max_new_tokens,
-                        temperature=c.rollout_temperature, top_p=c.top_p, top_k=c.top_k,
-                        num_return_sequences=c.rollouts_per_prompt, device=self.device)
+        return generate(self.process.generation_model(self.student), self.tokenizer, prompts,
+                        max_new_tokens=c.max_new_tokens, temperature=c.rollout_temperature, top_p=c.top_p,
+                        top_k=c.top_k, num_return_sequences=c.rollouts_per_prompt, device=self.device)
 
     def loss(self, rollouts: Rollouts):
         """:class:`tipkernels.TIPLossOutput` of the student on ``rollouts`` (differentiable; no step taken)."""
