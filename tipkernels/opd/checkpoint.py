@@ -336,7 +336,10 @@ def read_weights(path: PathLike, manifest: Dict[str, Any]) -> Dict[str, torch.Te
         raise CheckpointError(f"checkpoint {root}: no model.safetensors(.index.json) in {WEIGHTS_DIR}/")
     sd: Dict[str, torch.Tensor] = {}
     for f in files:
-        rel = f"{WEIGHTS_DIR}/{f.relative_to(directory).as_posix()}"  # a "../" shard name is never listed
+        try:  # a "../" or absolute shard name is never listed
+            rel = f"{WEIGHTS_DIR}/{f.relative_to(directory).as_posix()}"
+        except ValueError:
+            rel = str(f)
         if rel not in manifest["files"]:
             raise CheckpointError(f"checkpoint {root}: {rel} is not listed in {MANIFEST}")
         if not f.is_file():
@@ -361,7 +364,7 @@ def read_state(path: PathLike, manifest: Dict[str, Any]) -> State:
             raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {rel}")
     try:
         plain = json.loads((path / STATE_JSON).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON or UTF-8 decoding
         raise CheckpointError(f"checkpoint {path}: {STATE_JSON} is unreadable: {e}") from None
     try:
         tensors = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)

@@ -263,12 +263,11 @@ class Distributed(ProcessContext):
         """This rank's saved streams when the checkpoint was written by as many processes; otherwise rank 0's
         on every rank, then the per-rank streams restart from rank-offset seeds (with a warning)."""
         if len(saved) == self.world:
-            apply = prepare_rng_state(saved[self.rank])
-            return lambda: apply(selection)
-        apply = prepare_rng_state(saved[0])
+            return prepare_rng_state(saved[self.rank], selection)
+        apply = prepare_rng_state(saved[0], selection)
 
         def restart() -> None:
-            apply(selection)
+            apply()
             if self.is_main:
                 warnings.warn(f"{where} was written by {len(saved)} process(es), this run has "
                               f"{self.world}: the per-rank RNG streams restart from seeds")

@@ -6,8 +6,8 @@ step's metrics, full state dicts for checkpoints, running a write on rank 0 only
 rank resumes. This base class is the single-process case (rank 0 of 1), where each of those is trivial;
 :class:`tipkernels.opd.distributed.Distributed` overrides them for DDP and FSDP2.
 
-The RNG state of one process is captured by :func:`rng_state` and restored by :func:`set_rng_state` on every
-path; Python's and NumPy's states are stored as JSON-able lists, torch's as uint8 tensors.
+The RNG state of one process is captured by :func:`rng_state` and restored through :func:`prepare_rng_state` on
+every path; Python's and NumPy's states are stored as JSON-able lists, torch's as uint8 tensors.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ def legacy_rng_state(state: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def prepare_rng_state(state: Any) -> Callable[[torch.Generator], None]:
-    """Check a :func:`rng_state` dict (ValueError naming what is wrong) and return the function that applies it
-    to the global generators and a selection generator; nothing is changed before that function is called."""
+def prepare_rng_state(state: Any, selection: torch.Generator) -> Callable[[], None]:
+    """Check a :func:`rng_state` dict (ValueError naming what is wrong; the states are tried on scratch
+    generators) and return the function that applies it to the global generators and ``selection``; nothing is
+    changed before that function is called."""
     if not isinstance(state, dict):
         raise ValueError(f"an RNG state must be a dict, got {type(state).__name__}")
     lacking = [k for k in ("python", "torch", "selection") if k not in state]
@@ -100,8 +101,13 @@ def prepare_rng_state(state: Any) -> Callable[[torch.Generator], None]:
     tensors = [state["torch"], state["selection"]] + list(state.get("cuda") or [])
     if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in tensors):
         raise ValueError("the torch RNG states must be 1-D uint8 tensors")
+    for name, device in (("torch", "cpu"), ("selection", selection.device)):
+        try:
+            torch.Generator(device=device).set_state(state[name])
+        except RuntimeError as e:
+            raise ValueError(f"the {name} RNG state does not fit a {device} generator: {e}") from None
 
-    def apply(selection: torch.Generator) -> None:
+    def apply() -> None:
         random.setstate(py)
         torch.set_rng_state(state["torch"])
         if state.get("cuda") is not None and torch.cuda.is_available():
@@ -113,11 +119,6 @@ def prepare_rng_state(state: Any) -> Callable[[torch.Generator], None]:
             np.random.set_state(np_state)
 
     return apply
-
-
-def set_rng_state(state: Dict[str, Any], selection: torch.Generator) -> None:
-    """Restore what :func:`rng_state` captured."""
-    prepare_rng_state(state)(selection)
 
 
 # ------------------------------------------------------------------------------------------ the interface
@@ -227,8 +228,7 @@ class ProcessContext:
         """Check the per-rank RNG states of a checkpoint (``saved[r]`` written by rank ``r``) and return the
         function that restores this rank's streams. One process resumes rank 0's streams, whatever the number of
         processes that wrote them."""
-        apply = prepare_rng_state(saved[0])
-        return lambda: apply(selection)
+        return prepare_rng_state(saved[0], selection)
 
     def close(self) -> None:
         """Tear down what this context set up (the process group, data-parallel)."""
