@@ -4,15 +4,20 @@ corrupted checkpoints are refused with a clear message (or skipped by ``resume_f
 Tiny Hugging Face models built in code, CPU only.
 """
 
+import copy
 import hashlib
 import json
 import os
+import pickle
+import random
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -280,7 +285,7 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tok, tmp_pa
     with pytest.warns(UserWarning, match=rf"skipping checkpoint .*checkpoint-2: .*{pattern}"):
         assert trainer.latest_checkpoint() == out / "checkpoint-1"
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*checkpoint-2"):
-        assert ckpt.load_latest(trainer, out) == out / "checkpoint-1"
+        assert trainer.load_checkpoint("latest") == out / "checkpoint-1"
     assert trainer.step == 1 and len(trainer.history) == 1
 
 
@@ -363,3 +368,224 @@ def test_straight_run_keeps_two_checkpoints_by_default(straight):
     assert {"trainer_state.pt", "student/model.safetensors", "student/config.json"} <= set(m["files"])
     with pytest.raises(ValueError, match="keep_checkpoints"):
         OPDConfig(keep_checkpoints=-1)
+
+
+# ------------------------------------------------------------------- (d) resuming never executes checkpoint code
+
+
+class RunsCode:
+    """Pickles to ``os.system("touch <marker>")``: unpickling it in full runs the command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def rehash(ck, *rels):
+    """Rewrite ``ck``'s manifest so the sizes and digests of ``rels`` match their current content."""
+    m = json.loads((ck / "manifest.json").read_text())
+    for rel in rels:
+        data = (ck / rel).read_bytes()
+        m["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ck / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def plant_code_running_state(ck, marker, how="torch.save"):
+    """Replace ``ck/trainer_state.pt`` by a pickle whose full loading would touch ``marker``, shaped like a real
+    state file, and rewrite the manifest so that every size and SHA-256 matches: only the reader stands between
+    the file and the command."""
+    step = ckpt.read_manifest(ck)["step"]
+    payload = {"step": step, "entries": {"optimizer": RunsCode(marker)}}
+    st = ck / "trainer_state.pt"
+    if how == "torch.save":
+        torch.save(payload, st)
+    else:
+        st.write_bytes(pickle.dumps(payload, protocol=2))
+    rehash(ck, "trainer_state.pt")
+    assert ckpt.verify(ck)["step"] == step  # the manifest vouches for the planted file
+    return st
+
+
+def assert_payload_is_live(st, marker):
+    """The planted file really runs its command when unpickled in full (so the refusal above is what saved us)."""
+    assert not marker.exists()
+    torch.load(st, weights_only=False) if zipfile.is_zipfile(st) else pickle.loads(st.read_bytes())
+    assert marker.exists()
+    marker.unlink()
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dumps"])
+def test_state_file_that_would_run_code_is_refused_on_resume(tok, tmp_path, two_checkpoints, how):
+    src, teacher = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ck = out / "checkpoint-2"
+    marker = tmp_path / "pwned"
+    st = plant_code_running_state(ck, marker, how)
+
+    student, _ = models(tok, seed=5)
+    trainer = OPDTrainer(student, teacher, tok, PROMPTS, config(out, steps=2))
+    before = params(student)
+    rng = torch.get_rng_state()
+    refused = r"checkpoint-2: trainer_state\.pt is refused: it is not a plain tensor file"
+    with pytest.raises(CheckpointError, match=refused) as e:
+        trainer.load_checkpoint(ck)
+    assert str(ck) in str(e.value) and "nothing in it was executed" in str(e.value)
+    assert not marker.exists()
+    assert trainer.step == 0 and trainer.history == [] and torch.equal(torch.get_rng_state(), rng)
+    assert_same_params(student, before)
+    with pytest.raises(CheckpointError, match=refused):  # the storage reader on its own
+        ckpt.read(ck)
+    assert not marker.exists()
+
+    # resume_from="latest" skips it with a warning naming the file and resumes the one before
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint .*{refused}"):
+        assert trainer.load_checkpoint("latest") == out / "checkpoint-1"
+    assert trainer.step == 1 and not marker.exists()
+    assert_payload_is_live(st, marker)
+
+
+def test_cli_resume_refuses_a_state_file_that_would_run_code(tok, tmp_path, two_checkpoints, capsys):
+    from tipkernels.opd.cli import main as cli_main
+
+    src, teacher = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    marker = tmp_path / "pwned"
+    plant_code_running_state(out / "checkpoint-2", marker)
+    s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
+    for model, d in ((models(tok)[0], s_dir), (teacher, t_dir)):
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    capsys.readouterr()
+    assert cli_main(["opd", "--student", str(s_dir), "--teacher", str(t_dir), "--prompts", str(prompts),
+                     "--steps", "3", "--batch-size", "3", "--max-new-tokens", "5", "--output-dir", str(out),
+                     "--no-progress", "--device", "cpu", "--backend", "torch",
+                     "--resume", str(out / "checkpoint-2")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2: trainer_state.pt is refused" in err and not marker.exists()
+
+
+def v1_state(trainer):
+    """What format 1 pickled as trainer_state.pt (its trainer_state(), copied): tuples and a NumPy array."""
+    import numpy as np
+
+    return {"step": trainer.step, "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "history": trainer.history,
+            "eval_history": trainer.eval_history, "config": trainer.config.to_dict(),
+            "prompt_rng": trainer._prompt_rng.getstate(), "prompt_order": list(trainer._order),
+            "num_prompts": len(trainer.prompts), "selection_rng": trainer._selection_gen.get_state(),
+            "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(), "cuda_rng": None,
+            "numpy_rng": np.random.get_state()}
+
+
+def make_v1(ck, state):
+    """Turn the checkpoint ``ck`` into a format-1 one holding ``state`` (a full pickle) with a matching manifest."""
+    (ck / "trainer_state.json").unlink()
+    torch.save(state, ck / "trainer_state.pt")
+    m = json.loads((ck / "manifest.json").read_text())
+    del m["files"]["trainer_state.json"]
+    m["format_version"] = 1
+    (ck / "manifest.json").write_text(json.dumps(m))
+    rehash(ck, "trainer_state.pt")
+
+
+def test_legacy_pickle_checkpoint_is_refused_then_converted_and_resumed_exactly(tok, tmp_path, two_checkpoints):
+    src, teacher = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    new, old = out / "checkpoint-2", tmp_path / "legacy" / "checkpoint-2"
+    shutil.copytree(new, old)
+    student, _ = models(tok, seed=5)
+    trainer = OPDTrainer(student, teacher, tok, PROMPTS, config(out, steps=3))
+    trainer.load_checkpoint(new)
+    make_v1(old, v1_state(trainer))
+    want = trainer.train()  # the reference: step 3 from the format-2 checkpoint
+
+    student2, _ = models(tok, seed=6)
+    resumed = OPDTrainer(student2, teacher, tok, PROMPTS, config(tmp_path / "legacy", steps=3))
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt is in the legacy format .*format_version 1.*"
+                                              r"full pickle.*convert_legacy") as e:
+        resumed.load_checkpoint(old)
+    assert str(old) in str(e.value) and ckpt.convert_command(old) in str(e.value)
+    assert resumed.step == 0
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*legacy format"):
+        with pytest.raises(FileNotFoundError, match=r"no complete checkpoint.*legacy format.*convert_legacy"):
+            resumed.load_checkpoint("latest")
+
+    assert ckpt.convert_legacy(old) == old  # the documented one-liner's call, on a trusted file
+    m = ckpt.verify(old)
+    assert m["format_version"] == ckpt.FORMAT_VERSION == 2
+    assert {"trainer_state.json", "trainer_state.pt"} <= set(m["files"])
+    torch.manual_seed(4321)
+    assert resumed.load_checkpoint(old) == old
+    got = resumed.train()
+    assert stable(got) == stable(want)
+    assert_same_params(student2, params(student))
+
+
+def test_legacy_checkpoint_with_a_code_running_pickle_is_refused_before_reading(tok, tmp_path, two_checkpoints):
+    src, teacher = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ck = out / "checkpoint-2"
+    marker = tmp_path / "pwned"
+    make_v1(ck, {"step": 2, "optimizer": RunsCode(marker)})
+    student, _ = models(tok, seed=5)
+    trainer = OPDTrainer(student, teacher, tok, PROMPTS, config(out, steps=2))
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: trainer_state\.pt is in the legacy format"):
+        trainer.load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="legacy format"):
+        ckpt.read(ck)
+    assert not marker.exists() and trainer.step == 0
+    assert_payload_is_live(ck / "trainer_state.pt", marker)
+
+
+def test_state_is_json_plus_a_weights_only_tensor_file(straight, tmp_path):
+    ck = straight["out"] / "checkpoint-5"
+    plain = json.loads((ck / "trainer_state.json").read_text())
+    assert plain["step"] == 5
+    assert {"step", "scheduler", "history", "eval_history", "config", "num_prompts", "prompt_order",
+            "prompt_rng", "world_size", "parallel"} <= set(plain["entries"])
+    assert stable(plain["entries"]["history"]) == stable(straight["history"])
+    assert plain["entries"]["config"]["rule"] == "entropy_sample"
+    tensors = torch.load(ck / "trainer_state.pt", weights_only=True)
+    assert tensors["step"] == 5 and set(tensors["entries"]) == {"optimizer", "rng"}
+    (rank0,) = tensors["entries"]["rng"]
+    assert isinstance(rank0["python"], list) and isinstance(rank0["numpy"], list)
+    assert rank0["torch"].dtype == torch.uint8 and rank0["selection"].dtype == torch.uint8
+    # a state the weights-only reader would refuse is refused when written
+    with pytest.raises(TypeError, match=r"state\['bad'\].*RunsCode"):
+        ckpt.write_state(tmp_path, 5, {"bad": [RunsCode("/nonexistent")], "ok": 1})
+    assert not any(tmp_path.iterdir())
+
+
+def test_state_dict_round_trip_continues_identically(tok, tmp_path):
+    cfg = config(tmp_path / "a", steps=3, save_interval=0, save_final=False)
+    student, teacher = models(tok)
+    a = OPDTrainer(student, teacher, tok, PROMPTS, cfg)
+    a.train_step()
+    state = copy.deepcopy(a.state_dict())  # like torch's, it references the live optimizer tensors
+    weights = params(student)
+    want = a.train_step()  # b restores the global RNG to where a drew its second step from
+
+    student2, _ = models(tok, seed=8)
+    b = OPDTrainer(student2, teacher, tok, PROMPTS, config(tmp_path / "b", steps=3, save_interval=0,
+                                                           save_final=False))
+    with torch.no_grad():
+        for n, p in student2.named_parameters():
+            p.copy_(weights[n])
+    bad = dict(state, prompt_order=[99])
+    with pytest.raises(ValueError, match="prompt order indexes past"):
+        b.load_state_dict(bad)
+    assert b.step == 0
+    b.load_state_dict(state)
+    assert b.step == 1
+    got = b.train_step()
+    assert {k: v for k, v in got.items() if k not in VOLATILE} == {k: v for k, v in want.items() if k not in VOLATILE}
+    assert_same_params(student2, params(student))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tipkernels.opd import OPDTrainer
+from tipkernels.opd.process import ProcessContext
 from tipkernels.opd.rollout import Rollouts, generate
 
 from spawn_helpers import free_port, spawn
@@ -200,7 +201,7 @@ def test_parallel_without_a_process_group_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="torchrun"):
         OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "x", parallel="ddp"))
     trainer = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "y", parallel="auto"))
-    assert trainer._dist is None
+    assert type(trainer.process) is ProcessContext and trainer.process.world == 1 and trainer.process.is_main
 
 
 def test_a_process_group_the_trainer_creates_is_destroyed_at_exit():
@@ -223,3 +224,47 @@ def test_a_process_group_the_trainer_creates_is_destroyed_at_exit():
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         assert out.split("\n")[:2] == [f"world 2 rank {r}", "initialized at exit: False"], out
+
+
+# ------------------------------------------------------------------- a tampered checkpoint under DDP and FSDP2
+
+
+def _tampered_worker(rank: int, port: int, tmp: str):
+    _init(rank, port)
+    try:
+        from tipkernels.opd.checkpoint import CheckpointError
+
+        tmp = Path(tmp)
+        tok = _tok()
+        ck, marker = tmp / "ckpts" / "checkpoint-1", tmp / "pwned"
+        for mode in MODES:
+            student, teacher = models(tok, seed=5)
+            trainer = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp, f"t-{mode}", batch_size=2, parallel=mode))
+            for where in (ck, "latest"):
+                trainer.output_dir = ck.parent
+                try:
+                    trainer.load_checkpoint(where)
+                except (CheckpointError, FileNotFoundError) as e:
+                    assert f"{ck}: trainer_state.pt is refused" in str(e), (mode, where, str(e))
+                else:
+                    raise AssertionError(f"{mode}: the tampered checkpoint was loaded from {where}")
+                assert not marker.exists() and trainer.step == 0, (mode, where)
+            dist.barrier()
+            del trainer, student
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp_refuse_a_state_file_that_would_run_code(tmp_path):
+    from test_opd_checkpoint import assert_payload_is_live, plant_code_running_state
+
+    tok = _tok()
+    student, teacher = models(tok, seed=4)
+    single = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "one", batch_size=2, steps=1))
+    single.train_step()
+    ck = single.save_checkpoint(tmp_path / "ckpts" / "checkpoint-1")
+    marker = tmp_path / "pwned"
+    st = plant_code_running_state(ck, marker)
+    spawn(_tampered_worker, (free_port(), str(tmp_path)), nprocs=WORLD)
+    assert not marker.exists()
+    assert_payload_is_live(st, marker)

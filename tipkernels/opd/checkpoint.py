@@ -1,25 +1,34 @@
-"""Crash-safe checkpoints of the OPD loop: atomic writes, a digest manifest, verified loads, retention.
+"""Crash-safe checkpoint storage for the OPD loop: atomic writes, a digest manifest, verified and safe loads,
+retention, finding the newest complete checkpoint (docs/design.md §9).
 
-Layout of ``checkpoint-<step>/``::
+This module stores what it is given and knows nothing of the trainer: the trainer hands it a state dict
+(:meth:`tipkernels.opd.OPDTrainer.state_dict`) and a function that writes the weights; it hands back the weights
+and that state dict. Layout of ``checkpoint-<step>/``::
 
     student/              save_pretrained (safetensors) of the student, plus the tokenizer
-    trainer_state.pt      optimizer, scheduler, step, history, config, prompt order and every RNG state
-    manifest.json         format version, step, and the size and SHA-256 of every other file (written last)
+    trainer_state.json    the state's plain-data entries (those that survive a JSON round trip unchanged)
+    trainer_state.pt      the other entries (tensors, int-keyed dicts, tuples), read with weights_only=True
+    manifest.json         format, format version, step, and the size and SHA-256 of every other file (written last)
+
+**Nothing in a checkpoint can run code when it is loaded.** The weights are safetensors, the plain data is JSON,
+and ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``, whose restricted unpickler builds only
+tensors and plain containers (a file naming any other class or function is refused with :class:`CheckpointError`).
+Checkpoints of format version 1 held a full pickle; they are refused, naming the file, and
+:func:`convert_legacy` converts one you trust.
 
 A checkpoint is written into a temporary sibling directory (``.tmp-checkpoint-<step>-<token>``); every file and
 directory is fsynced, the manifest is written last, and only then is the directory renamed to its final name. A
 directory without a valid manifest is therefore, by definition, partial. Loading checks the manifest first (every
-listed file present, with its size and digest) and reads everything before touching the trainer, so a bad
-checkpoint raises :class:`CheckpointError` (a ``ValueError``) naming the file and the problem and leaves the
-trainer as it was.
+listed file present, with its size and digest) and reads everything before returning, so a bad checkpoint raises
+:class:`CheckpointError` (a ``ValueError``) naming the file and the problem before anything is applied.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -29,12 +38,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 
 FORMAT = "tipkernels-opd-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: trainer_state.pt was a full pickle (refused; see convert_legacy)
+LEGACY_VERSIONS = (1,)
 MANIFEST = "manifest.json"
-STATE_FILE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+STATE_FILE = "trainer_state.pt"  # the tensor part (format 2); the whole pickled state in format 1
 WEIGHTS_DIR = "student"
 TMP_PREFIX = ".tmp-checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -42,10 +52,16 @@ _TMP_NAME = re.compile(r"^\.tmp-checkpoint-(\d+)-")
 _CHUNK = 1 << 20
 
 PathLike = Union[str, Path]
+State = Dict[str, Any]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is partial or corrupted (missing file, size or digest mismatch, unreadable content)."""
+    """A checkpoint is partial, corrupted, of an unsupported format, or holds content that is refused."""
+
+
+def convert_command(path: PathLike) -> str:
+    """The documented one-liner that converts the trusted legacy checkpoint ``path`` in place."""
+    return f"python -c \"from tipkernels.opd.checkpoint import convert_legacy; convert_legacy('{path}')\""
 
 
 # --------------------------------------------------------------------------------------------- small helpers
@@ -89,6 +105,18 @@ def _fsync_dir(path: Path) -> None:
 def _files(root: Path) -> List[str]:
     """Relative POSIX paths of the regular files under ``root``, sorted."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` comes back unchanged from a JSON round trip: None, bool, str, int, float, and lists and
+    str-keyed dicts of those (not tuples, int keys, numpy scalars or tensors)."""
+    if value is None or type(value) in (bool, str, int, float):
+        return True
+    if type(value) is list:
+        return all(_is_json(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _is_json(v) for k, v in value.items())
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -141,56 +169,58 @@ def write_atomic(path: PathLike, step: int, fill: Callable[[Path], None]) -> Pat
     return path
 
 
-def trainer_state(trainer) -> Dict[str, Any]:
-    """Everything of an :class:`OPDTrainer` besides the weights needed to continue bit-identically: optimizer,
-    scheduler, step, histories, config, the prompt stream (its RNG and the rest of the current epoch's order),
-    the selection generator and the global Python / NumPy / torch (CPU and CUDA) RNG states."""
-    state = {
-        "step": trainer.step,
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "history": trainer.history,
-        "eval_history": trainer.eval_history,
-        "config": trainer.config.to_dict(),
-        "prompt_rng": trainer._prompt_rng.getstate(),
-        "prompt_order": list(trainer._order),
-        "num_prompts": len(trainer.prompts),
-        "selection_rng": trainer._selection_gen.get_state(),
-        "python_rng": random.getstate(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    try:
-        import numpy as np
-
-        state["numpy_rng"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    return state
+def write_state(directory: PathLike, step: int, state: State) -> None:
+    """Write ``state`` (a dict with str keys) into ``directory``: the entries that are plain JSON data to
+    ``trainer_state.json``, the others to ``trainer_state.pt`` (``torch.save``). Both files carry ``step``. The
+    other entries may hold only what ``torch.load(weights_only=True)`` rebuilds (tensors, numbers, strings,
+    None, lists, tuples, dicts, ``torch.Size``...); anything else is refused here rather than at load time."""
+    directory = Path(directory)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise TypeError(f"a checkpoint state must be a dict with str keys, got {type(state).__name__}")
+    plain = {k: v for k, v in state.items() if _is_json(v)}
+    rest = {k: v for k, v in state.items() if k not in plain}
+    _check_plain(rest, "state")
+    with open(directory / STATE_JSON, "w") as f:
+        json.dump({"format": FORMAT, "step": int(step), "entries": plain}, f)
+    torch.save({"step": int(step), "entries": rest}, directory / STATE_FILE)
 
 
-def save_trainer(trainer, path: PathLike) -> Path:
-    """Write ``trainer``'s checkpoint to ``path`` atomically (see :func:`write_atomic`)."""
-    from .models import unwrap
+# what torch.load(weights_only=True) rebuilds without an allow-list (containers are walked)
+_LEAVES = (torch.Tensor, torch.Size, torch.dtype, torch.device, bool, int, float, complex, str, bytes, type(None))
 
-    model = unwrap(trainer.student)
-    state = trainer_state(trainer)
+
+def _check_plain(value: Any, where: str) -> None:
+    """TypeError unless ``value`` is made of tensors, numbers, strings, None, and lists, tuples and dicts of them:
+    a state the weights-only reader would refuse is refused when it is written, not when it is needed."""
+    if isinstance(value, _LEAVES):
+        return
+    if type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif type(value) in (dict, collections.OrderedDict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key")
+            _check_plain(v, f"{where}[{k!r}]")
+    else:
+        raise TypeError(f"checkpoint {where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint "
+                        f"state holds only tensors, numbers, strings, None and lists, tuples and dicts of them")
+
+
+def save(path: PathLike, step: int, state: State, write_weights: Callable[[Path], None]) -> Path:
+    """Write a checkpoint to ``path`` atomically (:func:`write_atomic`): ``write_weights(dir)`` fills
+    ``student/`` (``save_pretrained`` in safetensors), :func:`write_state` the state files."""
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / WEIGHTS_DIR, safe_serialization=True)
-        if hasattr(trainer.tokenizer, "save_pretrained"):
-            trainer.tokenizer.save_pretrained(tmp / WEIGHTS_DIR)
-        torch.save(state, tmp / STATE_FILE)
+        write_weights(tmp / WEIGHTS_DIR)
+        write_state(tmp, step, state)
 
-    return write_atomic(path, trainer.step, fill)
+    return write_atomic(path, step, fill)
 
 
 # ------------------------------------------------------------------------------------------------ checking
 
 
-def read_manifest(path: PathLike) -> Dict[str, Any]:
-    """The parsed, structurally valid manifest of ``path`` (CheckpointError if it is missing or malformed)."""
-    path = Path(path)
+def _parse_manifest(path: Path) -> Dict[str, Any]:
     mpath = path / MANIFEST
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -207,24 +237,31 @@ def read_manifest(path: PathLike) -> Dict[str, Any]:
                   for v in manifest["files"].values()))
     if not ok:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has format_version "
-                              f"{manifest.get('format_version')!r}; this version reads {FORMAT_VERSION}")
     named = checkpoint_step(path)
     if named is not None and named != manifest["step"]:
         raise CheckpointError(f"checkpoint {path}: its name says step {named} but {MANIFEST} says "
                               f"step {manifest['step']}")
-    for rel in (STATE_FILE,):
-        if rel not in manifest["files"]:
-            raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {rel}")
     return manifest
 
 
-def verify(path: PathLike, *, digests: bool = True) -> Dict[str, Any]:
-    """Check ``path`` against its manifest: every listed file present with the recorded size and (if
-    ``digests``) SHA-256. Returns the manifest; raises :class:`CheckpointError` naming the first bad file."""
+def read_manifest(path: PathLike) -> Dict[str, Any]:
+    """The parsed, structurally valid manifest of ``path`` (CheckpointError if it is missing or malformed, or of
+    another format version: a legacy one names its pickled ``trainer_state.pt`` and how to convert it)."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = _parse_manifest(path)
+    version = manifest.get("format_version")
+    if version in LEGACY_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {path}: {STATE_FILE} is in the legacy format (manifest format_version {version}): a full "
+            f"pickle, which is never loaded because unpickling it can run arbitrary code. If you trust this file "
+            f"(you wrote it), convert the checkpoint once with: {convert_command(path)}")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has format_version {version!r}; this version "
+                              f"reads {FORMAT_VERSION}")
+    return manifest
+
+
+def _verify_files(path: Path, manifest: Dict[str, Any], digests: bool) -> None:
     for rel, meta in sorted(manifest["files"].items()):
         f = path / rel
         if not f.is_file():
@@ -238,6 +275,17 @@ def verify(path: PathLike, *, digests: bool = True) -> Dict[str, Any]:
             if got != meta["sha256"]:
                 raise CheckpointError(f"checkpoint {path}: {rel} is corrupted: SHA-256 {got[:16]}… does not "
                                       f"match {meta['sha256'][:16]}… recorded in {MANIFEST}")
+
+
+def verify(path: PathLike, *, digests: bool = True) -> Dict[str, Any]:
+    """Check ``path`` against its manifest: every listed file present with the recorded size and (if
+    ``digests``) SHA-256. Returns the manifest; raises :class:`CheckpointError` naming the first bad file.
+
+    A matching digest shows the files are the ones the manifest lists, not that the manifest is honest: whoever
+    can write the directory can rewrite both. Safety when loading comes from the readers (:func:`read`)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    _verify_files(path, manifest, digests)
     return manifest
 
 
@@ -268,24 +316,31 @@ def is_complete(path: PathLike, *, digests: bool = False) -> bool:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _read_weights(directory: Path, manifest: Dict[str, Any], root: Path) -> Dict[str, torch.Tensor]:
+def read_weights(path: PathLike, manifest: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The student's state dict from ``path/student/`` (safetensors, single file or sharded; every file must be
+    listed in ``manifest``). CheckpointError naming a missing or unreadable file."""
     from safetensors.torch import load_file
 
+    root = Path(path)
+    directory = root / WEIGHTS_DIR
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
     elif index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: unreadable shard index: {e}") from None
         files = [directory / n for n in names]
     else:
-        raise CheckpointError(f"checkpoint {root}: no model.safetensors(.index.json) in {directory.name}/")
+        raise CheckpointError(f"checkpoint {root}: no model.safetensors(.index.json) in {WEIGHTS_DIR}/")
     sd: Dict[str, torch.Tensor] = {}
     for f in files:
-        rel = f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)
-        if manifest is not None and rel not in manifest["files"]:
+        try:  # a "../" or absolute shard name is never listed
+            rel = f"{WEIGHTS_DIR}/{f.relative_to(directory).as_posix()}"
+        except ValueError:
+            rel = str(f)
+        if rel not in manifest["files"]:
             raise CheckpointError(f"checkpoint {root}: {rel} is not listed in {MANIFEST}")
         if not f.is_file():
             raise CheckpointError(f"checkpoint {root}: {rel} is missing")
@@ -297,90 +352,51 @@ def _read_weights(directory: Path, manifest: Dict[str, Any], root: Path) -> Dict
     return sd
 
 
-def apply_weights(model: nn.Module, sd: Dict[str, torch.Tensor], where: PathLike) -> None:
-    """Load a state dict into ``model`` in place; keys may be missing only for parameters tied to a loaded one
-    (e.g. a tied lm_head)."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise ValueError(f"checkpoint {where} has weights the model lacks: {unexpected[:5]}")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded_ptrs = {params[k].data_ptr() for k in sd if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"checkpoint {where} lacks weights {untied[:5]}")
+def read_state(path: PathLike, manifest: Dict[str, Any]) -> State:
+    """The state dict stored by :func:`write_state` in ``path``, without unpickling anything arbitrary:
+    ``trainer_state.json`` with ``json``, ``trainer_state.pt`` with ``torch.load(weights_only=True)``.
+    CheckpointError naming the file if one is missing from the manifest, unreadable, refused (it names objects
+    other than tensors and plain containers, e.g. a pickle that would run code), or at another step."""
+    path = Path(path)
+    step = manifest["step"]
+    for rel in (STATE_JSON, STATE_FILE):
+        if rel not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {rel}")
+    try:
+        plain = json.loads((path / STATE_JSON).read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON or UTF-8 decoding
+        raise CheckpointError(f"checkpoint {path}: {STATE_JSON} is unreadable: {e}") from None
+    try:
+        tensors = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for a refused global, RuntimeError for a bad archive, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path}: {STATE_FILE} is refused: it is not a plain tensor file that "
+            f"torch.load(weights_only=True) can read ({type(e).__name__}: {first[:300]}); nothing in it was "
+            f"executed. This version never writes such a file: it was replaced or damaged") from None
+    for rel, part in ((STATE_JSON, plain), (STATE_FILE, tensors)):
+        if not (isinstance(part, dict) and isinstance(part.get("entries"), dict)
+                and all(isinstance(k, str) for k in part["entries"])):
+            raise CheckpointError(f"checkpoint {path}: {rel} is not a {FORMAT} state file")
+        if part.get("step") != step:
+            raise CheckpointError(f"checkpoint {path}: {rel} is at step {part.get('step')!r} but {MANIFEST} says "
+                                  f"{step}")
+    both = sorted(set(plain["entries"]) & set(tensors["entries"]))
+    if both:
+        raise CheckpointError(f"checkpoint {path}: {both} are stored in both {STATE_JSON} and {STATE_FILE}")
+    return {**plain["entries"], **tensors["entries"]}
 
 
-def load_weights(model: nn.Module, directory: PathLike) -> None:
-    """Load ``save_pretrained`` safetensors weights (single file or sharded) from ``directory`` into ``model``."""
-    directory = Path(directory)
-    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
-        raise FileNotFoundError(f"no model.safetensors(.index.json) in {directory}")
-    apply_weights(model, _read_weights(directory, None, directory), directory)
+def read(path: PathLike) -> Tuple[Dict[str, torch.Tensor], State, Dict[str, Any]]:
+    """Verify ``path`` and read it whole: ``(student state dict, state, manifest)``.
 
-
-def read(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
-    """Verify ``path`` and read it whole: ``(student state dict, trainer state, manifest)``.
-
-    Raises :class:`CheckpointError` for a partial or corrupted checkpoint, FileNotFoundError if ``path`` does
-    not exist. Nothing is applied anywhere."""
+    Raises :class:`CheckpointError` for a partial, corrupted, legacy or refused checkpoint, FileNotFoundError if
+    ``path`` does not exist. Nothing is applied anywhere and nothing arbitrary is unpickled."""
     path = Path(path)
     manifest = verify(path)
-    sd = _read_weights(path / WEIGHTS_DIR, manifest, path)
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable: {type(e).__name__}: {e}") from None
-    need = ("step", "optimizer", "scheduler", "history", "config", "prompt_rng", "prompt_order", "selection_rng",
-            "python_rng", "torch_rng")
-    lacking = [k for k in need if not isinstance(state, dict) or k not in state]
-    if lacking:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lacks {lacking}")
-    if int(state["step"]) != manifest["step"]:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is at step {state['step']} but {MANIFEST} says "
-                              f"{manifest['step']}")
+    sd = read_weights(path, manifest)
+    state = read_state(path, manifest)
     return sd, state, manifest
-
-
-def restore_trainer(trainer, sd: Dict[str, torch.Tensor], state: Dict[str, Any], where: PathLike) -> None:
-    """Apply what :func:`read` returned to ``trainer`` (weights, optimizer, scheduler, step, history, RNGs)."""
-    from .config import OPDConfig
-    from .models import unwrap
-
-    if "num_prompts" in state and state["num_prompts"] != len(trainer.prompts):
-        warnings.warn(f"checkpoint {where} was written with {state['num_prompts']} prompts, this trainer has "
-                      f"{len(trainer.prompts)}: the data order will not continue the original run's")
-    if any(i >= len(trainer.prompts) for i in state["prompt_order"]):
-        raise ValueError(f"checkpoint {where}: its prompt order indexes past this trainer's "
-                         f"{len(trainer.prompts)} prompts")
-    saved = OPDConfig.from_dict({k: v for k, v in state["config"].items()
-                                 if k in OPDConfig.__dataclass_fields__})
-    for name in ("rule", "ratio", "divergence", "batch_size", "grad_accum", "rollouts_per_prompt", "seed"):
-        if getattr(saved, name) != getattr(trainer.config, name):
-            warnings.warn(f"resuming with {name}={getattr(trainer.config, name)!r}, checkpoint used "
-                          f"{getattr(saved, name)!r}")
-    apply_weights(unwrap(trainer.student), sd, where)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.step = int(state["step"])
-    trainer.history = list(state["history"])
-    trainer.eval_history = list(state.get("eval_history", []))
-    trainer._prompt_rng.setstate(state["prompt_rng"])
-    trainer._order = list(state["prompt_order"])
-    trainer._selection_gen.set_state(state["selection_rng"])
-    random.setstate(state["python_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state.get("numpy_rng") is not None:
-        import numpy as np
-
-        np.random.set_state(state["numpy_rng"])
-
-
-def load_trainer(trainer, path: PathLike) -> None:
-    """Verify, read and apply the checkpoint ``path`` to ``trainer`` (the trainer is untouched on error)."""
-    sd, state, _ = read(path)
-    restore_trainer(trainer, sd, state, path)
 
 
 # ------------------------------------------------------------------------------------- finding and pruning
@@ -411,44 +427,41 @@ def _warn_partial_writes(output_dir: Path, newer_than: int) -> None:
                           f"completion")
 
 
+def _newest(output_dir: PathLike, check: Callable[[Path], Any]) -> Tuple[Path, Any]:
+    """The newest ``checkpoint-<step>`` for which ``check`` does not raise CheckpointError, with its result;
+    the others are skipped with a warning naming them and the reason."""
+    output_dir = Path(output_dir)
+    skipped = []
+    for step, p in candidates(output_dir):
+        try:
+            got = check(p)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint {p}: {e}")
+            skipped.append((p.name, str(e)))
+            continue
+        _warn_partial_writes(output_dir, step)
+        return p, got
+    _warn_partial_writes(output_dir, -1)
+    extra = ""
+    if skipped:
+        extra = (f" (skipped as partial, corrupted or refused: {', '.join(n for n, _ in skipped)}; the newest "
+                 f"because {skipped[0][1]})")
+    raise FileNotFoundError(f"no complete checkpoint-<step>/ in {output_dir}{extra}")
+
+
 def latest(output_dir: PathLike, *, digests: bool = True) -> Path:
     """The newest complete checkpoint of ``output_dir`` (manifest valid, files with their recorded sizes and, if
     ``digests``, SHA-256, tensor headers readable); partial or corrupted ones are skipped with a warning naming
     them. FileNotFoundError if there is none."""
-    output_dir = Path(output_dir)
-    skipped = []
-    for step, p in candidates(output_dir):
-        try:
-            check_tensor_headers(p, verify(p, digests=digests))
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {p}: {e}")
-            skipped.append(p.name)
-            continue
-        _warn_partial_writes(output_dir, step)
-        return p
-    _warn_partial_writes(output_dir, -1)
-    extra = f" (skipped as partial or corrupted: {', '.join(skipped)})" if skipped else ""
-    raise FileNotFoundError(f"no complete checkpoint-<step>/ in {output_dir}{extra}")
+    return _newest(output_dir, lambda p: check_tensor_headers(p, verify(p, digests=digests)))[0]
 
 
-def load_latest(trainer, output_dir: PathLike) -> Path:
-    """Load the newest checkpoint of ``output_dir`` that verifies and reads cleanly; partial or corrupted ones
-    are skipped with a warning naming them. Returns its path (FileNotFoundError if there is none)."""
-    output_dir = Path(output_dir)
-    skipped = []
-    for step, p in candidates(output_dir):
-        try:
-            sd, state, _ = read(p)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {p}: {e}")
-            skipped.append(p.name)
-            continue
-        _warn_partial_writes(output_dir, step)
-        restore_trainer(trainer, sd, state, p)
-        return p
-    _warn_partial_writes(output_dir, -1)
-    extra = f" (skipped as partial or corrupted: {', '.join(skipped)})" if skipped else ""
-    raise FileNotFoundError(f"no complete checkpoint-<step>/ in {output_dir}{extra}")
+def read_latest(output_dir: PathLike) -> Tuple[Path, Dict[str, torch.Tensor], State]:
+    """``(path, student state dict, state)`` of the newest checkpoint of ``output_dir`` that verifies and reads
+    cleanly (:func:`read`); partial, corrupted or refused ones are skipped with a warning naming them.
+    FileNotFoundError if there is none."""
+    path, (sd, state, _) = _newest(output_dir, read)
+    return path, sd, state
 
 
 def prune(output_dir: PathLike, keep: int, current: int) -> List[Path]:
@@ -473,3 +486,36 @@ def prune(output_dir: PathLike, keep: int, current: int) -> List[Path]:
         shutil.rmtree(p, ignore_errors=True)
         deleted.append(p)
     return deleted
+
+
+# ------------------------------------------------------------------------------------------ legacy format
+
+
+def convert_legacy(path: PathLike, dest: Optional[PathLike] = None) -> Path:
+    """Convert a checkpoint of format version 1 (``trainer_state.pt`` a full pickle) to the current format.
+
+    **Only for a checkpoint you trust**: this is the one place that unpickles ``trainer_state.pt`` in full
+    (``weights_only=False``), which runs whatever code the file names. The files are first checked against the
+    old manifest (sizes and SHA-256). The result is written atomically to ``dest`` (default: ``path`` itself,
+    replaced once the converted copy is complete) and returned. The old state's layout is mapped to the current
+    one by :func:`tipkernels.opd.trainer.legacy_state`."""
+    from .trainer import legacy_state  # the trainer owns its state's layout, old and new
+
+    path = Path(path)
+    dest = Path(dest) if dest is not None else path
+    manifest = _parse_manifest(path)
+    if manifest.get("format_version") not in LEGACY_VERSIONS:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has format_version "
+                              f"{manifest.get('format_version')!r}, not a legacy one {list(LEGACY_VERSIONS)}")
+    _verify_files(path, manifest, digests=True)
+    old = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # trusted by the caller
+    if not isinstance(old, dict) or old.get("step") != manifest["step"]:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is not a step-{manifest['step']} trainer state")
+    state = legacy_state(old)
+    src = path / WEIGHTS_DIR
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(src, tmp / WEIGHTS_DIR)
+        write_state(tmp, manifest["step"], state)
+
+    return write_atomic(dest, manifest["step"], fill)

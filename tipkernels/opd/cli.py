@@ -145,17 +145,14 @@ def _run_opd(args) -> int:
             tokenizer.pad_token = tokenizer.eos_token
         trainer = OPDTrainer(student, teacher, tokenizer, prompts, config, teacher_tokenizer=teacher_tok)
         if args.resume is not None:
-            trainer.load_checkpoint(trainer.latest_checkpoint() if args.resume == "latest" else args.resume)
+            trainer.load_checkpoint(args.resume)  # "latest": the newest that reads cleanly
     except (SetupError, ValueError, TypeError, FileNotFoundError, OSError) as e:
         print(f"tipkernels opd: error: {e}", file=sys.stderr)
         return 2
     history = trainer.train()
-    if trainer._dist is not None:  # launched by torchrun: rank 0 reports
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-        if not trainer._dist.is_main:
-            return 0
+    trainer.process.close()  # launched by torchrun: the process group goes; rank 0 reports
+    if not trainer.process.is_main:
+        return 0
     last = history[-1] if history else {}
     print(json.dumps({k: last[k] for k in ("step", "loss", "reverse_kl", "selected_fraction", "peak_mem_mb")
                       if k in last}))

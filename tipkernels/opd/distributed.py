@@ -21,8 +21,10 @@ micro-batches' global losses, as in one process.
 
 Only rank 0 writes ``metrics.jsonl``, the figure and checkpoints and shows the progress bar; metrics are reduced
 over ranks first (token-weighted means, summed counts, max of time and memory). Checkpoints have the single-process
-layout (``student/`` via ``save_pretrained``, full weights; ``trainer_state.pt`` with a full optimizer state) plus
-every rank's RNG states, so a run resumes under DDP, FSDP2 or one process.
+layout (``student/`` via ``save_pretrained``, full weights; the trainer state with a full optimizer state and every
+rank's RNG states), written and read by the same trainer code as in one process, so a run resumes under DDP, FSDP2
+or one process. :class:`Distributed` is the data-parallel :class:`~tipkernels.opd.process.ProcessContext`
+(docs/design.md §9).
 """
 
 from __future__ import annotations
@@ -30,20 +32,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import random
 import warnings
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
 from .models import body, sequence_tip_loss, unwrap
+from .process import ProcessContext, prepare_rng_state
 
 Tensor = torch.Tensor
-_RANK_SEED_STRIDE = 1_000_003
 
 
 def _torchrun_env() -> bool:
@@ -98,31 +97,9 @@ class StudentLoss(nn.Module):
         return getattr(self.model, "generation_config", None)
 
 
-class _Bookkeeping:
-    """A view of a trainer for :func:`checkpoint.restore_trainer` that restores everything except the weights and
-    the optimizer (loaded beforehand through ``torch.distributed.checkpoint`` under FSDP2)."""
-
-    class _Empty(nn.Module):
-        pass
-
-    class _NoOptimizer:
-        def load_state_dict(self, _state):
-            pass
-
-    def __init__(self, trainer):
-        object.__setattr__(self, "_t", trainer)
-        object.__setattr__(self, "student", self._Empty())
-        object.__setattr__(self, "optimizer", self._NoOptimizer())
-
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_t"), name)
-
-    def __setattr__(self, name, value):
-        setattr(object.__getattribute__(self, "_t"), name, value)
-
-
-class Distributed:
-    """The data-parallel state of an :class:`~tipkernels.opd.OPDTrainer` (``trainer._dist``)."""
+class Distributed(ProcessContext):
+    """Data parallelism over a ``torch.distributed`` process group: the :class:`ProcessContext` of DDP and FSDP2
+    (``trainer.process``)."""
 
     def __init__(self, mode: str, device_type: str):
         if not dist.is_available():
@@ -140,7 +117,6 @@ class Distributed:
         self.group = dist.group.WORLD
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.is_main = self.rank == 0
         self.comm_device = torch.device("cpu")
         self.wrapper: Optional[StudentLoss] = None
         self.module: Optional[nn.Module] = None  # DDP(wrapper) or the fully_shard-ed wrapper
@@ -173,23 +149,14 @@ class Distributed:
         register_fsdp_forward_method(self.wrapper, "generate")
         self.module = self.wrapper
 
-    def seed(self, config) -> None:
-        """Distinct sampling streams per rank (rank 0 keeps the single-process seed)."""
-        if self.rank:
-            torch.manual_seed(config.seed + _RANK_SEED_STRIDE * self.rank)
-
-    def selection_seed(self, seed: int) -> int:
-        return seed + 1 + _RANK_SEED_STRIDE * self.rank
-
     # ---------------------------------------------------------------------------------------- one step
-
-    def shard(self, prompts: Sequence[Any]) -> List[Any]:
-        """This rank's contiguous slice of the global batch's prompts."""
-        per = len(prompts) // self.world
-        return list(prompts[self.rank * per:(self.rank + 1) * per])
 
     def generation_model(self, student: nn.Module) -> nn.Module:
         return self.wrapper if self.mode == "fsdp" else student
+
+    def loss(self, input_ids, attention_mask, token_mask, generator=None):
+        """Through DDP/FSDP2, so that the backward synchronises gradients."""
+        return self.module(input_ids, attention_mask, token_mask, generator=generator)
 
     def sync(self, last: bool):
         """Gradient synchronisation only on the last micro-batch of a step."""
@@ -213,7 +180,8 @@ class Distributed:
 
     def reduce_step(self, loss_total: float, valid: float, selected: float, resp: float,
                     sums: Dict[str, float], weights: Dict[str, float]):
-        """Sum the step's accumulators over ranks (``resp`` is averaged: each rank adds its mean length)."""
+        """Sum the step's accumulators over ranks (``resp`` is averaged: each rank adds its mean length;
+        ``loss_total`` was accumulated as this rank's share ``ℓ_r · scale / P`` of the global loss)."""
         keys = sorted(sums)
         flat = self.sum_floats([loss_total, valid, selected, resp] + [sums[k] for k in keys]
                                + [weights[k] for k in keys])
@@ -233,104 +201,83 @@ class Distributed:
         got = self.sum_floats([values[k] for k in keys])
         return {k: v / self.world for k, v in zip(keys, got)}
 
-    @staticmethod
-    def grad_norm(norm) -> float:
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
     # -------------------------------------------------------------------------------------- checkpoints
+    # The checkpoint has the single-process layout: full weights, a full optimizer state (keyed by parameter
+    # index as one process or DDP saves it, by name as FSDP2 does), plus every rank's RNG states.
 
-    def _rank_rng(self, trainer) -> Dict[str, Any]:
-        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "selection": trainer._selection_gen.get_state()}
-        try:
-            import numpy as np
+    def gather(self, obj):
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
-            state["numpy"] = np.random.get_state()
-        except ImportError:  # pragma: no cover
-            pass
-        return state
-
-    def _full_state(self, trainer):
-        """(model state dict or None, optimizer state dict): full ones on rank 0 under FSDP2 (collective)."""
+    def full_model_state(self, model: nn.Module):
         if self.mode != "fsdp":
-            return None, trainer.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model = self.wrapper.model
-        return (get_model_state_dict(model, options=opts),
-                get_optimizer_state_dict(model, trainer.optimizer, options=opts))
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save_checkpoint(self, trainer, path: Optional[Union[str, Path]] = None) -> Path:
-        """Collective: every rank calls it; rank 0 writes the checkpoint (atomic, with manifest), then all wait."""
-        default = path is None
-        path = Path(path) if path is not None else trainer.output_dir / f"checkpoint-{trainer.step}"
-        sd, optim = self._full_state(trainer)
-        rngs: List[Any] = [None] * self.world
-        dist.all_gather_object(rngs, self._rank_rng(trainer), group=self.group)
-        error = None
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+        if self.mode != "fsdp":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, model: nn.Module, sd: Dict[str, torch.Tensor], where: Any) -> None:
+        if self.mode != "fsdp":
+            return super().load_model_state(model, sd, where)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+        if self.mode != "fsdp":
+            return super().load_optimizer_state(model, optimizer, state)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=_keyed_by_name(state, model, optimizer),
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def on_main(self, fn, what: str):
+        """Rank 0 runs ``fn``; its exception is re-raised after every rank has learnt of it (no rank hangs)."""
+        error, result = None, None
         if self.is_main:
             try:
-                state = checkpoint.trainer_state(trainer)
-                state.update(optimizer=optim, rank_rng=rngs, world_size=self.world, parallel=self.mode)
-                model = self.wrapper.model
-
-                def fill(tmp: Path) -> None:
-                    model.save_pretrained(tmp / checkpoint.WEIGHTS_DIR, state_dict=sd, safe_serialization=True)
-                    if hasattr(trainer.tokenizer, "save_pretrained"):
-                        trainer.tokenizer.save_pretrained(tmp / checkpoint.WEIGHTS_DIR)
-                    torch.save(state, tmp / checkpoint.STATE_FILE)
-
-                checkpoint.write_atomic(path, trainer.step, fill)
-                if default:
-                    checkpoint.prune(trainer.output_dir, trainer.config.keep_checkpoints, trainer.step)
-            except Exception as e:  # re-raised after the barrier so that the other ranks do not hang
+                result = fn()
+            except Exception as e:  # re-raised after the reduction so that the other ranks do not hang
                 error = e
         failed = self.sum_floats([1.0 if error is not None else 0.0])[0]
         if error is not None:
             raise error
         if failed:
-            raise RuntimeError(f"rank 0 failed to write checkpoint {path}")
-        return path
+            raise RuntimeError(f"rank 0 failed to {what}")
+        return result
 
-    def load_checkpoint(self, trainer, path: Union[str, Path]) -> None:
-        """Every rank reads ``path`` (a shared filesystem) and restores it; FSDP2 loads the full weights and
-        optimizer state into its shards. A checkpoint of a different world size resumes with warning: the
-        per-rank RNG streams then restart from rank-offset seeds."""
-        sd, state, _ = checkpoint.read(path)
-        if self.mode == "fsdp":
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            model = self.wrapper.model
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(model, sd, options=opts)
-            optim = _keyed_by_name(state["optimizer"], model, trainer.optimizer)
-            set_optimizer_state_dict(model, trainer.optimizer, optim_state_dict=optim, options=opts)
-            checkpoint.restore_trainer(_Bookkeeping(trainer), {}, state, path)
-        else:
-            checkpoint.restore_trainer(trainer, sd, state, path)
-        rngs = state.get("rank_rng")
-        if rngs is not None and len(rngs) == self.world:
-            mine = rngs[self.rank]
-            random.setstate(mine["python"])
-            torch.set_rng_state(mine["torch"])
-            if mine.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(mine["cuda"])
-            trainer._selection_gen.set_state(mine["selection"])
-            if mine.get("numpy") is not None:
-                import numpy as np
-
-                np.random.set_state(mine["numpy"])
-        else:
-            if self.is_main:
-                warnings.warn(f"checkpoint {path} was written by {len(rngs) if rngs else 1} process(es), this run "
-                              f"has {self.world}: the per-rank RNG streams restart from seeds")
-            self.seed(trainer.config)
-            trainer._selection_gen.manual_seed(self.selection_seed(trainer.config.seed) + trainer.step)
+    def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+    def restore_rng(self, saved, selection, seed, step, where):
+        """This rank's saved streams when the checkpoint was written by as many processes; otherwise rank 0's
+        on every rank, then the per-rank streams restart from rank-offset seeds (with a warning)."""
+        if len(saved) == self.world:
+            return prepare_rng_state(saved[self.rank], selection)
+        apply = prepare_rng_state(saved[0], selection)
+
+        def restart() -> None:
+            apply()
+            if self.is_main:
+                warnings.warn(f"{where} was written by {len(saved)} process(es), this run has "
+                              f"{self.world}: the per-rank RNG streams restart from seeds")
+            if self.rank:
+                torch.manual_seed(self.rank_seed(seed))
+            selection.manual_seed(self.rank_seed(seed) + 1 + step)
+
+        return restart
+
+    def close(self) -> None:
+        _destroy_if_initialized()
 
 
 def _keyed_by_name(optim: Dict[str, Any], model: nn.Module, optimizer) -> Dict[str, Any]:
@@ -360,14 +307,15 @@ def _destroy_if_initialized() -> None:
         dist.destroy_process_group()
 
 
-def setup(config, eval_fn=None) -> Optional[Distributed]:
-    """The trainer's distributed state for ``config.parallel`` (None for one process)."""
+def setup(config, eval_fn=None) -> ProcessContext:
+    """The trainer's :class:`ProcessContext` for ``config.parallel``: the single-process one, or
+    :class:`Distributed` for DDP/FSDP2."""
     mode = resolve_mode(config.parallel)
     if mode == "none":
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             warnings.warn("a torch.distributed process group is initialised but OPDConfig.parallel='none': every "
                           "rank trains its own copy independently (set parallel='ddp' or 'fsdp')")
-        return None
+        return ProcessContext()
     dev = device_for(config.device)
     if mode == "fsdp" and eval_fn is not None:
         raise ValueError("eval_fn is not supported with OPDConfig.parallel='fsdp' (the student's weights are "

@@ -11,7 +11,7 @@ mask ``token_mask[:, 1:]`` over hidden positions ``0 .. T-2``; the last position
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -175,3 +175,23 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     bt = None if bt is None else bt.detach().to(dt)
     with torch.autocast(h_s.device.type, enabled=False):  # the kernels choose their own accumulation precision
         return loss_fn(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt, generator=generator)
+
+
+def apply_weights(model: nn.Module, sd: Dict[str, Tensor], where: Any) -> None:
+    """Load the full state dict ``sd`` into ``model`` in place. Keys may be missing only for parameters tied to a
+    loaded one (e.g. a tied lm_head). Every key and shape is checked first: on a ValueError naming ``where`` the
+    model is untouched."""
+    own = model.state_dict()
+    unexpected = sorted(k for k in sd if k not in own)
+    if unexpected:
+        raise ValueError(f"checkpoint {where} has weights the model lacks: {unexpected[:5]}")
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs the model's {tuple(own[k].shape)}" for k in sorted(sd)
+              if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if shapes:
+        raise ValueError(f"checkpoint {where} has weights of other shapes: {shapes[:3]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in sd if k in params}
+    untied = [k for k in own if k not in sd and (k not in params or params[k].data_ptr() not in loaded_ptrs)]
+    if untied:
+        raise ValueError(f"checkpoint {where} lacks weights {untied[:5]}")
+    model.load_state_dict(sd, strict=False)

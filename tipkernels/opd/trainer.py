@@ -7,11 +7,15 @@ One optimizer step = ``grad_accum`` micro-batches of::
             ──student body──▶ h_s [B, T-1, D_s]        (hidden i scores token i+1; no logits formed)
             ──TIPDistillationLoss(h_s, W_s, h_t, W_t, mask)──▶ loss ──backward──▶
 then grad clipping, AdamW, and the warm-up + cosine schedule.
+
+Everything that depends on the number of processes goes through ``trainer.process``, a
+:class:`~tipkernels.opd.process.ProcessContext` (one process, or DDP/FSDP2). The trainer owns its state
+(:meth:`OPDTrainer.state_dict` / :meth:`OPDTrainer.load_state_dict`); :mod:`tipkernels.opd.checkpoint` only stores
+it (docs/design.md §9).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -19,7 +23,7 @@ import resource
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -27,13 +31,16 @@ from torch import nn
 from ..loss import TIPDistillationLoss
 from . import checkpoint, distributed
 from .config import OPDConfig
-from .models import check_vocab, lm_head, sequence_tip_loss, unwrap
+from .models import check_vocab, lm_head, unwrap
+from .process import legacy_rng_state, python_rng_list, python_rng_tuple, rng_state
 from .rollout import Rollouts, generate, pad_id
 
 Tensor = torch.Tensor
 Prompt = Union[str, Sequence[int]]
 
-STATE_FILE = checkpoint.STATE_FILE
+# the entries of OPDTrainer.state_dict() that load_state_dict needs
+STATE_KEYS = ("step", "optimizer", "scheduler", "history", "eval_history", "config", "prompt_order", "prompt_rng",
+              "rng")
 _AVERAGED = ("entropy", "entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy")
 
 
@@ -98,8 +105,12 @@ class OPDTrainer:
     "response_len", "step_time_s", "peak_mem_mb", and "eval_*" on evaluation steps). They are also appended to
     ``output_dir/metrics.jsonl``; the figure goes to ``output_dir/opd_run.png``; checkpoints to
     ``output_dir/checkpoint-<step>/`` (``student/`` via ``save_pretrained`` in safetensors, plus
-    ``trainer_state.pt`` with optimizer, scheduler, RNG states and step, and ``manifest.json`` with every file's
-    size and SHA-256; written atomically, verified on load, the newest ``keep_checkpoints`` kept).
+    :meth:`state_dict` in ``trainer_state.json`` and ``trainer_state.pt``, and ``manifest.json`` with every file's
+    size and SHA-256; written atomically, verified on load without unpickling anything arbitrary, the newest
+    ``keep_checkpoints`` kept; see :mod:`tipkernels.opd.checkpoint` and docs/design.md §9).
+
+    ``process``: the :class:`~tipkernels.opd.process.ProcessContext` the loop runs on (``rank``, ``world``,
+    ``is_main``; data-parallel under ``config.parallel``).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, prompts: Sequence[Prompt],
@@ -117,7 +128,7 @@ class OPDTrainer:
         if not hasattr(unwrap(student), "generate"):
             raise TypeError(f"student must be a Hugging Face causal LM with generate(), got {type(student).__name__}")
         check_vocab(student, teacher, tokenizer, teacher_tokenizer)
-        self._dist = distributed.setup(config, eval_fn)  # None in one process
+        self.process = distributed.setup(config, eval_fn)
         device = distributed.device_for(config.device) if config.device else next(student.parameters()).device
         if config.device:
             student.to(device)
@@ -135,9 +146,8 @@ class OPDTrainer:
                                            beta=config.beta, temperature=config.temperature,
                                            budget=config.budget, backend=config.backend,
                                            importance_weights=config.importance_weights,
-                                           data_process_group=self._dist.group if self._dist else None)
-        if self._dist is not None:  # before the optimizer: FSDP2 replaces the parameters with shards
-            self._dist.wrap(student, teacher, self.loss_fn, device)
+                                           data_process_group=self.process.group)
+        self.process.wrap(student, teacher, self.loss_fn, device)  # before the optimizer: FSDP2 shards the student
         params = [p for p in student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the student has no trainable parameters")
@@ -152,15 +162,14 @@ class OPDTrainer:
         self.history: List[Dict[str, float]] = []
         self.eval_history: List[Dict[str, float]] = []
         self.output_dir = Path(config.output_dir)
-        # Our own RNG streams (saved in checkpoints): prompt order, and the sampling rules' selection.
+        # Our own RNG streams (saved in checkpoints): prompt order (the same on every rank), and the sampling
+        # rules' selection (per rank, like the global torch RNG the rollouts sample from).
         self._prompt_rng = random.Random(config.seed)
         self._order: List[int] = []
+        rank_seed = self.process.rank_seed(config.seed)
         self._selection_gen = torch.Generator(device=device)
-        self._selection_gen.manual_seed(config.seed + 1)
-        torch.manual_seed(config.seed)  # rollouts sample from the global torch RNG
-        if self._dist is not None:
-            self._selection_gen.manual_seed(self._dist.selection_seed(config.seed))
-            self._dist.seed(config)
+        self._selection_gen.manual_seed(rank_seed + 1)
+        torch.manual_seed(rank_seed)
 
     # ------------------------------------------------------------------------------------------------ one step
 
@@ -176,21 +185,16 @@ class OPDTrainer:
     def rollout(self, prompts: Optional[Sequence[Prompt]] = None) -> Rollouts:
         """Student rollouts for ``prompts`` (default: the next ``batch_size`` prompts of the shuffled stream)."""
         c = self.config
-        if prompts is None and self._dist is not None:  # the global batch's prompts, this rank's slice
-            prompts = self._dist.shard(self._next_prompts(c.batch_size * self._dist.world))
-        prompts = self._next_prompts(c.batch_size) if prompts is None else prompts
-        model = self.student if self._dist is None else self._dist.generation_model(self.student)
-        return generate(model, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens,
-                        temperature=c.rollout_temperature, top_p=c.top_p, top_k=c.top_k,
-                        num_return_sequences=c.rollouts_per_prompt, device=self.device)
+        if prompts is None:  # the global batch's prompts, this rank's slice
+            prompts = self.process.shard(self._next_prompts(c.batch_size * self.process.world))
+        return generate(self.process.generation_model(self.student), self.tokenizer, prompts,
+                        max_new_tokens=c.max_new_tokens, temperature=c.rollout_temperature, top_p=c.top_p,
+                        top_k=c.top_k, num_return_sequences=c.rollouts_per_prompt, device=self.device)
 
     def loss(self, rollouts: Rollouts):
         """:class:`tipkernels.TIPLossOutput` of the student on ``rollouts`` (differentiable; no step taken)."""
-        if self._dist is not None:  # through DDP/FSDP2, so that the backward synchronises gradients
-            return self._dist.module(rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask,
-                                     generator=self._selection_gen)
-        return sequence_tip_loss(self.loss_fn, self.student, self.teacher, rollouts.input_ids,
-                                 rollouts.attention_mask, rollouts.response_mask, generator=self._selection_gen)
+        return self.process.loss(rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask,
+                                 generator=self._selection_gen)
 
     def train_step(self, rollouts: Optional[Sequence[Rollouts]] = None) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (also kept in ``history``).
@@ -205,18 +209,14 @@ class OPDTrainer:
         sums: Dict[str, float] = {}
         weights: Dict[str, float] = {}
         loss_total, valid, selected, resp = 0.0, 0.0, 0.0, 0.0
-        dd = self._dist
+        proc = self.process
         for i in range(n_micro):
             roll = self.rollout() if rollouts is None else rollouts[i]
-            scale = 1.0
-            with (dd.sync(i == n_micro - 1) if dd is not None else contextlib.nullcontext()):
+            with proc.sync(i == n_micro - 1):
                 out = self.loss(roll)
-                if dd is not None:  # global weighted mean over ranks (see tipkernels.opd.distributed)
-                    scale = dd.loss_scale(out)
-                    (out.loss * scale / n_micro).backward()
-                else:
-                    (out.loss / n_micro).backward()
-            loss_total += float(out.loss.detach()) * (scale / dd.world if dd is not None else 1.0)
+                scale = proc.loss_scale(out)  # data-parallel: the global weighted mean (tipkernels.opd.distributed)
+                (out.loss * scale / n_micro).backward()
+            loss_total += float(out.loss.detach()) * (scale / proc.world)
             m = out.metrics
             valid += m["valid_tokens"]
             selected += m["selected_tokens"]
@@ -227,11 +227,10 @@ class OPDTrainer:
                 w = m["selected_tokens"] if ("selected" in k) else m["valid_tokens"]
                 sums[k] = sums.get(k, 0.0) + v * w
                 weights[k] = weights.get(k, 0.0) + w
-        if dd is not None:
-            loss_total, valid, selected, resp, sums, weights = dd.reduce_step(loss_total, valid, selected, resp,
-                                                                             sums, weights)
+        loss_total, valid, selected, resp, sums, weights = proc.reduce_step(loss_total, valid, selected, resp,
+                                                                            sums, weights)
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
-        grad_norm = distributed.Distributed.grad_norm(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = proc.grad_norm(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -243,8 +242,7 @@ class OPDTrainer:
         rec["response_len"] = resp / n_micro
         rec["step_time_s"] = time.perf_counter() - t0
         rec["peak_mem_mb"] = peak_memory_mb(self.device)
-        if dd is not None:
-            dd.reduce_record(rec)
+        proc.reduce_record(rec)
         self.history.append(rec)
         return rec
 
@@ -261,26 +259,20 @@ class OPDTrainer:
             res = {k: float(v) for k, v in self.eval_fn(self.student).items()}
         finally:
             self.student.train(was)
-        if self._dist is not None:  # every rank evaluates; the mean over ranks is logged
-            res = self._dist.mean_dict(res)
+        res = self.process.mean_dict(res)  # every rank evaluates; the mean over ranks is logged
         self.eval_history.append({"step": self.step, **res})
         return {f"eval_{k}": v for k, v in res.items()}
 
     def train(self, resume_from: Optional[Union[str, Path]] = None) -> List[Dict[str, float]]:
         """Run until ``config.steps`` optimizer steps; returns ``history`` (all steps, including resumed ones).
 
-        ``resume_from``: a checkpoint directory (a partial or corrupted one raises ``CheckpointError``, a
-        ValueError), or ``"latest"`` for the newest complete one in ``output_dir`` (partial or corrupted ones are
-        skipped with a warning). A run killed after checkpoint k and resumed replays steps k+1.. exactly as the
-        uninterrupted run would (same prompts, rollouts and losses; bitwise on the CPU).
+        ``resume_from``: a checkpoint directory or ``"latest"``, as for :meth:`load_checkpoint`. A run killed
+        after checkpoint k and resumed replays steps k+1.. exactly as the uninterrupted run would (same prompts,
+        rollouts and losses; bitwise on the CPU).
         """
         c = self.config
-        main = self._dist is None or self._dist.is_main  # only rank 0 writes files and shows the bar
-        if resume_from == "latest" and self._dist is not None:
-            self._dist.load_checkpoint(self, checkpoint.latest(self.output_dir))
-        elif resume_from == "latest":
-            checkpoint.load_latest(self, self.output_dir)  # skips partial/corrupted ones with a warning
-        elif resume_from is not None:
+        main = self.process.is_main  # only rank 0 writes files and shows the bar
+        if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.output_dir / "metrics.jsonl"
@@ -331,22 +323,135 @@ class OPDTrainer:
             warnings.warn(MISSING)
             return None
 
-    # ------------------------------------------------------------------------------------------ checkpointing
+    # ----------------------------------------------------------------------------------- state and checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything besides the student's weights needed to continue bit-identically (docs/design.md §9).
+
+        Keys: ``step``; ``optimizer`` and ``scheduler`` (their state dicts); ``history`` and ``eval_history``;
+        ``config`` (``OPDConfig.to_dict()``); ``num_prompts``, ``prompt_order`` (the rest of the current epoch)
+        and ``prompt_rng`` (the prompt shuffler's Python ``random`` state, as a list); ``rng``: one
+        :func:`~tipkernels.opd.process.rng_state` per rank (Python's and NumPy's states as lists; torch's CPU,
+        CUDA and selection generators as uint8 tensors); ``world_size`` and ``parallel``.
+
+        Made only of tensors, numbers, strings, None, lists, tuples and dicts, so that a checkpoint stores it as
+        JSON plus a weights-only tensor file. Like torch's state dicts it references live optimizer tensors
+        (``copy.deepcopy`` it to keep it across further steps). Under ``parallel`` this is collective (every rank
+        calls it); with FSDP2 the optimizer state is complete on rank 0 only."""
+        return {
+            "step": self.step,
+            "optimizer": self.process.optimizer_state(unwrap(self.student), self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "history": [dict(r) for r in self.history],
+            "eval_history": [dict(r) for r in self.eval_history],
+            "config": self.config.to_dict(),
+            "num_prompts": len(self.prompts),
+            "prompt_order": list(self._order),
+            "prompt_rng": python_rng_list(self._prompt_rng.getstate()),
+            "rng": self.process.gather(rng_state(self._selection_gen)),
+            "world_size": self.process.world,
+            "parallel": self.process.mode,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned: optimizer, scheduler, step, histories, prompt order and this
+        rank's RNG streams (the weights are the checkpoint's ``student/``, see :meth:`load_checkpoint`).
+
+        Everything is checked before anything changes: a malformed state raises ValueError and leaves the trainer
+        as it was. Warns when the state was written with other prompts or another rule, ratio, divergence,
+        batch size, accumulation, rollouts per prompt or seed. Under ``parallel`` every rank calls it; a state
+        written by another number of processes restarts the per-rank streams from seeds (with a warning)."""
+        self._prepare_state(state, "the trainer state")()
+
+    def _prepare_state(self, state: Any, where: str) -> Callable[[], None]:
+        """Check ``state`` (ValueError naming ``where``) and return the function that applies it."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
+        lacking = [k for k in STATE_KEYS if k not in state]
+        if lacking:
+            raise ValueError(f"{where} lacks {lacking}")
+        step = state["step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"{where}: step must be an int ≥ 0, got {step!r}")
+        for name in ("history", "eval_history"):
+            if not isinstance(state[name], list) or not all(isinstance(r, dict) for r in state[name]):
+                raise ValueError(f"{where}: {name} must be a list of dicts")
+        order = state["prompt_order"]
+        if not isinstance(order, list) or not all(type(i) is int and i >= 0 for i in order):
+            raise ValueError(f"{where}: prompt_order must be a list of prompt indices")
+        if any(i >= len(self.prompts) for i in order):
+            raise ValueError(f"{where}: its prompt order indexes past this trainer's {len(self.prompts)} prompts")
+        try:
+            prompt_rng = python_rng_tuple(state["prompt_rng"])
+        except ValueError as e:
+            raise ValueError(f"{where}: prompt_rng is {e}") from None
+        rngs = state["rng"]
+        if not isinstance(rngs, (list, tuple)) or not rngs:
+            raise ValueError(f"{where}: rng must be a non-empty list of per-rank RNG states")
+        try:
+            restore_rng = self.process.restore_rng(list(rngs), self._selection_gen, self.config.seed, step, where)
+        except ValueError as e:
+            raise ValueError(f"{where}: rng: {e}") from None
+        optim = state["optimizer"]
+        groups = optim.get("param_groups") if isinstance(optim, dict) else None
+        if not isinstance(groups, list) or not isinstance(optim.get("state"), dict):
+            raise ValueError(f"{where}: optimizer is not an optimizer state dict")
+        if all(type(i) is int for g in groups for i in g.get("params", [])):  # keyed by index (not FSDP2's names)
+            got = [len(g.get("params", [])) for g in groups]
+            want = [len(g["params"]) for g in self.optimizer.param_groups]
+            if got != want:
+                raise ValueError(f"{where}: the optimizer state has parameter groups of sizes {got}, this "
+                                 f"trainer's optimizer {want}")
+        if not isinstance(state["scheduler"], dict):
+            raise ValueError(f"{where}: scheduler is not a scheduler state dict")
+        saved, current = state["config"], self.config.to_dict()
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: config must be a dict")
+        n = state.get("num_prompts")
+        if n is not None and n != len(self.prompts):
+            warnings.warn(f"{where} was written with {n} prompts, this trainer has {len(self.prompts)}: the data "
+                          f"order will not continue the original run's")
+        for name in ("rule", "ratio", "divergence", "batch_size", "grad_accum", "rollouts_per_prompt", "seed"):
+            if name in saved and saved[name] != current[name]:
+                warnings.warn(f"resuming with {name}={current[name]!r}, {where} used {saved[name]!r}")
+
+        def apply() -> None:
+            self.process.load_optimizer_state(unwrap(self.student), self.optimizer, optim)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = step
+            self.history = [dict(r) for r in state["history"]]
+            self.eval_history = [dict(r) for r in state["eval_history"]]
+            self._prompt_rng.setstate(prompt_rng)
+            self._order = list(order)
+            restore_rng()
+
+        return apply
 
     def save_checkpoint(self, path: Optional[Union[str, Path]] = None) -> Path:
-        """Save ``student/`` (``save_pretrained``, safetensors, with the tokenizer), ``trainer_state.pt``
-        (optimizer, scheduler, step, history, config, prompt order and every RNG state) and ``manifest.json``
-        (sizes and SHA-256 of the files, written last) to ``path`` (default ``output_dir/checkpoint-<step>``),
-        atomically: written into a temporary sibling directory, fsynced, then renamed. After a save to the
-        default location, only the newest ``config.keep_checkpoints`` checkpoints are kept. Returns the directory.
-        See :mod:`tipkernels.opd.checkpoint`. Under ``parallel`` every rank must call it (rank 0 writes)."""
-        if self._dist is not None:
-            return self._dist.save_checkpoint(self, path)
+        """Save ``student/`` (``save_pretrained``, safetensors, with the tokenizer), :meth:`state_dict`
+        (``trainer_state.json`` and ``trainer_state.pt``) and ``manifest.json`` (sizes and SHA-256 of the files,
+        written last) to ``path`` (default ``output_dir/checkpoint-<step>``), atomically: written into a temporary
+        sibling directory, fsynced, then renamed. After a save to the default location, only the newest
+        ``config.keep_checkpoints`` checkpoints are kept. Returns the directory. See
+        :mod:`tipkernels.opd.checkpoint`. Under ``parallel`` every rank must call it (rank 0 writes)."""
         default = path is None
         path = Path(path) if path is not None else self.output_dir / f"checkpoint-{self.step}"
-        checkpoint.save_trainer(self, path)
-        if default:
-            checkpoint.prune(self.output_dir, self.config.keep_checkpoints, self.step)
+        model = unwrap(self.student)
+        weights = self.process.full_model_state(model)  # None: the model's own
+        state = self.state_dict()
+        tokenizer = self.tokenizer
+
+        def write_weights(directory: Path) -> None:
+            model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(directory)
+
+        def write() -> None:
+            checkpoint.save(path, self.step, state, write_weights)
+            if default:
+                checkpoint.prune(self.output_dir, self.config.keep_checkpoints, self.step)
+
+        self.process.on_main(write, f"write checkpoint {path}")
         return path
 
     def latest_checkpoint(self) -> Path:
@@ -354,14 +459,39 @@ class OPDTrainer:
         matching); partial or corrupted ones are skipped with a warning naming them. FileNotFoundError if none."""
         return checkpoint.latest(self.output_dir)
 
-    def load_checkpoint(self, path: Union[str, Path]) -> None:
-        """Restore the student's weights, optimizer, scheduler, step, history, prompt order and RNG states from
-        ``path``, after verifying it against its manifest: a partial or corrupted checkpoint raises
-        :class:`tipkernels.opd.checkpoint.CheckpointError` (a ValueError) naming the file and the problem, and
-        leaves the trainer untouched."""
-        if self._dist is not None:
-            return self._dist.load_checkpoint(self, path)
-        checkpoint.load_trainer(self, path)
+    def load_checkpoint(self, path: Union[str, Path]) -> Path:
+        """Restore the student's weights and :meth:`load_state_dict` from the checkpoint directory ``path``, or,
+        with ``path="latest"``, from the newest checkpoint of ``output_dir`` that reads cleanly (partial,
+        corrupted or refused ones are skipped with a warning naming them; FileNotFoundError if there is none).
+        Returns the directory loaded.
+
+        The checkpoint is verified against its manifest and read whole before anything is applied, and nothing
+        is unpickled beyond tensors and plain containers (docs/design.md §9): a partial, corrupted, legacy or
+        tampered checkpoint raises :class:`tipkernels.opd.checkpoint.CheckpointError` (a ValueError) naming the
+        file and the problem, and leaves the trainer untouched. Under ``parallel`` every rank calls it."""
+        if isinstance(path, str) and path == "latest":
+            path, weights, state = checkpoint.read_latest(self.output_dir)
+        else:
+            path = Path(path)
+            weights, state, _ = checkpoint.read(path)
+        apply = self._prepare_state(state, f"checkpoint {path}")
+        self.process.load_model_state(unwrap(self.student), weights, path)
+        apply()
+        self.process.barrier()
+        return path
 
 
-load_weights = checkpoint.load_weights  # kept importable from here
+def legacy_state(old: Dict[str, Any]) -> Dict[str, Any]:
+    """The trainer state of a format-1 checkpoint (``trainer_state.pt`` as this trainer pickled it: top-level
+    ``python_rng``/``torch_rng``/``cuda_rng``/``numpy_rng``/``selection_rng`` of rank 0, ``rank_rng`` of every rank
+    when data-parallel) in the :meth:`OPDTrainer.state_dict` layout. Used by
+    :func:`tipkernels.opd.checkpoint.convert_legacy`."""
+    rank0 = {"python": old["python_rng"], "numpy": old.get("numpy_rng"), "torch": old["torch_rng"],
+             "cuda": old.get("cuda_rng"), "selection": old["selection_rng"]}
+    return {"step": int(old["step"]), "optimizer": old["optimizer"], "scheduler": old["scheduler"],
+            "history": list(old["history"]), "eval_history": list(old.get("eval_history", [])),
+            "config": dict(old["config"]), "num_prompts": old.get("num_prompts"),
+            "prompt_order": [int(i) for i in old["prompt_order"]],
+            "prompt_rng": python_rng_list(old["prompt_rng"]),
+            "rng": [legacy_rng_state(r) for r in (old.get("rank_rng") or [rank0])],
+            "world_size": int(old.get("world_size", 1)), "parallel": old.get("parallel", "none")}
