@@ -9,10 +9,7 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels import triton_backend as trb
-from tipkernels.problem import build_problem
-
-from conftest import DEVICE
+from tests._harness import DEVICE, build_problem, triton_backend as trb
 
 
 def _prob(dtype=torch.float32, n=6, v=40, d=24):

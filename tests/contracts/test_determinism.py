@@ -1,4 +1,4 @@
-"""Deterministic mode (issue 8 item 4): ``tk.set_options(deterministic=True)``.
+"""Deterministic mode: ``tk.set_options(deterministic=True)``.
 
 Bitwise-identical outputs and gradients across repeated runs (same inputs, same process), for the torch backend
 and the triton backend (interpreted here at tiny shapes, compiled on a GPU), every op and the TIP loss; the flag
@@ -11,11 +11,8 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels import torch_backend
-from tipkernels.config import deterministic_scope, options
 
-from conftest import DEVICE
-from test_ops import make_case
+from tests._harness import DEVICE, deterministic_scope, make_case, options, torch_backend
 
 REPEATS = 3
 

@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError/TypeError naming the argument and the shapes (issue 2 item 5, issue 8 item 3).
+"""Bad input gets a ValueError/TypeError naming the argument and the shapes.
 
 Each case calls a public op with one argument wrong and checks the exception type and that the message names
 what is wrong (the argument, and the shapes or values involved), before any backend runs.

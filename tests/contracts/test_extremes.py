@@ -1,9 +1,9 @@
-"""Numerical extremes (issue 8 item 2), each with a defined result, on every backend (torch, triton, reference).
+"""Numerical extremes, each with a defined result, on every backend (torch, triton, reference).
 
 What each extreme returns (the README's "Guarantees" section states the same):
 
-- logits of magnitude 1e4, temperature 1e-3 or 1e3, a vocabulary of 2: the float64 truth within DESIGN §5's rule
-  (values and gradients; at huge logits gradients are judged on ``gradient_floors``' scale, see test_ops).
+- logits of magnitude 1e4, temperature 1e-3 or 1e3, a vocabulary of 2: the float64 truth within the pass rule
+  (values and gradients; at huge logits gradients are judged on ``gradient_floors``' scale, see tests/_harness.py).
 - a teacher whose softmax underflows to exact zeros on most of the vocabulary (logit gaps of 1e3: ``e^-1000`` is 0
   even in float64): every divergence stays finite, because log q is taken in log space (``u - Lt``), never as
   ``log(softmax)``; reverse KL is then ~the logit gap (≈ 1e3), the float64 log-space value.
@@ -25,11 +25,9 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels import reference
 from tipkernels.selection import RULES
 
-from conftest import DEVICE
-from test_ops import TOL, assert_rule, gradient_floors, scaled_err
+from tests._harness import DEVICE, TOL, assert_rule, gradient_floors, reference, scaled_err
 
 BACKENDS = ["torch", "triton", "reference"]
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("entropy", 0.0)]
@@ -149,7 +147,7 @@ def check_fused(backend, x, kind, beta, temperature, floors, what):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_of_magnitude_1e4(backend, kind, beta):
     """Logits ~1e4 (hidden x100, weight x100): both softmaxes are one-hot; values and gradients are the float64
-    truth within the rule (gradients on the scale of |go|·|W|/T, as test_ops' scaled_x100)."""
+    truth within the rule (gradients on the scale of |go|·|W|/T, as tests/ops/test_divergence.py's scaled_x100)."""
     x = inputs(1, logit_scale=5e3)
     s = (x["hs"].double() @ x["ws"].double().t())
     assert s.abs().max() > 1e4

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,19 +20,13 @@ import torch
 from tipkernels.opd import OPDConfig, OPDTrainer
 from tipkernels.opd import checkpoint as ckpt
 from tipkernels.opd.checkpoint import CheckpointError
-from tipkernels.opd.demo import ModelSize, build_model, build_tokenizer
+from tipkernels.opd.demo import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ModelSize(hidden=32, layers=1, heads=2, ffn=64)
-BIG = ModelSize(hidden=48, layers=2, heads=2, ffn=96)
+from tests._harness import BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL
+
 # 7 prompts, batch 3: epochs straddle steps, so the saved mid-epoch order matters
 PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>"]
 VOLATILE = ("step_time_s", "peak_mem_mb")  # wall-clock and RSS: the only fields allowed to differ
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def models(tok, seed=0):
@@ -97,7 +90,9 @@ CHILD = textwrap.dedent("""
     import json, os, signal, sys, hashlib
     import torch
     from tipkernels.opd import OPDConfig, OPDTrainer, checkpoint
-    from tipkernels.opd.demo import ModelSize, build_model, build_tokenizer
+    from tipkernels.opd.demo import build_model
+
+from tests._harness import BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL
 
     out, where = sys.argv[1], sys.argv[2]
     cfg = OPDConfig(**json.loads(sys.argv[3]))

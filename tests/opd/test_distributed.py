@@ -20,8 +20,8 @@ import torch.distributed as dist
 from tipkernels.opd import OPDTrainer
 from tipkernels.opd.rollout import Rollouts, generate
 
-from spawn_helpers import free_port, spawn
-from test_opd import PROMPTS, config, models
+from tests._harness import PROMPTS, opd_config as config, opd_models as models
+from tests.spawn_helpers import free_port, spawn
 
 WORLD = 2
 MODES = ("ddp", "fsdp")

@@ -16,32 +16,12 @@ import torch
 import tipkernels as tk
 from tipkernels.opd import OPDConfig, OPDTrainer, load_prompts, sequence_tip_loss
 from tipkernels.opd.cli import main as cli_main
-from tipkernels.opd.demo import ModelSize, build_model, build_tokenizer
+from tipkernels.opd.demo import build_model, build_tokenizer
 from tipkernels.opd.models import check_vocab, position_ids
 from tipkernels.opd.rollout import generate, response_mask
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ModelSize(hidden=32, layers=1, heads=2, ffn=64)
-BIG = ModelSize(hidden=48, layers=2, heads=2, ffn=96)
-PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>", "8832>"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-def models(tok, *, teacher_extra_rows=3, seed=0):
-    student = build_model(SMALL, len(tok), seed=seed)
-    teacher = build_model(BIG, len(tok) + teacher_extra_rows, seed=seed + 100)  # padded teacher vocabulary
-    return student, teacher
-
-
-def config(tmp_path, **kw):
-    base = dict(rule="soft_or", ratio=0.5, max_new_tokens=6, batch_size=4, steps=3, lr=3e-3, warmup_steps=1,
-                seed=0, output_dir=str(tmp_path / "run"), progress=False, plot=False, backend="torch")
-    base.update(kw)
-    return OPDConfig(**base)
+from tests._harness import BIG_MODEL as BIG, PROMPTS, ROOT, SMALL_MODEL as SMALL, opd_config as config, \
+    opd_models as models
 
 
 # --------------------------------------------------------------------------------------- masks and the shift
