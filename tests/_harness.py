@@ -346,7 +346,8 @@ def gradient_floors(go: Tensor, temperature: float, hidden: Optional[Tensor] = N
 
 def assert_rule(fast: Dict[str, Tensor], same_dtype_ref: Dict[str, Tensor], truth: Dict[str, Tensor],
                 dtype: torch.dtype, what: str = "", floors: Optional[Dict[str, float]] = None) -> None:
-    """The pass rule (docs/design.md §8): each value/gradient of ``fast`` is within the same-dtype reference's error + TOL[dtype].
+    """The pass rule (docs/design.md §8): each value/gradient of ``fast`` is within the same-dtype reference's error
+    + TOL[dtype].
 
     ``floors`` (see :func:`gradient_floors`) replaces the default floor of a gradient's scale (0: relative to
     its own largest entry); only the extreme-logit variants pass it."""

@@ -19,9 +19,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Hypothesis profiles (tests/contracts/test_properties.py): "ci" (the default) is few examples, derandomized so that a CI
-# run is reproducible, with no deadline (the Triton interpreter is slow and erratic); "deep" explores many random
-# examples. Pick one with HYPOTHESIS_PROFILE=deep.
+# Hypothesis profiles (tests/contracts/test_properties.py): "ci" (the default) is few examples, derandomized so
+# that a CI run is reproducible, with no deadline (the Triton interpreter is slow and erratic); "deep" explores many
+# random examples. Pick one with HYPOTHESIS_PROFILE=deep.
 try:
     from hypothesis import HealthCheck, settings
 except ModuleNotFoundError:  # hypothesis is a dev extra; only contracts/test_properties.py needs it

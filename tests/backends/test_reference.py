@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import tipkernels as tk
 
-Tensor = torch.Tensor
-
 from tests._harness import PAD, leaf, make_case, reference
+
+Tensor = torch.Tensor
 
 
 def plain_formulas(s: Tensor, u_padded: Tensor, beta: float) -> Dict[str, Tensor]:

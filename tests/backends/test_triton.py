@@ -11,8 +11,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tests._harness import (DEVICE, IGNORE_INDEX, TOL, NumelRecorder, Problem, check_elementwise as check, f64,  # noqa: E402,E501
-                            make_problem, problem_to, reference as ref, triton_backend as tb)
+from tests._harness import (  # noqa: E402
+    DEVICE, IGNORE_INDEX, TOL, NumelRecorder, Problem, check_elementwise as check, f64, make_problem, problem_to,
+    reference as ref, triton_backend as tb)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
 

@@ -7,9 +7,9 @@ signature with Triton's own JIT binder (same int/alignment specialisation as a r
 ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: TTIR -> TTGIR -> LLVM ->
 PTX -> cubin with the ptxas bundled in the wheel. No CUDA driver is needed for that.
 
-The compiling runs in one subprocess (``python tests/backends/test_triton_compile.py OUT.json``) because the test session
-runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit`` functions cannot be
-compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
+The compiling runs in one subprocess (``python tests/backends/test_triton_compile.py OUT.json``) because the test
+session runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit`` functions
+cannot be compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
 
 Checked per compiled kernel: it compiles; shared memory fits an H100 block (227 KiB); ptxas neither spills nor
 uses more than 255 registers and one block of num_warps fits the 64K-register file; 16-bit inputs use Hopper's
