@@ -64,11 +64,12 @@ HUGE = 1e4  # what the padding rows hold; any leak into the distributions would 
 # ------------------------------------------------------------------------------------ parametrisation
 
 
-def grid(argnames: str, *axes, drop=None):
+def grid(argnames: str, *axes, drop=None, slow=None):
     """``pytest.mark.parametrize`` over the product of ``axes`` minus the combinations ``drop(*values)`` names.
 
     Each axis is a list of ``(id, value)`` pairs (a tuple value spreads over several argnames). Dropped
-    combinations are never generated (rather than generated and skipped).
+    combinations are never generated (rather than generated and skipped). Combinations ``slow(*values)`` names
+    are marked ``slow``: CI runs them, the fast subset (``-m "not slow"``) leaves them out.
     """
     params = []
     for combo in itertools.product(*axes):
@@ -77,13 +78,19 @@ def grid(argnames: str, *axes, drop=None):
             values.extend(v if isinstance(v, tuple) else (v,))
         if drop is not None and drop(*values):
             continue
-        params.append(pytest.param(*values, id="-".join(i for i, _ in combo)))
+        marks = [pytest.mark.slow] if slow is not None and slow(*values) else []
+        params.append(pytest.param(*values, id="-".join(i for i, _ in combo), marks=marks))
     return pytest.mark.parametrize(argnames, params)
 
 
 def axis(values, ids=None):
     ids = ids or [str(v) for v in values]
     return list(zip(ids, values))
+
+
+def slow(*values, id=None):
+    """``pytest.param(*values)`` marked ``slow`` (left out of the fast subset, run by CI)."""
+    return pytest.param(*values, id=id, marks=pytest.mark.slow)
 
 
 #: Under Triton's interpreter (no GPU) some combinations whose code path is shared Python are left to the

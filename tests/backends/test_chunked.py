@@ -8,8 +8,8 @@ import torch
 
 import tipkernels as tk
 
-from tests._harness import (DEVICE, DIV_IDS, DIVS, PAD, assert_close64, assert_rule, leaf, logits_case, make_case,
-                            NumelRecorder, run_divergence, run_entropy, run_from_logits, torch_backend,
+from tests._harness import (DEVICE, DIV_IDS, DIVS, PAD, NumelRecorder, assert_close64, assert_rule, leaf, logits_case,
+                            make_case, run_divergence, run_entropy, run_from_logits, slow, torch_backend,
                             truth_divergence, truth_entropy, truth_from_logits, upstream)
 
 
@@ -30,7 +30,7 @@ def test_tile_shape_independent_of_n(monkeypatch):
     assert ts(10**6, 101) == ts(10**6, 101, 1536)  # the module budget is read at call time
 
 
-@pytest.mark.parametrize("tiles", ["tiles_3x16", "tiny_budget"])
+@pytest.mark.parametrize("tiles", [slow("tiles_3x16"), "tiny_budget"])
 @pytest.mark.parametrize("kind,beta", DIVS, ids=DIV_IDS)
 def test_chunked_divergence(kind, beta, tiles, request):
     """Several row and vocab chunks with ragged ends (N=29, V=101): fp64 equal to the truth, fp32 by the rule."""

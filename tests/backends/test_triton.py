@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 from tests._harness import (  # noqa: E402
     DEVICE, IGNORE_INDEX, TOL, NumelRecorder, Problem, check_elementwise as check, f64, make_problem, problem_to,
-    reference as ref, triton_backend as tb)
+    reference as ref, slow, triton_backend as tb)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
 
@@ -182,11 +182,11 @@ def check_backward(prob, kind, beta, grad, got, tol, atol=0.0):
     assert torch.all(got[0][zero] == 0), "rows with zero upstream gradient must get exactly zero"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.bfloat16)])  # bf16: CI only
 @pytest.mark.parametrize("variant,config", [
     ("linear", SMALL), ("student_logits", SMALL), ("teacher_logits", SMALL), ("strided", SMALL),
     # the linear student's other backward: per-(row block, hidden block) kernels, no gradient-logit buffer
-    ("linear", TILES), ("teacher_logits", TILES), ("strided", TILES),
+    ("linear", TILES), slow("teacher_logits", TILES), slow("strided", TILES),
 ], ids=["linear", "student_logits", "teacher_logits", "strided", "linear-tiles", "teacher_logits-tiles",
         "strided-tiles"])
 @pytest.mark.parametrize("kind,beta", KINDS)
@@ -197,8 +197,8 @@ def test_backward(kind, beta, variant, config, dtype):
     check_backward(prob, kind, beta, grad, got, TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_mib", [1e-9, 2**-8, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.bfloat16)])  # bf16: CI only
+@pytest.mark.parametrize("chunk_mib", [1e-9, slow(2**-8), 1.0])
 def test_backward_matmul_chunks(chunk_mib, dtype):
     # 1e-9: 16-column chunks (one tile each) and two row passes (16 + 5 rows, d W accumulated across them);
     # 2**-8: 48 + 35 columns (fp32); 1.0: one chunk. Every row selected, a bias: the same gradients
@@ -274,7 +274,7 @@ def test_empty(variant):
         assert ds.shape == prob.student_logits.shape and dw is None and db is None
 
 
-@pytest.mark.parametrize("strategy", ["matmul", "tiles"])
+@pytest.mark.parametrize("strategy", ["matmul", slow("tiles")])
 def test_backward_never_allocates_n_by_v(strategy):
     """Forward + backward of the triton backend create no tensor as large as N·V (N=64, V=512, D=8, fp32): the
     matmul strategy's gradient-logit buffer is bounded by bwd_chunk_mib (16 KiB here: 64 columns)."""

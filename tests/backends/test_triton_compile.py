@@ -39,6 +39,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one subprocess compiles ~70 kernels (35-60 s on 2 cores)
+
 H100_SMEM_PER_BLOCK = 227 * 1024
 REGISTER_FILE = 64 * 1024
 TARGET = ("cuda", 90, 32)

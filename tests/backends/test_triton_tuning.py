@@ -109,6 +109,7 @@ def test_missing_table_and_unknown_keys_are_clear_errors(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------------ the search
 
 
+@pytest.mark.slow
 def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_candidates(monkeypatch, tmp_path):
     from benchmarks import tune_triton as tt
 
@@ -152,6 +153,7 @@ def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_can
     assert res["passes"]["forward"] == pytest.approx({"start": 1.0, "best": 0.5, "start_err": res["rows"][0]["err"]})
 
 
+@pytest.mark.slow
 def test_the_command_writes_a_table_the_backend_reads(monkeypatch, tmp_path):
     from benchmarks import tune_triton as tt
 

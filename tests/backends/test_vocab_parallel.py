@@ -14,6 +14,8 @@ import tipkernels as tk
 
 from tests.spawn_helpers import free_port, spawn
 
+pytestmark = pytest.mark.slow  # each test spawns gloo process groups
+
 N_B, N_L, DS, DT, V, PAD = 3, 7, 12, 9, 37, 5
 STAT_NAMES = ("student_lse", "teacher_lse", "entropy", "entropy_norm", "teacher_entropy", "reverse_kl",
               "forward_kl", "student_argmax", "teacher_argmax", "label_logprob")

@@ -27,7 +27,7 @@ import torch
 import tipkernels as tk
 from tipkernels.selection import RULES
 
-from tests._harness import DEVICE, TOL, assert_rule, gradient_floors, reference, scaled_err
+from tests._harness import DEVICE, TOL, assert_rule, gradient_floors, reference, scaled_err, slow
 
 BACKENDS = ["torch", "triton", "reference"]
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("entropy", 0.0)]
@@ -398,7 +398,7 @@ def test_all_masked_batch(backend, rule):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", slow("triton"), "reference"])
 def test_divergences_never_negative_or_nan(backend, dtype):
     """Near-equal, equal, far-apart and extreme pairs of distributions, all divergences and the stats: every KL and
     JSD value ≥ 0 exactly (rounding is clamped) and never NaN. (Before the clamp, the reference in fp32 gave

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import tipkernels as tk
 from tipkernels.selection import RULES
 
-from tests._harness import (DEVICE, TOL, reference, assert_rule, gradient_floors, make_case, run_divergence,
+from tests._harness import (DEVICE, TOL, assert_rule, gradient_floors, make_case, reference, run_divergence,
                             run_entropy, run_from_logits, scaled_err, truth_divergence, truth_entropy,
                             truth_from_logits, truth_student, truth_teacher, upstream)
+
+pytestmark = pytest.mark.slow  # 40 hypothesis examples per test (the "ci" profile), on every backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 DIVS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 1.0)]

@@ -23,6 +23,8 @@ from tipkernels.opd.rollout import Rollouts, generate
 from tests._harness import PROMPTS, opd_config as config, opd_models as models
 from tests.spawn_helpers import free_port, spawn
 
+pytestmark = pytest.mark.slow  # spawned process groups training models
+
 WORLD = 2
 MODES = ("ddp", "fsdp")
 

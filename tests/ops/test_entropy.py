@@ -12,7 +12,8 @@ from tests._harness import (ALL_BACKENDS, DTYPES, INTERPRETED, assert_close64, a
       axis(["plain", "T2.5", "BLD", "noncontig", "no_bias", "scaled_x100"]),
       axis(DTYPES + [torch.float64], ["fp32", "bf16", "fp64"]),
       drop=lambda backend, reduction, variant, dtype: backend == "triton" and (
-          dtype == torch.float64 or INTERPRETED and reduction == "sum"))
+          dtype == torch.float64 or INTERPRETED and reduction == "sum"),
+      slow=lambda backend, reduction, variant, dtype: backend == "reference" or dtype == torch.bfloat16)
 def test_fused_linear_entropy(backend, reduction, variant, dtype):
     n, v, ds, dt = shape_for(backend)
     kw, temperature, layout = {}, 0.7, None

@@ -13,7 +13,8 @@ from tests._harness import (ALL_BACKENDS, DIV_IDS, DIVS, DTYPES, INTERPRETED, as
       axis(["plain", "T2.5", "BLD", "noncontig", "scaled_x100"]),
       axis(DTYPES + [torch.float64], ["fp32", "bf16", "fp64"]),
       drop=lambda backend, kind, beta, reduction, variant, dtype: backend == "triton" and (
-          dtype == torch.float64 or INTERPRETED and variant not in ("plain", "noncontig")))
+          dtype == torch.float64 or INTERPRETED and variant not in ("plain", "noncontig")),
+      slow=lambda backend, kind, beta, reduction, variant, dtype: backend == "reference" or dtype == torch.bfloat16)
 def test_divergence_from_logits(backend, kind, beta, reduction, variant, dtype):
     n = shape_for(backend)[0]
     lead = (1, n) if variant == "BLD" else None
