@@ -128,6 +128,7 @@ from tests._harness import BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["save", "step"])
 def test_sigkilled_run_resumes_with_no_lost_step_and_the_same_data_order(tok, tmp_path, straight, where):
     out = tmp_path / "run"
@@ -174,6 +175,7 @@ class Interrupted(BaseException):
     """Stands in for KeyboardInterrupt / a signal handler raising while a checkpoint is half-written."""
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoints_and_resumes_exactly(tok, tmp_path, straight, monkeypatch):
     out = tmp_path / "run"
     cfg = config(out, keep_checkpoints=1)
@@ -252,6 +254,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tok, tmp_path, two_checkpoints, damage):
     src, teacher = two_checkpoints
@@ -279,6 +282,7 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tok, tmp_pa
     assert trainer.step == 1 and len(trainer.history) == 1
 
 
+@pytest.mark.slow
 def test_no_complete_checkpoint_and_not_a_checkpoint(tok, tmp_path, two_checkpoints):
     src, teacher = two_checkpoints
     out = tmp_path / "run"
@@ -349,6 +353,7 @@ def test_saving_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
     assert [p.name for p in out.iterdir()] == ["checkpoint-1"]
 
 
+@pytest.mark.slow
 def test_straight_run_keeps_two_checkpoints_by_default(straight):
     assert OPDConfig().keep_checkpoints == 2
     names = sorted(p.name for p in straight["out"].iterdir() if "checkpoint" in p.name)

@@ -113,6 +113,7 @@ def test_gradients_match_materialised_loss(tok):
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(tok, tmp_path):
     torch.manual_seed(0)
     student, teacher = models(tok)
@@ -122,6 +123,7 @@ def test_loss_falls_on_a_fixed_batch(tok, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_figure_and_checkpoint(tok, tmp_path):
     student, teacher = models(tok)
     cfg = config(tmp_path, steps=3, grad_accum=2, rollouts_per_prompt=2, plot=True, eval_interval=2)
@@ -144,6 +146,7 @@ def test_train_writes_metrics_figure_and_checkpoint(tok, tmp_path):
     assert (ck / "student" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_state(tok, tmp_path):
     cfg = config(tmp_path, steps=4, save_interval=2, rule="entropy_sample", ratio=0.5)
     torch.manual_seed(123)
@@ -239,6 +242,7 @@ def test_logit_transforms_are_refused(tok):
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_help():
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     for argv in (["--help"], ["demo", "--help"], ["opd", "--help"]):
@@ -252,6 +256,7 @@ def test_cli_help():
         assert res.returncode == 0 and "demo" in res.stdout and "opd" in res.stdout
 
 
+@pytest.mark.slow
 def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
     student, teacher = models(tok)
     s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
@@ -295,6 +300,7 @@ def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
                                        "--prompts", str(prompts)])
 
 
+@pytest.mark.slow
 def test_demo_quick_shows_distillation(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--no-progress", "--output-dir", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
@@ -353,6 +359,7 @@ def test_tip_gkd_loss_with_all_tokens_equals_trl_generalized_jsd(tok, beta):
     assert abs(float(out.loss.detach()) - float(want)) < 1e-5 * max(1.0, float(want))
 
 
+@pytest.mark.slow
 def test_tip_gkd_trainer_trains_with_trl(tok, tmp_path):
     from datasets import Dataset
 
@@ -380,6 +387,7 @@ def test_tip_gkd_trainer_trains_with_trl(tok, tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,argv", [("plain_pytorch_opd.py", ["--steps", "3"]),
                                          ("trl_gkd.py", ["--steps", "2"])])
 def test_examples_run(script, argv, tmp_path):
