@@ -15,7 +15,6 @@ compared relative to its own largest entry). TOL: fp32 5e-4, bf16/fp16 1e-2 (fp6
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -32,17 +31,19 @@ from tipkernels.opd import OPDConfig
 from tipkernels.opd.demo import ModelSize, build_model
 
 # ---------------------------------------------------------------------------------- library internals
-# The only imports of tipkernels' internal modules in the test suite (tests/backends/test_triton_compile.py's
-# compile subprocess takes them from here too).
-from tipkernels import reference, torch_backend  # noqa: E402
-from tipkernels.config import deterministic_scope, options  # noqa: E402
-from tipkernels.problem import IGNORE_INDEX, Problem, build_problem  # noqa: E402
+# The only imports of tipkernels' internal modules in the test suite: tests import them from here
+# (tests/backends/test_triton_compile.py's compile subprocess too).
+from tipkernels import reference, torch_backend
+from tipkernels.config import deterministic_scope, options
+from tipkernels.problem import IGNORE_INDEX, Problem, build_problem
 
-HAS_TRITON_BACKEND = importlib.util.find_spec("tipkernels.triton_backend") is not None
 try:
-    from tipkernels import triton_backend  # noqa: E402
-except ImportError:  # no triton installed: the triton tests skip (importorskip)
+    from tipkernels import triton_backend
+except ModuleNotFoundError as e:  # only a missing triton (a Linux-only dependency) leaves the triton backend out
+    if e.name != "triton":
+        raise
     triton_backend = None
+HAS_TRITON_BACKEND = triton_backend is not None
 
 Tensor = torch.Tensor
 
