@@ -1,8 +1,12 @@
 """The shared test harness: inputs, devices, the float64 truth, the pass rule and memory probes.
 
 Every test module imports what it shares from here (never from another test module). It is also the one place
-where the tests import library internals (the backends' modules, the problem type, the options), re-exported
-below, so that a move of those modules inside the package touches only this file.
+where the tests import library internals (the backends' modules, the problem type, the options; the public API,
+``tipkernels.selection`` and ``tipkernels.opd`` are imported directly), re-exported below, so that a move of those
+modules inside the package touches only this file.
+
+Two input builders: :func:`make_case` (the public ops' inputs: token dims, biases, a padded teacher as hidden
+states + lm_head or as logits, labels) and :func:`make_problem` (the backend-level :class:`Problem`).
 
 The truth is computed in float64 from the *same* (already rounded) input values: the logits are formed by plain
 matmuls and fed to ``reference``'s per-row formulas, and autograd gives the gradients.
