@@ -90,9 +90,7 @@ CHILD = textwrap.dedent("""
     import json, os, signal, sys, hashlib
     import torch
     from tipkernels.opd import OPDConfig, OPDTrainer, checkpoint
-    from tipkernels.opd.demo import build_model
-
-from tests._harness import BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL
+    from tipkernels.opd.demo import ModelSize, build_model, build_tokenizer
 
     out, where = sys.argv[1], sys.argv[2]
     cfg = OPDConfig(**json.loads(sys.argv[3]))
