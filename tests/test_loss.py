@@ -4,11 +4,9 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels.backends import chunked as torch_backend
-from tipkernels.backends import reference
 from tipkernels.selection import RULES
 
-from conftest import DEVICE
+from tests._harness import DEVICE, reference, torch_backend, triton_backend
 
 B, L, DS, DT, V = 3, 13, 24, 19, 37
 
@@ -172,8 +170,6 @@ def test_bad_mask():
 def test_triton_backend_loss_and_row_compaction(monkeypatch, rule, divergence, beta):
     """The loss on the Triton backend (interpreted here, compiled on a GPU): fp32 inputs against the float64
     truth over the same selected tokens; one scoring pass over the valid rows; backward over selected rows."""
-    from tipkernels.backends import triton as triton_backend
-
     hs, ws, ht, wt, bs, mask = _inputs(torch.float32, seed=4)
     calls = {"forward_rows": [], "backward_rows": []}
     fwd, bwd = triton_backend.forward_stats, triton_backend.backward

@@ -1,96 +1,30 @@
 """The Triton backend against the float64 reference (docs/design.md §8), on CPU under the Triton interpreter.
 
-Rule: the backend's error against the float64 truth is at most the error of the reference computed in the
-input dtype, plus a tolerance (fp32 5e-4, 16-bit 1e-2; relative to the magnitude of the truth).
+Rule (elementwise, ``check_elementwise`` in tests/_harness.py): the backend's error against the float64 truth is at
+most the error of the reference computed in the input dtype, plus a tolerance (fp32 5e-4, 16-bit 1e-2; relative to
+the magnitude of the truth).
 Shapes are small and odd (the interpreter is slow); blocks are 16 wide so every loop runs several tiles.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
 triton = pytest.importorskip("triton")
 
-from tipkernels.backends import reference as ref  # noqa: E402
-from tipkernels.backends import triton as tb  # noqa: E402
-from tipkernels.inputs import IGNORE_INDEX, Problem, build_problem  # noqa: E402
+from tests._harness import (  # noqa: E402
+    DEVICE, IGNORE_INDEX, TOL, NumelRecorder, Problem, check_elementwise as check, f64, make_problem, problem_to,
+    reference as ref, slow, triton_backend as tb)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small tiles: several vocab tiles, hidden chunks, hidden blocks, vocab splits and backward vocabulary chunks
 # (bwd_chunk_mib: 512 bytes, 16-32 columns for the 6-13 selected rows) even at these sizes
 SMALL = dict(block_n=16, block_v=16, block_d=16, block_dh=16, split_v=2, bwd_block_n=16, bwd_block_v=16,
              bwd_chunk_mib=2**-11)
 TILES = dict(SMALL, bwd_strategy="tiles")
-TOL = {torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 5e-4}
 STAT_KEYS = ("student_lse", "entropy", "teacher_lse", "teacher_entropy", "reverse_kl", "forward_kl",
              "label_logprob")
 VARIANTS = ("linear", "teacher_logits", "student_logits", "student_only", "strided")
-
-
-def make_problem(variant="linear", dtype=torch.float32, *, n=13, vocab=37, ds=24, dt=19, pad=5,
-                 temperature=0.7, scale=1.0, seed=0):
-    """A problem of the given variant: biases, a padded teacher vocabulary and labels (with ignores) included."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    hs, ws, bs = rnd(n, ds), rnd(vocab, ds) / ds ** 0.5 * 2 * scale, rnd(vocab) * 0.5
-    ht, wt, bt = rnd(n, dt), rnd(vocab + pad, dt) / dt ** 0.5 * 2 * scale, rnd(vocab + pad) * 0.5
-    labels = torch.randint(0, vocab, (n,), generator=g)
-    labels[1::4] = IGNORE_INDEX
-    kw = dict(labels=labels, temperature=temperature)
-    if variant == "strided":  # hidden states and weights as non-contiguous views (made in the dtype)
-        hs = rnd(ds, n).to(dtype).t()
-        ht = rnd(n, dt + 7).to(dtype)[:, 3:3 + dt]
-        ws = (rnd(ds, vocab) / ds ** 0.5 * 2).to(dtype).t()
-    cast = lambda t: t.to(dtype)  # noqa: E731  (a no-op on tensors already in dtype)
-    if variant == "student_logits":
-        s = cast((hs @ ws.t() + bs) * 3)
-        prob, _ = build_problem(None, None, cast(ht), cast(wt), student_logits=s, teacher_bias=cast(bt), **kw)
-    elif variant == "teacher_logits":
-        u = cast(rnd(n, vocab + pad) * 3 * scale)
-        prob, _ = build_problem(cast(hs), cast(ws), student_bias=cast(bs), teacher_logits=u, temperature=2.0,
-                                labels=labels)
-    elif variant == "student_only":
-        prob, _ = build_problem(cast(hs), cast(ws), student_bias=cast(bs), **kw)
-    else:
-        prob, _ = build_problem(cast(hs), cast(ws), cast(ht), cast(wt), student_bias=cast(bs),
-                                teacher_bias=cast(bt), **kw)
-    if variant == "strided":
-        assert not prob.student_hidden.is_contiguous() and not prob.student_weight.is_contiguous()
-        assert not prob.teacher_hidden.is_contiguous()
-    return _to(prob, device=DEVICE)
-
-
-def _to(prob: Problem, dtype=None, device=None) -> Problem:
-    conv = lambda t: None if t is None else t.to(device=device or t.device, dtype=dtype or t.dtype)  # noqa
-    fields = ("student_hidden", "student_weight", "student_bias", "student_logits", "teacher_hidden",
-              "teacher_weight", "teacher_bias", "teacher_logits")
-    kw = {f: conv(getattr(prob, f)) for f in fields}
-    labels = None if prob.labels is None else prob.labels.to(device or prob.labels.device)
-    return Problem(**kw, labels=labels, temperature=prob.temperature)
-
-
-def f64(prob):
-    return _to(prob, dtype=torch.float64)
-
-
-def check(name, got, truth, same_dtype_ref, tol, *, relative_to_max=False, atol=0.0):
-    """|got - truth| <= |ref_in_dtype - truth| + tol * scale + atol, elementwise (scale: 1 + |truth| or max |truth|)."""
-    got, truth, r = got.double().cpu(), truth.double().cpu(), same_dtype_ref.double().cpu()
-    assert got.shape == truth.shape, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = truth.abs().max().clamp_min(1e-30) if relative_to_max else 1.0 + truth.abs()
-    err, ref_err = (got - truth).abs(), (r - truth).abs()
-    bad = err > ref_err + tol * scale + atol
-    assert not bad.any(), (
-        f"{name}: max err {err.max().item():.3g} (ref in dtype {ref_err.max().item():.3g}, scale "
-        f"{float(scale.max()):.3g}) at {bad.nonzero()[:5].flatten().tolist()}"
-    )
 
 
 def check_argmax(name, got, logits64):
@@ -248,11 +182,11 @@ def check_backward(prob, kind, beta, grad, got, tol, atol=0.0):
     assert torch.all(got[0][zero] == 0), "rows with zero upstream gradient must get exactly zero"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.bfloat16)])  # bf16: CI only
 @pytest.mark.parametrize("variant,config", [
     ("linear", SMALL), ("student_logits", SMALL), ("teacher_logits", SMALL), ("strided", SMALL),
     # the linear student's other backward: per-(row block, hidden block) kernels, no gradient-logit buffer
-    ("linear", TILES), ("teacher_logits", TILES), ("strided", TILES),
+    ("linear", TILES), slow("teacher_logits", TILES), slow("strided", TILES),
 ], ids=["linear", "student_logits", "teacher_logits", "strided", "linear-tiles", "teacher_logits-tiles",
         "strided-tiles"])
 @pytest.mark.parametrize("kind,beta", KINDS)
@@ -263,8 +197,8 @@ def test_backward(kind, beta, variant, config, dtype):
     check_backward(prob, kind, beta, grad, got, TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_mib", [1e-9, 2**-8, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.bfloat16)])  # bf16: CI only
+@pytest.mark.parametrize("chunk_mib", [1e-9, slow(2**-8), 1.0])
 def test_backward_matmul_chunks(chunk_mib, dtype):
     # 1e-9: 16-column chunks (one tile each) and two row passes (16 + 5 rows, d W accumulated across them);
     # 2**-8: 48 + 35 columns (fp32); 1.0: one chunk. Every row selected, a bias: the same gradients
@@ -298,7 +232,7 @@ def test_backward_skips_zero_rows():
     prob = make_problem("linear", seed=9)
     grad = grad_rows_for(prob.num_rows, seed=3)
     saved = saved_for(prob, 0.5)
-    poisoned = _to(prob)
+    poisoned = problem_to(prob)
     poisoned.student_hidden = prob.student_hidden.clone()
     poisoned.student_hidden[grad == 0] = float("nan")
     poisoned.teacher_hidden = prob.teacher_hidden.clone()
@@ -340,17 +274,15 @@ def test_empty(variant):
         assert ds.shape == prob.student_logits.shape and dw is None and db is None
 
 
-@pytest.mark.parametrize("strategy", ["matmul", "tiles"])
+@pytest.mark.parametrize("strategy", ["matmul", slow("tiles")])
 def test_backward_never_allocates_n_by_v(strategy):
     """Forward + backward of the triton backend create no tensor as large as N·V (N=64, V=512, D=8, fp32): the
     matmul strategy's gradient-logit buffer is bounded by bwd_chunk_mib (16 KiB here: 64 columns)."""
-    from test_ops import _NumelRecorder
-
     n, v, d = 64, 512, 8
     prob = make_problem("linear", n=n, vocab=v, ds=d, dt=d, pad=0, seed=12)
     cfg = dict(SMALL, bwd_strategy=strategy, bwd_chunk_mib=2**-6)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    with _NumelRecorder() as rec:
+    with NumelRecorder() as rec:
         saved = tb.forward_stats(prob, config=cfg)
         got = tb.backward(prob, "reverse_kl", grad, saved, config=cfg)
     check_backward(prob, "reverse_kl", 0.5, grad, got, 5e-4)

@@ -26,19 +26,13 @@ import torch
 from tipkernels.opd import OPDConfig, OPDTrainer
 from tipkernels.opd import checkpoint as ckpt
 from tipkernels.opd.checkpoint import CheckpointError
-from tipkernels.opd.demo import ModelSize, build_model, build_tokenizer
+from tipkernels.opd.demo import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ModelSize(hidden=32, layers=1, heads=2, ffn=64)
-BIG = ModelSize(hidden=48, layers=2, heads=2, ffn=96)
+from tests._harness import BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL
+
 # 7 prompts, batch 3: epochs straddle steps, so the saved mid-epoch order matters
 PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>"]
 VOLATILE = ("step_time_s", "peak_mem_mb")  # wall-clock and RSS: the only fields allowed to differ
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def models(tok, seed=0):
@@ -138,6 +132,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["save", "step"])
 def test_sigkilled_run_resumes_with_no_lost_step_and_the_same_data_order(tok, tmp_path, straight, where):
     out = tmp_path / "run"
@@ -184,6 +179,7 @@ class Interrupted(BaseException):
     """Stands in for KeyboardInterrupt / a signal handler raising while a checkpoint is half-written."""
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoints_and_resumes_exactly(tok, tmp_path, straight, monkeypatch):
     out = tmp_path / "run"
     cfg = config(out, keep_checkpoints=1)
@@ -262,6 +258,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tok, tmp_path, two_checkpoints, damage):
     src, teacher = two_checkpoints
@@ -289,6 +286,7 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tok, tmp_pa
     assert trainer.step == 1 and len(trainer.history) == 1
 
 
+@pytest.mark.slow
 def test_no_complete_checkpoint_and_not_a_checkpoint(tok, tmp_path, two_checkpoints):
     src, teacher = two_checkpoints
     out = tmp_path / "run"
@@ -359,6 +357,7 @@ def test_saving_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
     assert [p.name for p in out.iterdir()] == ["checkpoint-1"]
 
 
+@pytest.mark.slow
 def test_straight_run_keeps_two_checkpoints_by_default(straight):
     assert OPDConfig().keep_checkpoints == 2
     names = sorted(p.name for p in straight["out"].iterdir() if "checkpoint" in p.name)

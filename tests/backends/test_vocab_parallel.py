@@ -12,7 +12,9 @@ import torch.distributed as dist
 
 import tipkernels as tk
 
-from spawn_helpers import free_port, spawn
+from tests.spawn_helpers import free_port, spawn
+
+pytestmark = pytest.mark.slow  # each test spawns gloo process groups
 
 N_B, N_L, DS, DT, V, PAD = 3, 7, 12, 9, 37, 5
 STAT_NAMES = ("student_lse", "teacher_lse", "entropy", "entropy_norm", "teacher_entropy", "reverse_kl",

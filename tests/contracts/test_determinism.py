@@ -11,11 +11,8 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels.backends import chunked as torch_backend
-from tipkernels.options import deterministic_scope, options
 
-from conftest import DEVICE
-from test_ops import make_case
+from tests._harness import DEVICE, deterministic_scope, make_case, options, slow, torch_backend
 
 REPEATS = 3
 
@@ -71,7 +68,7 @@ def assert_bitwise(runs):
 @pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3), ("entropy", 0.0)],
                          ids=["rkl", "jsd0.3", "ent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", slow("triton")])
 def test_bitwise_identical_across_runs(backend, dtype, kind, beta):
     """With deterministic=True, repeated runs give bit-identical values, stats and gradients (several row and
     vocabulary chunks for torch; several vocabulary splits and backward blocks for triton)."""
@@ -83,6 +80,7 @@ def test_bitwise_identical_across_runs(backend, dtype, kind, beta):
     assert torch.isfinite(runs[0]["d_hidden"]).all() and runs[0]["d_hidden"].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_torch_chunked_runs_bitwise(monkeypatch):
     """Tiny tiles (3 rows x 16 columns: many chunks, ragged ends) are reproduced bit for bit too."""
     monkeypatch.setattr(torch_backend, "tile_shape", lambda n, v, budget_bytes=None: (min(3, max(n, 1)), min(16, v)))

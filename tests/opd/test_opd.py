@@ -16,32 +16,12 @@ import torch
 import tipkernels as tk
 from tipkernels.opd import OPDConfig, OPDTrainer, load_prompts, sequence_tip_loss
 from tipkernels.opd.cli import main as cli_main
-from tipkernels.opd.demo import ModelSize, build_model, build_tokenizer
+from tipkernels.opd.demo import build_model, build_tokenizer
 from tipkernels.opd.models import check_vocab, position_ids
 from tipkernels.opd.rollout import generate, response_mask
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ModelSize(hidden=32, layers=1, heads=2, ffn=64)
-BIG = ModelSize(hidden=48, layers=2, heads=2, ffn=96)
-PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>", "8832>"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-def models(tok, *, teacher_extra_rows=3, seed=0):
-    student = build_model(SMALL, len(tok), seed=seed)
-    teacher = build_model(BIG, len(tok) + teacher_extra_rows, seed=seed + 100)  # padded teacher vocabulary
-    return student, teacher
-
-
-def config(tmp_path, **kw):
-    base = dict(rule="soft_or", ratio=0.5, max_new_tokens=6, batch_size=4, steps=3, lr=3e-3, warmup_steps=1,
-                seed=0, output_dir=str(tmp_path / "run"), progress=False, plot=False, backend="torch")
-    base.update(kw)
-    return OPDConfig(**base)
+from tests._harness import BIG_MODEL as BIG, PROMPTS, ROOT, SMALL_MODEL as SMALL, opd_config as config, \
+    opd_models as models
 
 
 # --------------------------------------------------------------------------------------- masks and the shift
@@ -133,6 +113,7 @@ def test_gradients_match_materialised_loss(tok):
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(tok, tmp_path):
     torch.manual_seed(0)
     student, teacher = models(tok)
@@ -142,6 +123,7 @@ def test_loss_falls_on_a_fixed_batch(tok, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_figure_and_checkpoint(tok, tmp_path):
     student, teacher = models(tok)
     cfg = config(tmp_path, steps=3, grad_accum=2, rollouts_per_prompt=2, plot=True, eval_interval=2)
@@ -164,6 +146,7 @@ def test_train_writes_metrics_figure_and_checkpoint(tok, tmp_path):
     assert (ck / "student" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_state(tok, tmp_path):
     cfg = config(tmp_path, steps=4, save_interval=2, rule="entropy_sample", ratio=0.5)
     torch.manual_seed(123)
@@ -259,6 +242,7 @@ def test_logit_transforms_are_refused(tok):
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_help():
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     for argv in (["--help"], ["demo", "--help"], ["opd", "--help"]):
@@ -272,6 +256,7 @@ def test_cli_help():
         assert res.returncode == 0 and "demo" in res.stdout and "opd" in res.stdout
 
 
+@pytest.mark.slow
 def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
     student, teacher = models(tok)
     s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
@@ -315,6 +300,7 @@ def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
                                        "--prompts", str(prompts)])
 
 
+@pytest.mark.slow
 def test_demo_quick_shows_distillation(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--no-progress", "--output-dir", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
@@ -373,6 +359,7 @@ def test_tip_gkd_loss_with_all_tokens_equals_trl_generalized_jsd(tok, beta):
     assert abs(float(out.loss.detach()) - float(want)) < 1e-5 * max(1.0, float(want))
 
 
+@pytest.mark.slow
 def test_tip_gkd_trainer_trains_with_trl(tok, tmp_path):
     from datasets import Dataset
 
@@ -400,6 +387,7 @@ def test_tip_gkd_trainer_trains_with_trl(tok, tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,argv", [("plain_pytorch_opd.py", ["--steps", "3"]),
                                          ("trl_gkd.py", ["--steps", "2"])])
 def test_examples_run(script, argv, tmp_path):

@@ -7,9 +7,9 @@ signature with Triton's own JIT binder (same int/alignment specialisation as a r
 ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: TTIR -> TTGIR -> LLVM ->
 PTX -> cubin with the ptxas bundled in the wheel. No CUDA driver is needed for that.
 
-The compiling runs in one subprocess (``python tests/test_triton_compile.py OUT.json``) because the test session
-runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit`` functions cannot be
-compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
+The compiling runs in one subprocess (``python tests/backends/test_triton_compile.py OUT.json``) because the test
+session runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit`` functions
+cannot be compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
 
 Checked per compiled kernel: it compiles; shared memory fits an H100 block (227 KiB); ptxas neither spills nor
 uses more than 255 registers and one block of num_warps fits the 64K-register file; 16-bit inputs use Hopper's
@@ -41,6 +41,8 @@ import tempfile
 import time
 
 import pytest
+
+pytestmark = pytest.mark.slow  # one subprocess compiles ~70 kernels (35-60 s on 2 cores)
 
 H100_SMEM_PER_BLOCK = 227 * 1024
 REGISTER_FILE = 64 * 1024
@@ -100,7 +102,7 @@ CASE_IDS = [c["id"] for c in CASES]
 def _problem(case):
     import torch
 
-    from tipkernels.inputs import Problem
+    from tests._harness import Problem
 
     dt = getattr(torch, case["dtype"])
     shape = DEFAULT_SHAPE if case["config"] == "default" else SMALL_SHAPE
@@ -133,7 +135,7 @@ def _record(case):
     """The launches the backend makes for the case's calls (nothing runs: outputs are garbage)."""
     import torch
 
-    from tipkernels.backends import triton as tb
+    from tests._harness import triton_backend as tb
 
     prob = _problem(case)
     cfg = SMALL if case["config"] == "small" else None
@@ -310,7 +312,7 @@ def worker(out_path: str, case_ids=(), jobs: int = 2) -> None:
 @pytest.fixture(scope="module")
 def report():
     pytest.importorskip("triton")  # a hard dependency of the project: never actually skipped here
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/backends/ -> repo
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, "cache"),
@@ -397,8 +399,7 @@ def test_config_rejects_blocks_a_gpu_cannot_compile():
     """tl.dot needs power-of-two tiles of at least 16; the interpreter would run other sizes, a GPU would not."""
     import torch
 
-    from tipkernels.backends import triton as tb
-    from tipkernels.inputs import Problem
+    from tests._harness import Problem, triton_backend as tb
 
     prob = Problem(student_hidden=torch.zeros(3, 8), student_weight=torch.zeros(5, 8))
     for bad in (dict(block_v=8), dict(block_d=48), dict(bwd_block_v=24), dict(block_dh=1.5)):

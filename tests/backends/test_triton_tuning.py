@@ -9,11 +9,8 @@ import pytest
 import torch
 
 import tipkernels as tk
-from tipkernels.backends import triton as trb
+from tests._harness import DEVICE, build_problem, triton_backend as trb
 from tipkernels.backends.triton import config as trc
-from tipkernels.inputs import build_problem
-
-from conftest import DEVICE
 
 
 def _prob(dtype=torch.float32, n=6, v=40, d=24):
@@ -113,6 +110,7 @@ def test_missing_table_and_unknown_keys_are_clear_errors(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------------ the search
 
 
+@pytest.mark.slow
 def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_candidates(monkeypatch, tmp_path):
     from benchmarks import tune_triton as tt
 
@@ -156,6 +154,7 @@ def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_can
     assert res["passes"]["forward"] == pytest.approx({"start": 1.0, "best": 0.5, "start_err": res["rows"][0]["err"]})
 
 
+@pytest.mark.slow
 def test_the_command_writes_a_table_the_backend_reads(monkeypatch, tmp_path):
     from benchmarks import tune_triton as tt
 

@@ -3,7 +3,7 @@
 Hypothesis draws shapes (N, V, D_s ≠ D_t, [N] or [B, L] token dims), dtypes (fp32, bf16; fp64 for the torch and
 reference backends), temperatures, biases, padded teacher vocabularies (padding rows hold huge values, so any
 leak shows), masks with empty rows, weights with zeros, ratios, budgets and rules. Values and gradients must pass
-docs/design.md §8's rule (``test_ops.assert_rule``: error against the float64 truth at most the same-dtype reference's
+docs/design.md §8's rule (``tests/_harness.assert_rule``: error against the float64 truth at most the same-dtype reference's
 plus TOL[dtype]). Shapes stay tiny (N ≤ 16, V ≤ 40, D ≤ 24): the Triton kernels run in the interpreter here.
 
 Profiles (tests/conftest.py): ``HYPOTHESIS_PROFILE=ci`` (default: 40 derandomized examples per test, reproducible)
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import tipkernels as tk
-from tipkernels.backends import reference
 from tipkernels.selection import RULES
 
-from conftest import DEVICE
-from test_ops import (TOL, assert_rule, gradient_floors, make_case, run_divergence, run_entropy, run_from_logits,
-                      scaled_err, truth_divergence, truth_entropy, truth_from_logits, truth_student, truth_teacher,
-                      upstream)
+from tests._harness import (DEVICE, TOL, assert_rule, gradient_floors, make_case, reference, run_divergence,
+                            run_entropy, run_from_logits, scaled_err, truth_divergence, truth_entropy,
+                            truth_from_logits, truth_student, truth_teacher, upstream)
+
+pytestmark = pytest.mark.slow  # 40 hypothesis examples per test (the "ci" profile), on every backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 DIVS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
@@ -120,7 +121,7 @@ def test_divergence_from_logits(setup, div, reduction, scale):
     go = upstream(reduction, s.shape[:-1], seed)
     args = (kind, beta, temperature, reduction, go)
     fast = run_from_logits(s, u, backend, *args)
-    # logits ~20 (scale 10): judge gradients on |go|/T (see test_ops.gradient_floors), else on FLOOR_SHARE of it
+    # logits ~20 (scale 10): judge gradients on |go|/T (see tests/_harness.gradient_floors), else on FLOOR_SHARE of it
     floors = {"d_logits": (1.0 if scale > 1 else FLOOR_SHARE) * go.abs().max().item() / temperature}
     assert_rule(fast, run_from_logits(s, u, "reference", *args), truth_from_logits(s, u, *args), dtype,
                 f"{backend} logits {kind}({beta:.3g})", floors)

@@ -21,8 +21,10 @@ from tipkernels.opd import OPDTrainer
 from tipkernels.opd.process import ProcessContext
 from tipkernels.opd.rollout import Rollouts, generate
 
-from spawn_helpers import free_port, spawn
-from test_opd import PROMPTS, config, models
+from tests._harness import PROMPTS, opd_config as config, opd_models as models
+from tests.spawn_helpers import free_port, spawn
+
+pytestmark = pytest.mark.slow  # spawned process groups training models
 
 WORLD = 2
 MODES = ("ddp", "fsdp")

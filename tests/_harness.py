@@ -1,0 +1,489 @@
+"""The shared test harness: inputs, devices, the float64 truth, the pass rule and memory probes.
+
+Every test module imports what it shares from here (never from another test module). It is also the one place
+where the tests import library internals (the backends' modules, the problem type, the options; the public API,
+``tipkernels.selection`` and ``tipkernels.opd`` are imported directly), re-exported below, so that a move of those
+modules inside the package touches only this file.
+
+Two input builders: :func:`make_case` (the public ops' inputs: token dims, biases, a padded teacher as hidden
+states + lm_head or as logits, labels) and :func:`make_problem` (the backend-level :class:`Problem`).
+
+The truth is computed in float64 from the *same* (already rounded) input values: the logits are formed by plain
+matmuls and fed to ``reference``'s per-row formulas, and autograd gives the gradients.
+
+The pass rule (docs/design.md §8): ``err(fast path) <= err(reference in the input dtype) + TOL[dtype]``, where
+``err`` is :func:`scaled_err`: the max-abs difference to the truth divided by the scale of the truth (max |truth|,
+floored at 1 for values, so small values are compared absolutely; not floored for gradients, so a gradient is
+compared relative to its own largest entry). TOL: fp32 5e-4, bf16/fp16 1e-2 (fp64: 1e-10, fp64 against fp64).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import tipkernels as tk
+from tipkernels.opd import OPDConfig
+from tipkernels.opd.demo import ModelSize, build_model
+
+# ---------------------------------------------------------------------------------- library internals
+# The only imports of tipkernels' internal modules in the test suite: tests import them from here
+# (tests/backends/test_triton_compile.py's compile subprocess too).
+from tipkernels.backends import chunked as torch_backend
+from tipkernels.backends import reference
+from tipkernels.inputs import IGNORE_INDEX, Problem, build_problem
+from tipkernels.options import deterministic_scope, options
+
+try:
+    from tipkernels.backends import triton as triton_backend
+except ModuleNotFoundError as e:  # only a missing triton (a Linux-only dependency) leaves the triton backend out
+    if e.name != "triton":
+        raise
+    triton_backend = None
+HAS_TRITON_BACKEND = triton_backend is not None
+
+Tensor = torch.Tensor
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_CUDA = DEVICE.type == "cuda"
+#: Fast paths under test; "reference" is added where comparing it with itself still checks the API plumbing.
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON_BACKEND else [])
+ALL_BACKENDS = BACKENDS + ["reference"]
+TOL = {torch.float32: 5e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+DTYPES = [torch.float32, torch.bfloat16]
+#: (divergence, beta) pairs: every divergence, JSD at both exact limits and inside.
+DIVS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+DIV_IDS = ["rkl", "fkl", "jsd0", "jsd0.3", "jsd1"]
+PAD = 7  # extra teacher vocabulary rows
+HUGE = 1e4  # what the padding rows hold; any leak into the distributions would dominate them
+
+
+# ------------------------------------------------------------------------------------ parametrisation
+
+
+def grid(argnames: str, *axes, drop=None, slow=None):
+    """``pytest.mark.parametrize`` over the product of ``axes`` minus the combinations ``drop(*values)`` names.
+
+    Each axis is a list of ``(id, value)`` pairs (a tuple value spreads over several argnames). Dropped
+    combinations are never generated (rather than generated and skipped). Combinations ``slow(*values)`` names
+    are marked ``slow``: CI runs them, the fast subset (``-m "not slow"``) leaves them out.
+    """
+    params = []
+    for combo in itertools.product(*axes):
+        values = []
+        for _, v in combo:
+            values.extend(v if isinstance(v, tuple) else (v,))
+        if drop is not None and drop(*values):
+            continue
+        marks = [pytest.mark.slow] if slow is not None and slow(*values) else []
+        params.append(pytest.param(*values, id="-".join(i for i, _ in combo), marks=marks))
+    return pytest.mark.parametrize(argnames, params)
+
+
+def axis(values, ids=None):
+    ids = ids or [str(v) for v in values]
+    return list(zip(ids, values))
+
+
+def slow(*values, id=None):
+    """``pytest.param(*values)`` marked ``slow`` (left out of the fast subset, run by CI)."""
+    return pytest.param(*values, id=id, marks=pytest.mark.slow)
+
+
+#: Under Triton's interpreter (no GPU) some combinations whose code path is shared Python are left to the
+#: other backends, to keep CI short; compiled on a GPU every combination runs.
+INTERPRETED = DEVICE.type == "cpu"
+
+
+def shape_for(backend: str):
+    """(N, V, D_s, D_t): odd, D_s != D_t, none a multiple of a block; tiny for Triton's interpreter, larger
+    (several tiles of the default blocks in every dimension) when the kernels are compiled on a GPU."""
+    if backend == "triton":
+        return (13, 37, 24, 19) if DEVICE.type == "cpu" else (131, 1031, 200, 72)
+    return 29, 101, 40, 19
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Case:
+    """One problem's inputs. Teacher tensors may be padded (V_t > V); ``lead`` is the token dims."""
+
+    lead: tuple
+    vocab: int
+    hs: Tensor
+    ws: Tensor
+    bs: Optional[Tensor]
+    ht: Optional[Tensor] = None
+    wt: Optional[Tensor] = None
+    bt: Optional[Tensor] = None
+    tl: Optional[Tensor] = None  # teacher logits instead of ht/wt/bt
+    labels: Optional[Tensor] = None
+
+    def cast(self, dtype: torch.dtype) -> "Case":
+        c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return replace(self, hs=c(self.hs), ws=c(self.ws), bs=c(self.bs), ht=c(self.ht), wt=c(self.wt),
+                       bt=c(self.bt), tl=c(self.tl))
+
+    @property
+    def teacher_kwargs(self) -> dict:
+        return dict(teacher_logits=self.tl, teacher_bias=self.bt)
+
+
+def make_case(n, vocab, ds, dt, *, seed=0, lead=None, pad=PAD, student_bias=True, teacher="linear",
+              teacher_bias=True, labels=False, scale=1.0, dtype=torch.float32) -> Case:
+    """Random inputs with logits of std ~2 (times ``scale**2``); padding rows/columns hold huge values."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    lead = (n,) if lead is None else tuple(lead)
+    assert math.prod(lead) == n
+    hs = randn(*lead, ds) * scale
+    ws = randn(vocab, ds) * (2.0 / math.sqrt(ds)) * scale
+    bs = randn(vocab) * 0.5 if student_bias else None
+    case = Case(lead=lead, vocab=vocab, hs=hs, ws=ws, bs=bs)
+    vt = vocab + pad
+    if teacher == "linear":
+        wt = randn(vt, dt) * (2.0 / math.sqrt(dt)) * scale
+        wt[vocab:] = 50.0
+        case.ht = randn(*lead, dt) * scale
+        case.wt = wt
+        if teacher_bias:
+            bt = randn(vt) * 0.5
+            bt[vocab:] = HUGE
+            case.bt = bt
+    elif teacher == "logits":
+        tl = randn(*lead, vt) * 2.0 * scale**2
+        tl[..., vocab:] = HUGE
+        case.tl = tl
+    if labels:
+        lab = torch.randint(0, vocab, lead, generator=g)
+        lab.view(-1)[::4] = -100
+        lab.view(-1)[1] = vocab - 1
+        lab.view(-1)[2] = 0
+        case.labels = lab
+    case = case.cast(dtype)
+    if DEVICE.type != "cpu":
+        case = _to_device(case)
+    return case
+
+
+def _to_device(case: Case) -> Case:
+    m = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return replace(case, hs=m(case.hs), ws=m(case.ws), bs=m(case.bs), ht=m(case.ht), wt=m(case.wt),
+                   bt=m(case.bt), tl=m(case.tl), labels=m(case.labels))
+
+
+def noncontig(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The same values in a non-contiguous layout: first two dims stored transposed, the last dim strided by 2."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        out = torch.zeros(2 * t.shape[0], dtype=t.dtype, device=t.device)[1::2]
+    elif t.dim() == 2:
+        out = torch.zeros(2 * t.shape[1], t.shape[0], dtype=t.dtype, device=t.device).t()[:, 1::2]
+    else:
+        shape = [t.shape[1], t.shape[0], *t.shape[2:-1], 2 * t.shape[-1]]
+        out = torch.zeros(shape, dtype=t.dtype, device=t.device).transpose(0, 1)[..., 1::2]
+    out.copy_(t)
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def leaf(t: Optional[Tensor], layout=None) -> Optional[Tensor]:
+    if t is None:
+        return None
+    t = t.detach().clone() if layout is None else layout(t.detach())
+    return t.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------- the truth
+
+
+def _logits64(hidden, weight, bias, temperature, vocab):
+    """Float64 logits over the first ``vocab`` entries (a padded teacher is cut there)."""
+    d = hidden.shape[-1]
+    s = hidden.double().reshape(-1, d) @ weight[:vocab].double().t()
+    if bias is not None:
+        s = s + bias[:vocab].double()
+    return s / temperature
+
+
+def truth_student(case: Case, temperature: float):
+    """Float64 leaves (hidden, weight, bias) and the student logits built from them."""
+    hs = case.hs.detach().double().requires_grad_(True)
+    ws = case.ws.detach().double().requires_grad_(True)
+    bs = None if case.bs is None else case.bs.detach().double().requires_grad_(True)
+    return (hs, ws, bs), _logits64(hs, ws, bs, temperature, case.vocab)
+
+
+def truth_teacher(case: Case, temperature: float) -> Tensor:
+    if case.tl is not None:
+        return case.tl.double().reshape(-1, case.tl.shape[-1])[:, : case.vocab] / temperature
+    return _logits64(case.ht, case.wt, case.bt, temperature, case.vocab)
+
+
+def reduce_truth(values: Tensor, lead, reduction: str, weights: Optional[Tensor]) -> Tensor:
+    values = values.reshape(lead)
+    if weights is not None:
+        values = values * weights.double()
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    denom = weights.double().sum() if weights is not None else torch.tensor(float(values.numel()))
+    return values.sum() / denom if float(denom) != 0 else values.sum() * 0
+
+
+def upstream(reduction: str, lead, seed: int = 123) -> Tensor:
+    """A random upstream gradient (fp32-representable), shaped like the op's output."""
+    g = torch.Generator().manual_seed(seed)
+    if reduction == "none":
+        return torch.randn(*lead, generator=g).double().to(DEVICE)
+    return torch.tensor(1.7, dtype=torch.float64, device=DEVICE)
+
+
+def backprop(out: Tensor, go: Tensor) -> None:
+    (out.double() * go).sum().backward()
+
+
+def grads_of(hs, ws, bs, prefix="") -> Dict[str, Tensor]:
+    out = {"d_hidden": hs.grad, "d_weight": ws.grad}
+    if bs is not None:
+        out["d_bias"] = bs.grad
+    return out
+
+
+def truth_divergence(case, kind, beta, temperature, reduction, weights, go):
+    (hs, ws, bs), s = truth_student(case, temperature)
+    u = truth_teacher(case, temperature)
+    out = reduce_truth(reference.divergence(s, u, kind, beta), case.lead, reduction, weights)
+    backprop(out, go)
+    return {"value": out.detach(), **grads_of(hs, ws, bs)}
+
+
+def run_divergence(case, backend, kind, beta, temperature, reduction, weights, go, layout=None):
+    hs, ws, bs = leaf(case.hs, layout), leaf(case.ws, layout), leaf(case.bs, layout)
+    ht, wt = (case.ht, case.wt) if layout is None else (noncontig(case.ht), noncontig(case.wt))
+    out = tk.fused_linear_divergence(hs, ws, ht, wt, divergence=kind, beta=beta, temperature=temperature,
+                                     student_bias=bs, weights=weights, reduction=reduction, backend=backend,
+                                     **case.teacher_kwargs)
+    backprop(out, go)
+    return {"value": out.detach(), **grads_of(hs, ws, bs)}
+
+
+def truth_entropy(case, temperature, reduction, go):
+    (hs, ws, bs), s = truth_student(case, temperature)
+    out = reduce_truth(reference.entropy(s), case.lead, reduction, None)
+    backprop(out, go)
+    return {"value": out.detach(), **grads_of(hs, ws, bs)}
+
+
+def run_entropy(case, backend, temperature, reduction, go, layout=None):
+    hs, ws, bs = leaf(case.hs, layout), leaf(case.ws, layout), leaf(case.bs, layout)
+    out = tk.fused_linear_entropy(hs, ws, bias=bs, temperature=temperature, reduction=reduction, backend=backend)
+    backprop(out, go)
+    return {"value": out.detach(), **grads_of(hs, ws, bs)}
+
+
+
+def logits_case(backend, dtype, seed, lead=None, pad=PAD, scale=1.0):
+    """Student logits [*lead, V] and padded teacher logits [*lead, V + pad] (padding columns hold HUGE)."""
+    n, v, _, _ = shape_for(backend)
+    g = torch.Generator().manual_seed(seed)
+    lead = (n,) if lead is None else lead
+    s = torch.randn(*lead, v, generator=g, dtype=torch.float64) * 2 * scale
+    u = torch.randn(*lead, v + pad, generator=g, dtype=torch.float64) * 2 * scale
+    u[..., v:] = HUGE
+    return s.to(dtype).to(DEVICE), u.to(dtype).to(DEVICE)
+
+
+def run_from_logits(s, u, backend, kind, beta, temperature, reduction, go, layout=None):
+    s = leaf(s, layout)
+    u = u.clone().requires_grad_(True)  # must get no gradient
+    out = tk.divergence_from_logits(s, u, divergence=kind, beta=beta, temperature=temperature,
+                                    reduction=reduction, backend=backend)
+    backprop(out, go)
+    assert u.grad is None
+    return {"value": out.detach(), "d_logits": s.grad}
+
+
+def truth_from_logits(s, u, kind, beta, temperature, reduction, go):
+    v = s.shape[-1]
+    s64 = s.detach().double().requires_grad_(True)
+    u64 = u.detach().double().reshape(-1, u.shape[-1])[:, :v] / temperature
+    values = reference.divergence(s64.reshape(-1, v) / temperature, u64, kind, beta)
+    out = reduce_truth(values, s.shape[:-1], reduction, None)
+    backprop(out, go)
+    return {"value": out.detach(), "d_logits": s64.grad}
+
+
+# -------------------------------------------------------------------------------------------- the rule
+
+
+def scaled_err(x: Tensor, truth: Tensor, floor: float) -> float:
+    """``max |x - truth| / max(max |truth|, floor)`` in float64 (1 replaces a zero scale)."""
+    assert x is not None, "missing tensor"
+    assert x.shape == truth.shape, f"shape {tuple(x.shape)} != {tuple(truth.shape)}"
+    x, truth = x.double(), truth.double()
+    if truth.numel() == 0:
+        return 0.0
+    assert torch.isfinite(x).all(), "non-finite entries"
+    scale = max(truth.abs().max().item(), floor) or 1.0
+    return (x - truth).abs().max().item() / scale
+
+
+def gradient_floors(go: Tensor, temperature: float, hidden: Optional[Tensor] = None,
+                    weight: Optional[Tensor] = None) -> Dict[str, float]:
+    """The scale of each gradient map: ``|go|·|W|/T`` for d hidden, ``|go|·|h|/T`` for d weight, ``|go|/T``
+    for d bias and d logits (a per-row logit gradient of size O(1), pushed through the chain rule).
+
+    With logits of ~1e2 both softmaxes are one-hot and the true KL/JSD gradients are ~1e-16: every entry is the
+    cancellation of O(1) terms, and fp32 logits carry an absolute error of ulp(1e2) ≈ 1e-5 whichever way they are
+    formed. Such gradients are judged on this scale, not relative to their own vanishing size."""
+    g = go.abs().max().item() / temperature
+    floors = {"d_bias": g, "d_logits": g}
+    if hidden is not None:
+        floors.update(d_hidden=g * weight.abs().max().item(), d_weight=g * hidden.abs().max().item())
+    return floors
+
+
+def assert_rule(fast: Dict[str, Tensor], same_dtype_ref: Dict[str, Tensor], truth: Dict[str, Tensor],
+                dtype: torch.dtype, what: str = "", floors: Optional[Dict[str, float]] = None) -> None:
+    """The pass rule (docs/design.md §8): each value/gradient of ``fast`` is within the same-dtype reference's error
+    + TOL[dtype].
+
+    ``floors`` (see :func:`gradient_floors`) replaces the default floor of a gradient's scale (0: relative to
+    its own largest entry); only the extreme-logit variants pass it."""
+    tol = TOL[dtype]
+    assert fast.keys() == truth.keys(), (fast.keys(), truth.keys())
+    for key, t in truth.items():
+        floor = 1.0 if key == "value" else (floors or {}).get(key, 0.0)
+        assert fast[key].dtype == same_dtype_ref[key].dtype, f"{what} {key}: dtype {fast[key].dtype}"
+        e_fast = scaled_err(fast[key], t, floor)
+        e_ref = scaled_err(same_dtype_ref[key], t, floor)
+        assert e_fast <= e_ref + tol, f"{what} {key}: err {e_fast:.3g} > reference-in-{dtype} {e_ref:.3g} + {tol}"
+
+
+def assert_close64(fast: Dict[str, Tensor], truth: Dict[str, Tensor], tol: float = 1e-10, what: str = ""):
+    for key, t in truth.items():
+        e = scaled_err(fast[key], t, 1.0 if key == "value" else 0.0)
+        assert e <= tol, f"{what} {key}: err {e:.3g}"
+
+
+def check_elementwise(name, got, truth, same_dtype_ref, tol, *, relative_to_max=False, atol=0.0):
+    """The pass rule elementwise: |got - truth| <= |ref_in_dtype - truth| + tol * scale + atol (scale: 1 + |truth|,
+    or max |truth| with ``relative_to_max``)."""
+    got, truth, r = got.double().cpu(), truth.double().cpu(), same_dtype_ref.double().cpu()
+    assert got.shape == truth.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    scale = truth.abs().max().clamp_min(1e-30) if relative_to_max else 1.0 + truth.abs()
+    err, ref_err = (got - truth).abs(), (r - truth).abs()
+    bad = err > ref_err + tol * scale + atol
+    assert not bad.any(), (
+        f"{name}: max err {err.max().item():.3g} (ref in dtype {ref_err.max().item():.3g}, scale "
+        f"{float(scale.max()):.3g}) at {bad.nonzero()[:5].flatten().tolist()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+class NumelRecorder(TorchDispatchMode):
+    """Records (numel, op, bytes) of every tensor each op returns (in-place ops return their target: counted
+    too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((t.numel(), str(func), t.numel() * t.element_size()))
+        return out
+
+
+# ------------------------------------------------------------------------- backend-level problems
+
+
+def make_problem(variant="linear", dtype=torch.float32, *, n=13, vocab=37, ds=24, dt=19, pad=5,
+                 temperature=0.7, scale=1.0, seed=0):
+    """A backend-level :class:`Problem` (what the backends receive) of the given variant: biases, a padded teacher
+    vocabulary and labels (with ignores) included."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    hs, ws, bs = rnd(n, ds), rnd(vocab, ds) / ds ** 0.5 * 2 * scale, rnd(vocab) * 0.5
+    ht, wt, bt = rnd(n, dt), rnd(vocab + pad, dt) / dt ** 0.5 * 2 * scale, rnd(vocab + pad) * 0.5
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[1::4] = IGNORE_INDEX
+    kw = dict(labels=labels, temperature=temperature)
+    if variant == "strided":  # hidden states and weights as non-contiguous views (made in the dtype)
+        hs = rnd(ds, n).to(dtype).t()
+        ht = rnd(n, dt + 7).to(dtype)[:, 3:3 + dt]
+        ws = (rnd(ds, vocab) / ds ** 0.5 * 2).to(dtype).t()
+    cast = lambda t: t.to(dtype)  # noqa: E731  (a no-op on tensors already in dtype)
+    if variant == "student_logits":
+        s = cast((hs @ ws.t() + bs) * 3)
+        prob, _ = build_problem(None, None, cast(ht), cast(wt), student_logits=s, teacher_bias=cast(bt), **kw)
+    elif variant == "teacher_logits":
+        u = cast(rnd(n, vocab + pad) * 3 * scale)
+        prob, _ = build_problem(cast(hs), cast(ws), student_bias=cast(bs), teacher_logits=u, temperature=2.0,
+                                labels=labels)
+    elif variant == "student_only":
+        prob, _ = build_problem(cast(hs), cast(ws), student_bias=cast(bs), **kw)
+    else:
+        prob, _ = build_problem(cast(hs), cast(ws), cast(ht), cast(wt), student_bias=cast(bs),
+                                teacher_bias=cast(bt), **kw)
+    if variant == "strided":
+        assert not prob.student_hidden.is_contiguous() and not prob.student_weight.is_contiguous()
+        assert not prob.teacher_hidden.is_contiguous()
+    return problem_to(prob, device=DEVICE)
+
+
+def problem_to(prob: Problem, dtype=None, device=None) -> Problem:
+    conv = lambda t: None if t is None else t.to(device=device or t.device, dtype=dtype or t.dtype)  # noqa
+    fields = ("student_hidden", "student_weight", "student_bias", "student_logits", "teacher_hidden",
+              "teacher_weight", "teacher_bias", "teacher_logits")
+    kw = {f: conv(getattr(prob, f)) for f in fields}
+    labels = None if prob.labels is None else prob.labels.to(device or prob.labels.device)
+    return Problem(**kw, labels=labels, temperature=prob.temperature)
+
+
+def f64(prob):
+    return problem_to(prob, dtype=torch.float64)
+
+
+
+# ---------------------------------------------------------------------------------------------------- OPD
+# Tiny Hugging Face models built in code (no downloads) for tests/opd/: the distributed tests' spawned workers
+# import these too.
+
+SMALL_MODEL = ModelSize(hidden=32, layers=1, heads=2, ffn=64)
+BIG_MODEL = ModelSize(hidden=48, layers=2, heads=2, ffn=96)
+PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>", "8832>"]
+
+
+def opd_models(tok, *, teacher_extra_rows=3, seed=0):
+    """A student and a bigger teacher whose vocabulary is padded by ``teacher_extra_rows``."""
+    student = build_model(SMALL_MODEL, len(tok), seed=seed)
+    teacher = build_model(BIG_MODEL, len(tok) + teacher_extra_rows, seed=seed + 100)  # padded teacher vocabulary
+    return student, teacher
+
+
+def opd_config(tmp_path, **kw):
+    """A short OPD run's config on the torch backend (3 steps of 4 prompts), written under ``tmp_path/run``."""
+    base = dict(rule="soft_or", ratio=0.5, max_new_tokens=6, batch_size=4, steps=3, lr=3e-3, warmup_steps=1,
+                seed=0, output_dir=str(tmp_path / "run"), progress=False, plot=False, backend="torch")
+    base.update(kw)
+    return OPDConfig(**base)
