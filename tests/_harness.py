@@ -19,8 +19,14 @@ compared relative to its own largest entry). TOL: fp32 5e-4, bf16/fp16 1e-2 (fp6
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
+import os
+import pickle
+import shlex
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional
@@ -32,6 +38,7 @@ from torch.utils._pytree import tree_flatten
 
 import tipkernels as tk
 from tipkernels.opd import OPDConfig
+from tipkernels.opd import checkpoint as ckpt
 from tipkernels.opd.demo import ModelSize, build_model
 
 # ---------------------------------------------------------------------------------- library internals
@@ -487,3 +494,50 @@ def opd_config(tmp_path, **kw):
                 seed=0, output_dir=str(tmp_path / "run"), progress=False, plot=False, backend="torch")
     base.update(kw)
     return OPDConfig(**base)
+
+
+# ------------------------------------------------- checkpoints whose full unpickling would run a command
+
+
+class RunsCode:
+    """Pickles to ``os.system("touch <marker>")``: unpickling it in full runs the command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def rehash(ck, *rels):
+    """Rewrite ``ck``'s manifest so the sizes and digests of ``rels`` match their current content."""
+    m = json.loads((ck / "manifest.json").read_text())
+    for rel in rels:
+        data = (ck / rel).read_bytes()
+        m["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ck / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def plant_code_running_state(ck, marker, how="torch.save"):
+    """Replace ``ck/trainer_state.pt`` by a pickle whose full loading would touch ``marker``, shaped like a real
+    state file, and rewrite the manifest so that every size and SHA-256 matches: only the reader stands between
+    the file and the command."""
+    step = ckpt.read_manifest(ck)["step"]
+    payload = {"step": step, "entries": {"optimizer": RunsCode(marker)}}
+    st = ck / "trainer_state.pt"
+    if how == "torch.save":
+        torch.save(payload, st)
+    else:
+        st.write_bytes(pickle.dumps(payload, protocol=2))
+    rehash(ck, "trainer_state.pt")
+    assert ckpt.verify(ck)["step"] == step  # the manifest vouches for the planted file
+    return st
+
+
+def assert_payload_is_live(st, marker):
+    """The planted file really runs its command when unpickled in full (so the refusal above is what saved us)."""
+    assert not marker.exists()
+    torch.load(st, weights_only=False) if zipfile.is_zipfile(st) else pickle.loads(st.read_bytes())
+    assert marker.exists()
+    marker.unlink()

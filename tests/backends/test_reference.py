@@ -43,7 +43,7 @@ def plain_formulas(s: Tensor, u_padded: Tensor, beta: float) -> Dict[str, Tensor
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_reference_matches_plain_formulas(backend, beta, tiles_3x16):
-    """Cross-checks tipkernels.reference (and the torch backend, chunked) with formulas written out here."""
+    """Cross-checks tipkernels.backends.reference (and the torch backend, chunked) with formulas written out here."""
     n, v, ds, dt = 29, 101, 40, 19
     case = make_case(n, v, ds, dt, dtype=torch.float64, seed=9)
     temperature = 0.7

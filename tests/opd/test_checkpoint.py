@@ -8,17 +8,13 @@ import copy
 import hashlib
 import json
 import os
-import pickle
 import random
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import warnings
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +24,8 @@ from tipkernels.opd import checkpoint as ckpt
 from tipkernels.opd.checkpoint import CheckpointError
 from tipkernels.opd.demo import build_model
 
-from tests._harness import BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL
+from tests._harness import (BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL, RunsCode, assert_payload_is_live,
+                            plant_code_running_state, rehash)
 
 # 7 prompts, batch 3: epochs straddle steps, so the saved mid-epoch order matters
 PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>"]
@@ -370,50 +367,6 @@ def test_straight_run_keeps_two_checkpoints_by_default(straight):
 
 
 # ------------------------------------------------------------------- (d) resuming never executes checkpoint code
-
-
-class RunsCode:
-    """Pickles to ``os.system("touch <marker>")``: unpickling it in full runs the command."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
-
-
-def rehash(ck, *rels):
-    """Rewrite ``ck``'s manifest so the sizes and digests of ``rels`` match their current content."""
-    m = json.loads((ck / "manifest.json").read_text())
-    for rel in rels:
-        data = (ck / rel).read_bytes()
-        m["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (ck / "manifest.json").write_text(json.dumps(m))
-    return m
-
-
-def plant_code_running_state(ck, marker, how="torch.save"):
-    """Replace ``ck/trainer_state.pt`` by a pickle whose full loading would touch ``marker``, shaped like a real
-    state file, and rewrite the manifest so that every size and SHA-256 matches: only the reader stands between
-    the file and the command."""
-    step = ckpt.read_manifest(ck)["step"]
-    payload = {"step": step, "entries": {"optimizer": RunsCode(marker)}}
-    st = ck / "trainer_state.pt"
-    if how == "torch.save":
-        torch.save(payload, st)
-    else:
-        st.write_bytes(pickle.dumps(payload, protocol=2))
-    rehash(ck, "trainer_state.pt")
-    assert ckpt.verify(ck)["step"] == step  # the manifest vouches for the planted file
-    return st
-
-
-def assert_payload_is_live(st, marker):
-    """The planted file really runs its command when unpickled in full (so the refusal above is what saved us)."""
-    assert not marker.exists()
-    torch.load(st, weights_only=False) if zipfile.is_zipfile(st) else pickle.loads(st.read_bytes())
-    assert marker.exists()
-    marker.unlink()
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle.dumps"])

@@ -21,7 +21,8 @@ from tipkernels.opd import OPDTrainer
 from tipkernels.opd.process import ProcessContext
 from tipkernels.opd.rollout import Rollouts, generate
 
-from tests._harness import PROMPTS, opd_config as config, opd_models as models
+from tests._harness import (PROMPTS, assert_payload_is_live, opd_config as config, opd_models as models,
+                            plant_code_running_state)
 from tests.spawn_helpers import free_port, spawn
 
 pytestmark = pytest.mark.slow  # spawned process groups training models
@@ -258,8 +259,6 @@ def _tampered_worker(rank: int, port: int, tmp: str):
 
 
 def test_ddp_and_fsdp_refuse_a_state_file_that_would_run_code(tmp_path):
-    from test_opd_checkpoint import assert_payload_is_live, plant_code_running_state
-
     tok = _tok()
     student, teacher = models(tok, seed=4)
     single = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "one", batch_size=2, steps=1))
