@@ -9,7 +9,7 @@ import torch
 
 #: dtype names the scripts' ``--dtype`` flags accept.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 SHORT_DTYPES = ("bf16", "fp16", "fp32")
 
 
