@@ -4,16 +4,12 @@
     python benchmarks/gpu_suite.py --skip-tests --n 8192 --v 151936 --variants triton,trl,liger
     python benchmarks/gpu_suite.py --device cpu --quick --skip-tests --out /tmp/x      # smoke run of every path
 
-Sections, each written to the report as soon as it is done (a run cut short still leaves its file):
-1. ``pytest -q -x tests`` in a subprocess with a timeout (``--skip-tests`` to skip); 1b. with ``--tune``,
-   ``benchmarks/tune_triton.py`` at the goal shape, and the later triton cells use its table.
-2. The measured dense matmul rate (the GEMM floor's denominator).
-3. Reverse KL, fused linear: forward, backward, full step and the no-grad scoring pass (median time, peak memory
-   beyond inputs and gradients, fraction of the GEMM floor) for the variants of ``benchmarks/harness/variants.py``.
-4. The TIP loss step per rule and ratio, with the time relative to the ratio-1.0 step.
-
-Every cell fails alone (``OOM``, ``error: …``, ``timeout``); ``--budget-s`` bounds the whole run (later cells are
-reported as skipped). Cells run in priority order (the goal shape N=8192, V=151936 first).
+Sections, each written to the report when done: 1. ``pytest tests`` in a subprocess (``--skip-tests``); 1b. with
+``--tune``, ``benchmarks/tune_triton.py`` at the goal shape (later triton cells use its table); 2. the dense matmul
+rate (the GEMM floor's denominator); 3. reverse KL, fused linear: forward, backward, step and the no-grad scoring
+pass (median time, peak beyond inputs and gradients, fraction of the floor) per variant of
+``benchmarks/harness/variants.py``; 4. the TIP loss step per rule and ratio. Every cell fails alone (``OOM``,
+``error: …``, ``timeout``); ``--budget-s`` bounds the run; the goal shape N=8192, V=151936 runs first.
 """
 
 from __future__ import annotations
@@ -30,14 +26,15 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks import tune_triton  # noqa: E402
 from benchmarks.harness import cells, variants  # noqa: E402
 from benchmarks.harness.inputs import SHORT_DTYPES, clear_grads, dtype_of, make_inputs  # noqa: E402
-from benchmarks.harness.memory import MIB, free_memory, is_oom  # noqa: E402
+from benchmarks.harness.memory import MIB, free_memory  # noqa: E402
 from benchmarks.harness.report import (  # noqa: E402
-    RATIO_COLUMNS, Report, cell_text, grid_table, describe_error, device_name, env_markdown, failure_text, fmt_mib, fmt_ms,
-    fmt_pct, markdown_table, parse_csv, ratio_rows, slug, write_json,
+    RATIO_COLUMNS, Report, cell_text, device_name, env_markdown, fmt_mib, fmt_ms, fmt_pct, grid_table,
+    markdown_table, parse_csv, ratio_rows, slug, write_json,
 )
-from benchmarks.harness.runner import REPO_ROOT, Budget, Skips, run_pytest  # noqa: E402
+from benchmarks.harness.runner import REPO_ROOT, Attempt, Budget, Skips, describe_error, run_pytest  # noqa: E402
 from benchmarks.harness.timing import dense_matmul_tflops, gemm_floor_flops  # noqa: E402
 
 ALL_VARIANTS = variants.NAMES
@@ -121,7 +118,8 @@ def divergence_tables(args, results: dict, rate) -> str:
         if names:
             floor = lambda n, v, p=phase: gemm_floor_flops(n, v, args.d, args.d_teacher, 1.0, p)  # noqa: E731
             pair = ("triton", "liger") if "triton" in names and "liger" in names else None
-            out.append(f"### {TITLES[phase]}\n\n" + grid_table(results, phase, names, args.n, args.v, floor, rate, pair))
+            table = grid_table(results, phase, names, args.n, args.v, floor, rate, pair)
+            out.append(f"### {TITLES[phase]}\n\n{table}")
     return "\n\n".join(out)
 
 
@@ -130,9 +128,8 @@ def goals_table(args, results: dict, rate, tip: list) -> str:
     res = {(k[0], k[1]): r for k, r in results.items() if k[2:] == GOAL_SHAPE and r.get("time")}
     frac = {p: gemm_floor_flops(n, v, args.d, args.d_teacher, 1.0, p) / (rate * 1e12) / res[("triton", p)]["time"]
             for p in ("step", "scoring") if rate and ("triton", p) in res}
-    speed = res[("liger", "step")]["time"] / res[("triton", "step")]["time"] \
-        if ("liger", "step") in res and ("triton", "step") in res else None
-    peak = res.get(("triton", "step"), {}).get("peak")
+    triton, liger = res.get(("triton", "step"), {}), res.get(("liger", "step"), {})
+    speed, peak = liger["time"] / triton["time"] if triton and liger else None, triton.get("peak")
     goals = [("full step ≥ 60% of floor (triton)", frac.get("step"), fmt_pct, lambda x: x >= 0.6),
              ("full step ≥ 1.5× faster than Liger", speed, lambda x: f"{x:.2f}×", lambda x: x >= 1.5),
              ("full step extra peak ≤ 256 MiB (triton)", peak, fmt_mib, lambda x: x <= 256 * MIB),
@@ -154,8 +151,7 @@ def divergence_grid(args, budget: Budget, results: dict, notes: list, write) -> 
     notes.extend(x for var in built.values() for x in var.notes)
     skips, reported = Skips(budget), set()
     train = [p for p in args.phases if p in cells.TRAIN_PHASES]
-    grid = [(n, v) for v in args.v for n in args.n]
-    for n, v in sorted(grid, key=lambda c: c != GOAL_SHAPE):
+    for n, v in sorted([(n, v) for v in args.v for n in args.n], key=lambda c: c != GOAL_SHAPE):
         inputs = None
         for name, var in built.items():
             groups = ([train] if train else []) + (
@@ -175,21 +171,16 @@ def divergence_grid(args, budget: Budget, results: dict, notes: list, write) -> 
             kw = dict(warmup=args.warmup, max_repeats=args.repeats, target_s=args.target_s,
                       cell_timeout=budget.cell_timeout(args.cell_timeout))
             for group in groups:
-                try:
+                with Attempt(lambda: (clear_grads(inputs), free_memory(device))) as cell:
                     res = ({"scoring": cells.measure_scoring(var.score, inputs, device, **kw)} if group == ["scoring"]
                            else cells.measure_train(var.loss, inputs, device, group, **kw))
                     results.update({(name, p, n, v): r for p, r in res.items()})
-                except Exception as err:  # noqa: BLE001 - one cell's failure must not end the run
-                    text = failure_text(err)
-                    results.update({(name, p, n, v): {"text": text} for p in group})
-                    if skips.failed(name, (n, v), is_oom(err), var.compiled):
-                        notes.append(f"{name} at N={n}, V={v}: {text}")
+                if cell.text:
+                    results.update({(name, p, n, v): {"text": cell.text} for p in group})
+                    if skips.failed(name, (n, v), cell.oom, var.compiled):
+                        notes.append(f"{name} at N={n}, V={v}: {cell.text}")
                         with contextlib.suppress(Exception):
                             torch._dynamo.reset()
-                    err = None  # drop the traceback's frames (and their tensors)
-                finally:
-                    clear_grads(inputs)
-                    free_memory(device)
             if var.compiled and name not in skips.broken and name not in reported:
                 reported.add(name)
                 notes.append(f"{name}: first cell (N={n}, V={v}) including compilation took "
@@ -212,17 +203,12 @@ def tip_section(args, budget: Budget, tip: list, write) -> None:
             entry["text"] = "skipped (time budget)"
         else:
             log(f"[tip] {rule} ratio={ratio:g} …")
-            try:
+            with Attempt(lambda: (clear_grads(inputs), free_memory(args.device))) as cell:
                 step = variants.tip_step(args.tip_backend, rule, ratio, inputs, batch, seq, seeded=False)
                 entry.update(cells.measure_step(step, inputs, args.device, warmup=args.warmup, repeats=args.repeats,
                                                 target_s=args.target_s,
                                                 cell_timeout=budget.cell_timeout(args.cell_timeout)))
-            except Exception as err:  # noqa: BLE001
-                entry["text"] = failure_text(err)
-                err = None
-            finally:
-                clear_grads(inputs)
-                free_memory(args.device)
+            entry.update({"text": cell.text} if cell.text else {})
             log(f"    {fmt_ms(entry['time']) if entry.get('time') else entry.get('text')}")
         tip.append(entry)
         write()
@@ -242,8 +228,7 @@ def main(argv=None) -> int:
     name = device_name(device)
     base = os.path.join(out_dir, slug(name) + ("-quick" if args.quick else ""))
     report = Report(base + ".md", f"tipkernels benchmarks on {name}", env_markdown(device))
-    log(f"[suite] device {name}; report → {base}.md; budget "
-        f"{'none' if budget.seconds is None else f'{budget.seconds:.0f} s'}")
+    log(f"[suite] device {name}; report → {base}.md; budget {args.budget_s or 'none'} s")
     raw = {"device": name, "args": {k: str(v) for k, v in vars(args).items()}}
     results, tip, notes, rate = {}, [], [], None
 
@@ -279,15 +264,11 @@ def main(argv=None) -> int:
                    tip=tip, matmul_tflops=rate)
         write_json(base + ".json", raw)
 
-    if args.skip_tests:
-        report.set("tests", "## 1. Correctness suite\n\nskipped (`--skip-tests`)")
-    else:
-        section("tests", "## 1. Correctness suite", lambda: run_pytest(
-            args.pytest_args.split(), timeout=budget.cell_timeout(args.tests_timeout, reserve=60, least=10),
-            logfile=os.path.join(out_dir, "pytest.log"), log=log))
+    tests = (lambda: "skipped (`--skip-tests`)") if args.skip_tests else lambda: run_pytest(
+        args.pytest_args.split(), timeout=budget.cell_timeout(args.tests_timeout, reserve=60, least=10),
+        logfile=os.path.join(out_dir, "pytest.log"), log=log)
+    section("tests", "## 1. Correctness suite", tests)
     if args.tune:
-        from benchmarks import tune_triton
-
         section("tune", "## 1b. Tuning", lambda: tune_triton.tune_and_use(
             args.device, args.dtype, out_dir, budget.cell_timeout(args.tune_budget_s, reserve=60, least=0),
             None if args.quick else (*GOAL_SHAPE, args.d, args.d_teacher), log=log))
@@ -295,10 +276,9 @@ def main(argv=None) -> int:
 
     def matmul() -> str:
         nonlocal rate
-        log(f"[matmul] {args.matmul_n}³ {args.dtype} …")
         rate = dense_matmul_tflops(device, args.dtype_t, n=args.matmul_n, warmup=2 if args.quick else 3,
                                    repeats=3 if args.quick else 10)
-        log(f"[matmul] {rate:.1f} TFLOP/s")
+        log(f"[matmul] {args.matmul_n}³ {args.dtype}: {rate:.1f} TFLOP/s")
         return (f"{args.matmul_n}×{args.matmul_n}×{args.matmul_n} {args.dtype} matmul on random data, median: "
                 f"**{rate:.1f} TFLOP/s** (the GEMM floor's denominator)")
     section("matmul", "## 2. Dense matmul rate", matmul)

@@ -133,8 +133,8 @@ def report(results: list, rate_tflops, args) -> str:
             f"time = median of {args.repeats} steps; extra peak = peak over the inputs "
             f"({results[0]['peak_method']}; on the CPU it includes the {grads:.0f} MiB of fp32 gradients).\n\n"
             f"`vs 1.0` = time over the same rule's ratio-1.0 step; `ideal` = the GEMM floor's ratio "
-            f"(scoring + ρ·backward)/(scoring + backward) (docs/design.md §7); `of floor` = floor time / measured time at "
-            f"the measured dense {args.dtype} matmul rate ({rate_tflops:.2f} TFLOP/s).")
+            f"(scoring + ρ·backward)/(scoring + backward) (docs/design.md §7); `of floor` = floor time / measured "
+            f"time at the measured dense {args.dtype} matmul rate ({rate_tflops:.2f} TFLOP/s).")
     return "\n\n".join([head, env_markdown(args.device), markdown_table(rows_of(results, rate_tflops, args),
                                                                             RATIO_COLUMNS, HEADERS)]) + "\n"
 

@@ -35,10 +35,10 @@ import tipkernels as tk  # noqa: E402
 from benchmarks.harness.inputs import SHORT_DTYPES, clear_grads, dtype_of, make_inputs  # noqa: E402
 from benchmarks.harness.memory import MIB, free_memory, step_peak  # noqa: E402
 from benchmarks.harness.report import (  # noqa: E402
-    describe_error, env_markdown, fmt_mib, fmt_ms, markdown_table, parse_csv, pyplot, save_figure, style_axis,
+    env_markdown, fmt_mib, fmt_ms, markdown_table, parse_csv, pyplot, save_figure, style_axis,
     write_json, write_text,
 )
-from benchmarks.harness.runner import run_in_fork  # noqa: E402
+from benchmarks.harness.runner import describe_error, run_in_fork  # noqa: E402
 from benchmarks.harness.timing import timeit  # noqa: E402
 from benchmarks.harness.variants import backend_loss, loss_step  # noqa: E402
 

@@ -37,9 +37,8 @@ import torch  # noqa: E402
 from benchmarks.harness import lib  # noqa: E402
 from benchmarks.harness.inputs import SHORT_DTYPES, dtype_of, make_inputs  # noqa: E402
 from benchmarks.harness.memory import free_memory  # noqa: E402
-from benchmarks.harness.report import (  # noqa: E402
-    describe_error, device_name, env_markdown, fmt_ms, markdown_table, write_json,
-)
+from benchmarks.harness.report import device_name, env_markdown, fmt_ms, markdown_table, write_json  # noqa: E402
+from benchmarks.harness.runner import describe_error  # noqa: E402
 from benchmarks.harness.timing import timeit  # noqa: E402
 
 # Candidate values per key: (forward keys, backward keys). All powers of two >= 16 where they are tl.dot blocks.
@@ -251,7 +250,8 @@ def tune_and_use(device, dtype: str, out_dir: str, budget_s: float, shape=None, 
     ``tuned_configs.json`` and ``tuning.md`` to ``out_dir``, put the table first in ``$TIPKERNELS_TRITON_CONFIGS``
     for this process (every later triton call uses it); returns the notes as Markdown."""
     table, notes = os.path.join(out_dir, "tuned_configs.json"), os.path.join(out_dir, "tuning.md")
-    argv = ["--device", str(device), "--dtype", dtype, "--out", table, "--notes", notes, "--budget-s", f"{budget_s:.0f}"]
+    argv = ["--device", str(device), "--dtype", dtype, "--out", table, "--notes", notes,
+            "--budget-s", f"{budget_s:.0f}"]
     argv += ["--quick"] if shape is None else [x for k, val in zip(("--n", "--v", "--d", "--d-teacher"), shape)
                                                for x in (k, str(val))]
     log(f"[tune] tune_triton.py {' '.join(argv)}")

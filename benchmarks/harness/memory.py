@@ -152,22 +152,20 @@ def _cuda_peak(call: Callable, device: torch.device):
     return base, torch.cuda.max_memory_allocated(device), out
 
 
-def peak_extra_bytes(fn: Callable, device, setup: Optional[Callable] = None) -> int:
-    """Bytes allocated by ``fn()`` (or ``fn(setup())``) at its peak beyond what was allocated before it.
+def peak_extra_bytes(fn: Callable, device) -> int:
+    """Bytes allocated by ``fn()`` at its peak beyond what was allocated before it.
 
     CUDA: the allocator's statistics; CPU: the peak resident set minus the one before (:class:`RssPeak`; it
     includes allocator slack, so treat small figures as noise).
     """
     device = torch.device(device)
-    arg = setup() if setup is not None else None
-    call = (lambda: fn(arg)) if setup is not None else fn
     if device.type == "cuda":
-        base, peak, out = _cuda_peak(call, device)
-        del out, arg
+        base, peak, out = _cuda_peak(fn, device)
+        del out
         return max(0, peak - base)
     with RssPeak() as p:
-        out = call()
-    del out, arg
+        out = fn()
+    del out
     return p.extra
 
 

@@ -12,13 +12,12 @@ import re
 import shlex
 import subprocess
 import sys
-import traceback
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .memory import MIB, is_oom
-from .runner import REPO_ROOT, CellTimeout
+from .memory import MIB
+from .runner import REPO_ROOT
 from .timing import gemm_floor_flops
 
 # ------------------------------------------------------------------------------------------------- text
@@ -63,27 +62,6 @@ def fmt_pct(x: Optional[float]) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{100 * x:.0f}%"
 
 
-def describe_error(err: BaseException, limit: int = 160) -> str:
-    """A one-line cell text: "OOM" for allocation failures, else ``error: Type: message`` (shortened)."""
-    if is_oom(err):
-        return "OOM"
-    msg = " ".join(str(err).split())
-    text = f"{type(err).__name__}: {msg}" if msg else type(err).__name__
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return "error: " + text.replace("|", "/")
-
-
-def failure_text(err: BaseException) -> str:
-    """A failed cell's text (``timeout (…)``, ``OOM`` or ``error: …``); the traceback of anything unexpected (not
-    an OOM, not a timeout) goes to stderr."""
-    if isinstance(err, CellTimeout):
-        return f"timeout ({err})"
-    if not is_oom(err):
-        traceback.print_exc()
-    return describe_error(err)
-
-
 def cell_text(res: Optional[dict], floor_s: Optional[float] = None) -> str:
     """``time (fraction of the floor) +peak`` of a result ``{"time", "peak"}``, or its ``text``; ``–`` for None."""
     if res is None:
@@ -107,7 +85,8 @@ def ratio_rows(records: List[dict], rate_tflops: Optional[float], d_s: int, d_t:
     full = gemm_floor_flops(1, 1, d_s, d_t, 1.0, "step")
     rows = []
     for r in records:
-        row = {"rule": r["rule"], "ratio": f"{r['ratio']:g}", "tokens": f"{r.get('selected', '–')}/{r.get('n', '–')}"}
+        row = {"rule": r["rule"], "ratio": f"{r['ratio']:g}",
+               "tokens": f"{r.get('selected', '–')}/{r.get('n', '–')}"}
         seconds = r.get(time_key)
         if seconds is None:
             row["time"] = r.get("text", "–")

@@ -19,9 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from .memory import is_oom
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -158,6 +161,52 @@ def deadline(seconds: Optional[float]):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------------------------------------------------------------- failures
+
+
+def describe_error(err: BaseException, limit: int = 160) -> str:
+    """A one-line cell text: "OOM" for allocation failures, else ``error: Type: message`` (shortened)."""
+    if is_oom(err):
+        return "OOM"
+    msg = " ".join(str(err).split())
+    text = f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return "error: " + text.replace("|", "/")
+
+
+def failure_text(err: BaseException) -> str:
+    """A failed cell's text (``timeout (…)``, ``OOM`` or ``error: …``); the traceback of anything unexpected (not
+    an OOM, not a timeout) goes to stderr."""
+    if isinstance(err, CellTimeout):
+        return f"timeout ({err})"
+    if not is_oom(err):
+        traceback.print_exception(type(err), err, err.__traceback__)
+    return describe_error(err)
+
+
+class Attempt:
+    """``with Attempt(cleanup) as a: measure()``: an exception inside is caught and kept as ``a.text`` (the cell's
+    text, :func:`failure_text`) and ``a.oom``; ``cleanup()`` runs after, failure or not. The exception itself is
+    dropped (its frames hold tensors)."""
+
+    def __init__(self, cleanup: Optional[Callable] = None):
+        self.cleanup, self.text, self.oom = cleanup, None, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, err, tb) -> bool:
+        caught = isinstance(err, Exception)
+        try:
+            if caught:
+                self.text, self.oom = failure_text(err), is_oom(err)
+        finally:
+            if self.cleanup is not None:
+                self.cleanup()
+        return caught
 
 
 # ------------------------------------------------------------------------------------------------- tests

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -43,19 +43,11 @@ def time_call(fn: Callable, device) -> float:
     return seconds
 
 
-def timeit(fn: Callable, *, device, warmup: int = 1, repeats: int = 5,
-           setup: Optional[Callable] = None) -> float:
-    """Median seconds of ``fn()`` (or ``fn(setup())`` when ``setup`` is given; setup is not timed)."""
-
-    def call():
-        if setup is None:
-            return time_call(fn, device)
-        arg = setup()
-        return time_call(lambda: fn(arg), device)
-
+def timeit(fn: Callable, *, device, warmup: int = 1, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(max(0, warmup)):
-        call()
-    return statistics.median(call() for _ in range(max(1, repeats)))
+        time_call(fn, device)
+    return statistics.median(time_call(fn, device) for _ in range(max(1, repeats)))
 
 
 def pick_repeats(first_s: float, max_repeats: int, target_s: float, min_repeats: int = 3) -> int:

@@ -28,8 +28,7 @@ import tipkernels as tk
 
 from . import lib
 from .inputs import clear_grads
-from .report import describe_error
-from .runner import REPO_ROOT
+from .runner import REPO_ROOT, describe_error
 
 NAMES = ("triton", "torch", "reference", "compiled", "compiled_ref", "trl", "liger")
 BACKENDS = ("triton", "torch", "reference")
