@@ -1,4 +1,4 @@
-"""Cost of ``tk.set_options(deterministic=True)`` (issue 8 item 4): time on vs off, same process, interleaved.
+"""Cost of ``tk.set_options(deterministic=True)``: time on vs off, same process, interleaved.
 
 One step is the fused reverse KL (or the TIP loss), forward + backward, from hidden states. Rounds alternate
 off/on so that machine load hits both alike; each figure is the median over rounds. The script also checks

@@ -1,4 +1,4 @@
-"""The TIPDistillationLoss step against the retention ratio: time and peak memory (issue 4 item 6).
+"""The TIPDistillationLoss step against the retention ratio: time and peak memory.
 
 One step = the no-grad scoring pass over every token + the TIP selection + the backward over the selected rows
 (``out = loss_fn(h_s, W_s, h_t, W_t, mask); out.loss.backward()``), at ratios 1.0, 0.5, 0.2, 0.1. A ``none`` row
@@ -13,7 +13,7 @@ load from other processes on a shared machine hits every ratio alike and the rat
 * CUDA (triton backend): a warm-up step (compilation), then ``torch.cuda.max_memory_allocated`` over one step
   minus the allocation before it; time = median of ``--repeats`` rounds timed with CUDA events.
 
-``vs 1.0`` is the time over the same rule's ratio-1.0 step (issue 4's GPU goal: ≤ 0.6 at ratio 0.2);
+``vs 1.0`` is the time over the same rule's ratio-1.0 step (the GPU goal: ≤ 0.6 at ratio 0.2);
 ``ideal`` the GEMM floor's ratio ``(scoring + ρ·backward) / (scoring + backward)`` (docs/design.md §7); ``of floor``
 the floor's time over the measured one at the device's dense matmul rate in the same dtype.
 Everything it measures with comes from ``benchmarks/harness``: this script only picks the cells.

@@ -1,4 +1,4 @@
-"""Peak memory of one OPD training step against the TIP retention ratio (issue 6 item 2; the paper's Table of
+"""Peak memory of one OPD training step against the TIP retention ratio (the paper's Table of
 peak memory: Qwen3 8B→4B 72.0 / 38.1 / 35.5 / 35.3 GB at 100 / 50 / 20 / 10% of the tokens).
 
 One step = teacher body forward under ``no_grad`` + student body forward + the distillation loss over the
@@ -272,7 +272,7 @@ def measure_cell(config: dict) -> dict:
 
 
 def check_goals(records: List[dict]) -> List[dict]:
-    """The two claims of issue 6 item 3, evaluated on the measured records."""
+    """The two claims of the memory table, evaluated on the measured records."""
     peak = {(r["impl"], r["ratio"]): r["peak_mib"] for r in records}
     ratios = sorted({r["ratio"] for r in records}, reverse=True)
     out = []

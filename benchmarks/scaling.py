@@ -1,4 +1,4 @@
-"""Scaling of time and peak memory against the token count N and the vocabulary V, per backend (issue 6 item 4).
+"""Scaling of time and peak memory against the token count N and the vocabulary V, per backend.
 
 The op is the fused reverse KL, ``tk.fused_linear_divergence(h_s, W_s, h_t, W_t, reduction="mean")``, forward +
 backward (``--op step``, default) or the no-grad scoring pass ``tk.token_stats`` (``--op scoring``), for the

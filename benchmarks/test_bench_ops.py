@@ -1,4 +1,4 @@
-"""pytest-benchmark microbenchmarks of every op and backend: forward, backward and full step (issue 6 item 1).
+"""pytest-benchmark microbenchmarks of every op and backend: forward, backward and full step.
 
     pytest benchmarks/test_bench_ops.py --benchmark-only                       # CPU: N=512, V=8192, D=256 (≈1 min)
     pytest benchmarks/test_bench_ops.py --benchmark-only --benchmark-group-by=group   # backends side by side

@@ -1,4 +1,4 @@
-"""Tune the Triton backend's launch configs for one shape on this device; write a tuned-config table (issue 7).
+"""Tune the Triton backend's launch configs for one shape on this device; write a tuned-config table.
 
     PYTHONPATH=. python benchmarks/tune_triton.py --out "$OUT/tuned_configs.json" --notes "$OUT/tuning.md"
         # CUDA default: N=8192, V=151936, D_s=D_t=4096, bf16 (a few minutes; --budget-s bounds it)
