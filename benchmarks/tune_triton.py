@@ -156,9 +156,9 @@ def write_table(path: str, entry: dict, merge: bool) -> None:
             entries = json.load(f).get("entries", [])
     same = ("device", "dtype", "d_min", "d_max", "v_min", "v_max")
     entries = [entry] + [e for e in entries if any(e.get(k) != entry[k] for k in same)]
-    write_json(path, {"about": "Tuned Triton launch configs, first match wins "
-                               "(tipkernels.triton_backend.tuned_config); written by benchmarks/tune_triton.py",
-                      "entries": entries})
+    reader = f"{lib.triton_backend().__name__}.tuned_config"
+    write_json(path, {"about": f"Tuned Triton launch configs, first match wins ({reader}); written by "
+                               "benchmarks/tune_triton.py", "entries": entries})
 
 
 def notes_markdown(result: dict, args, device) -> str:
