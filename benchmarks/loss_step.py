@@ -43,7 +43,7 @@ from benchmarks.harness.report import (  # noqa: E402
     RATIO_COLUMNS, env_markdown, markdown_table, parse_csv, ratio_rows, write_json, write_text,
 )
 from benchmarks.harness.runner import alternate, run_json_worker  # noqa: E402
-from benchmarks.harness.timing import dense_matmul_tflops, time_call  # noqa: E402
+from benchmarks.harness.timing import dense_matmul_tflops, time_call, timeit  # noqa: E402
 from benchmarks.harness.variants import tip_step  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.2, 0.1)
@@ -70,7 +70,7 @@ def worker(a) -> dict:
     out = {"rule": a.rule, "ratio": a.ratio, "backend": a.backend, "n": a.batch * a.seq, "selected": selected[0],
            "peak_extra_bytes": int(peak.extra), "peak_method": peak.method}
     if a.repeats:
-        out["time_s"] = alternate([lambda: time_call(step, device)], a.repeats)[0]
+        out["time_s"] = timeit(step, device=device, warmup=0, repeats=a.repeats)
     return out
 
 
