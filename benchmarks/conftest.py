@@ -1,7 +1,7 @@
 """pytest configuration of the microbenchmarks (``pytest benchmarks/test_bench_ops.py --benchmark-only``).
 
 Not collected by the default test command (pyproject's ``testpaths`` is ``tests``). Puts the repository root on
-``sys.path`` (for ``benchmarks.common``) and adds ``--bench-shape N,V,D`` to override the default shapes.
+``sys.path`` (for ``benchmarks.harness``) and adds ``--bench-shape N,V,D`` to override the default shapes.
 """
 
 import os

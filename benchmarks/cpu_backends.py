@@ -29,9 +29,8 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 import tipkernels as tk  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    MIB, RssPeak, env_markdown, fmt_mib, fmt_ms, malloc_for_memory, malloc_for_speed, markdown_table,
-)  # noqa: E402
+from benchmarks.harness.memory import MIB, RssPeak, malloc_for_memory, malloc_for_speed  # noqa: E402
+from benchmarks.harness.report import env_markdown, fmt_mib, fmt_ms, markdown_table  # noqa: E402
 
 VARIANTS = ("reference", "torch")
 

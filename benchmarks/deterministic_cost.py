@@ -1,4 +1,4 @@
-"""Cost of ``tk.set_options(deterministic=True)`` (docs/design.md §8): time on vs off, same process, interleaved.
+"""Cost of ``tk.set_options(deterministic=True)``: time on vs off, same process, interleaved.
 
 One step is the fused reverse KL (or the TIP loss), forward + backward, from hidden states. Rounds alternate
 off/on so that machine load hits both alike; each figure is the median over rounds. The script also checks
@@ -13,28 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
 
 import tipkernels as tk  # noqa: E402
-from benchmarks.common import env_markdown, markdown_table, sync  # noqa: E402
-
-
-def make_inputs(n, v, d, device, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, d, generator=g).to(device, dtype)
-    ws = (torch.randn(v, d, generator=g) * d ** -0.5).to(device, dtype)
-    ht = torch.randn(n, d, generator=g).to(device, dtype)
-    wt = (torch.randn(v, d, generator=g) * d ** -0.5).to(device, dtype)
-    return hs, ws, ht, wt
+from benchmarks.harness.inputs import dtype_of, make_inputs  # noqa: E402
+from benchmarks.harness.report import env_markdown, markdown_table, write_text  # noqa: E402
+from benchmarks.harness.runner import alternate  # noqa: E402
+from benchmarks.harness.timing import time_call  # noqa: E402
 
 
 def step(op, backend, hs, ws, ht, wt):
@@ -48,29 +39,20 @@ def step(op, backend, hs, ws, ht, wt):
     return loss.detach(), h.grad, w.grad
 
 
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
 def measure(op, backend, inputs, device, rounds):
     step(op, backend, *inputs)  # warm-up (and Triton compilation)
     with tk.set_options(deterministic=True):
         step(op, backend, *inputs)
-    times = {False: [], True: []}
     det_outputs = []
-    for _ in range(rounds):
-        for flag in (False, True):
+
+    def timed(flag):
+        def call():
             with tk.set_options(deterministic=flag):
-                seconds, out = timed(lambda: step(op, backend, *inputs), device)
-            times[flag].append(seconds)
-            if flag:
-                det_outputs.append(out)
+                return time_call(lambda: (det_outputs if flag else []).append(step(op, backend, *inputs)), device)
+        return call
+
+    off, on = alternate([timed(False), timed(True)], rounds)
     bitwise = all(all(torch.equal(a, b) for a, b in zip(det_outputs[0], o)) for o in det_outputs[1:])
-    off, on = statistics.median(times[False]), statistics.median(times[True])
     return {"op": op, "backend": backend, "off (ms)": f"{off * 1e3:.1f}", "on (ms)": f"{on * 1e3:.1f}",
             "on / off": f"{on / off:.3f}", "deterministic runs bitwise equal": "yes" if bitwise else "NO"}
 
@@ -91,17 +73,15 @@ def main(argv=None):
     if device.type == "cuda" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
         # torch.use_deterministic_algorithms needs it for cuBLAS; it must be set before the first cuBLAS call.
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype_of(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backends = args.backends.split(",") if args.backends else (["torch", "triton"] if device.type == "cuda"
                                                                else ["torch"])
-    inputs = make_inputs(args.n, args.v, args.d, device, dtype)
+    inputs = tuple(t.detach() for t in make_inputs(args.n, args.v, args.d, args.d, dtype, device))
     rows = [measure(op, be, inputs, device, args.rounds) for be in backends for op in args.ops.split(",")]
     text = (f"N={args.n} V={args.v} D_s=D_t={args.d} {dtype}, median of {args.rounds} interleaved rounds\n\n"
             + markdown_table(rows, list(rows[0])) + "\n\n" + env_markdown(device))
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

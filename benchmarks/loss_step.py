@@ -1,4 +1,4 @@
-"""The TIPDistillationLoss step against the retention ratio: time and peak memory (docs/design.md §7).
+"""The TIPDistillationLoss step against the retention ratio: time and peak memory.
 
 One step = the no-grad scoring pass over every token + the TIP selection + the backward over the selected rows
 (``out = loss_fn(h_s, W_s, h_t, W_t, mask); out.loss.backward()``), at ratios 1.0, 0.5, 0.2, 0.1. A ``none`` row
@@ -8,14 +8,15 @@ load from other processes on a shared machine hits every ratio alike and the rat
 
 * CPU (torch backend): peak = the resident set's peak during the first step minus the resident set once the
   inputs exist (it includes the 4·(N·D_s + V·D_s) bytes of the gradients), with glibc's mmap threshold fixed at
-  1 MiB so freed tiles leave the resident set at once (``benchmarks.common.malloc_for_memory``); time = median
+  1 MiB so freed tiles leave the resident set at once (``benchmarks.harness.memory.step_peak``); time = median
   of ``--repeats`` rounds (wall clock).
 * CUDA (triton backend): a warm-up step (compilation), then ``torch.cuda.max_memory_allocated`` over one step
   minus the allocation before it; time = median of ``--repeats`` rounds timed with CUDA events.
 
-``vs 1.0`` is the time over the same rule's ratio-1.0 step (the GPU goal of docs/design.md §7: ≤ 0.6 at ratio 0.2);
-``ideal`` the GEMM floor's ratio ``(scoring + ρ·backward) / (scoring + backward)`` of docs/design.md §4; ``of floor``
+``vs 1.0`` is the time over the same rule's ratio-1.0 step (the GPU goal: ≤ 0.6 at ratio 0.2);
+``ideal`` the GEMM floor's ratio ``(scoring + ρ·backward) / (scoring + backward)`` (docs/design.md §7); ``of floor``
 the floor's time over the measured one at the device's dense matmul rate in the same dtype.
+Everything it measures with comes from ``benchmarks/harness``: this script only picks the cells.
 
     PYTHONPATH=. python benchmarks/loss_step.py                       # CPU: B=4, L=1024, V=32768, D=512 (≈4 min)
     PYTHONPATH=. python benchmarks/loss_step.py --device cuda         # triton, B=8, L=1024, V=151936, D=4096, bf16
@@ -27,24 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
 
-import tipkernels as tk  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    MIB, RssPeak, dense_matmul_tflops, env_markdown, fmt_mib, fmt_ms, fmt_pct, gemm_floor_flops, make_inputs,
-    malloc_for_memory, malloc_for_speed, markdown_table, parse_csv, peak_extra_bytes, run_json_worker, sync,
-    time_call,
+from benchmarks.harness.inputs import SHORT_DTYPES, clear_grads, dtype_of, make_inputs  # noqa: E402
+from benchmarks.harness.memory import MIB, step_peak  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    RATIO_COLUMNS, env_markdown, markdown_table, parse_csv, ratio_rows, write_json, write_text,
 )
-from benchmarks.gpu_suite import DTYPES  # noqa: E402
+from benchmarks.harness.runner import alternate, run_json_worker  # noqa: E402
+from benchmarks.harness.timing import dense_matmul_tflops, time_call, timeit  # noqa: E402
+from benchmarks.harness.variants import tip_step  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.2, 0.1)
 DEFAULTS = {  # (batch, seq, vocab, d_s, d_t, dtype)
@@ -58,88 +58,37 @@ def log(msg: str) -> None:
     print(f"[loss_step] {msg}", file=sys.stderr, flush=True)
 
 
-def build_step(backend: str, rule: str, ratio: float, inputs, batch: int, seq: int):
-    """The step closure (returns the number of differentiated tokens)."""
-    h_s, w_s, h_t, w_t = inputs
-    if rule == "none":
-        def step() -> int:
-            loss = tk.fused_linear_divergence(h_s, w_s, h_t, w_t, divergence="reverse_kl", reduction="mean",
-                                              backend=backend)
-            loss.backward()
-            return h_s.shape[0]
-        return step
-    loss_fn = tk.TIPDistillationLoss(rule=rule, ratio=ratio, backend=backend, compute_metrics=False)
-    hs3, ht3 = h_s.view(batch, seq, -1), h_t.view(batch, seq, -1)
-    mask = torch.ones(batch, seq, dtype=torch.bool, device=h_s.device)
-    gen = torch.Generator(device=h_s.device)
-
-    def step() -> int:
-        gen.manual_seed(0)
-        out = loss_fn(hs3, w_s, ht3, w_t, mask, generator=gen)
-        out.loss.backward()
-        return int(out.selection.mask.sum())
-    return step
-
-
 def worker(a) -> dict:
     """One cell's peak memory in this (fresh) process (and its median time over ``repeats`` steps when > 0)."""
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    inputs = make_inputs(a.batch * a.seq, a.v, a.ds, a.dt, DTYPES[a.dtype], device)
-    h_s, w_s = inputs[0], inputs[1]
-    step = build_step(a.backend, a.rule, a.ratio, inputs, a.batch, a.seq)
-
-    def fresh_step():
-        h_s.grad = w_s.grad = None
-        return step()
-
+    inputs = make_inputs(a.batch * a.seq, a.v, a.ds, a.dt, dtype_of(a.dtype), device)
+    step = tip_step(a.backend, a.rule, a.ratio, inputs, a.batch, a.seq)
     selected = [0]
-    if device.type == "cuda":
-        selected[0] = fresh_step()  # warm-up: compilation, autotuning
-        sync(device)
-        h_s.grad = w_s.grad = None
-        peak = peak_extra_bytes(lambda: selected.__setitem__(0, step()), device)
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        malloc_for_memory()  # freed tiles leave the resident set at once (see benchmarks.common)
-        with RssPeak() as p:
-            selected[0] = fresh_step()
-        peak, method = p.extra, p.method + ", glibc mmap threshold 1 MiB"
-        malloc_for_speed()
+    peak = step_peak(lambda: selected.__setitem__(0, step()), device, reset=lambda: clear_grads(inputs))
     out = {"rule": a.rule, "ratio": a.ratio, "backend": a.backend, "n": a.batch * a.seq, "selected": selected[0],
-           "peak_extra_bytes": int(peak), "peak_method": method}
+           "peak_extra_bytes": int(peak.extra), "peak_method": peak.method}
     if a.repeats:
-        out["time_s"] = statistics.median(_timed(step, (h_s, w_s), device) for _ in range(a.repeats))
+        out["time_s"] = timeit(step, device=device, warmup=0, repeats=a.repeats)
     return out
 
 
-def _timed(step, params, device) -> float:
-    for p in params:
-        p.grad = None
-    return time_call(step, device)
-
-
 def timing_worker(a, cells) -> dict:
-    """All cells' steps timed in one process, interleaved round by round (cell 1, cell 2, …, then again): load
-    from other processes on a shared machine hits every ratio alike, so the ratios stay comparable. Also measures
-    the dense matmul rate of the device in this dtype (the GEMM floor's denominator)."""
+    """All cells' steps timed in one process, alternating round by round (cell 1, cell 2, …, then again). Also
+    measures the dense matmul rate of the device in this dtype (the GEMM floor's denominator)."""
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    inputs = make_inputs(a.batch * a.seq, a.v, a.ds, a.dt, DTYPES[a.dtype], device)
-    steps = [build_step(a.backend, rule, ratio, inputs, a.batch, a.seq) for rule, ratio in cells]
-    params = inputs[:2]
-    rate = dense_matmul_tflops(device, DTYPES[a.dtype], n=256 if a.quick else (8192 if device.type == "cuda"
-                                                                             else 1024), warmup=1, repeats=5)
+    inputs = make_inputs(a.batch * a.seq, a.v, a.ds, a.dt, dtype_of(a.dtype), device)
+    steps = [tip_step(a.backend, rule, ratio, inputs, a.batch, a.seq) for rule, ratio in cells]
+    rate = dense_matmul_tflops(device, dtype_of(a.dtype), n=256 if a.quick else (8192 if device.type == "cuda"
+                                                                                  else 1024), warmup=1, repeats=5)
     for step in (steps if device.type == "cuda" else steps[:1]):  # compilation on CUDA; process warm-up on CPU
-        _timed(step, params, device)
-    times = [[] for _ in cells]
-    for r in range(a.repeats):
-        log(f"timing round {r + 1}/{a.repeats}")
-        for i, step in enumerate(steps):
-            times[i].append(_timed(step, params, device))
-    return {"rate_tflops": rate, "time_s": [statistics.median(t) for t in times]}
+        time_call(step, device)
+    times = alternate([lambda s=s: time_call(s, device) for s in steps], a.repeats,
+                      on_round=lambda r: log(f"timing round {r + 1}/{a.repeats}"))
+    return {"rate_tflops": rate, "time_s": times}
 
 
 def run(args):
@@ -163,25 +112,14 @@ def run(args):
 
 
 def rows_of(results: list, rate_tflops, args) -> list:
-    base = {r["rule"]: r["time_s"] for r in results if r["ratio"] == 1.0}
-    full = gemm_floor_flops(1, 1, args.ds, args.dt, 1.0, "step")
-    rows = []
-    for r in results:
-        ideal = gemm_floor_flops(1, 1, args.ds, args.dt, r["ratio"], "step") / full
-        floor_s = gemm_floor_flops(r["n"], args.v, args.ds, args.dt, r["ratio"], "step") / (rate_tflops * 1e12) \
-            if rate_tflops else None
-        rows.append({
-            "rule": r["rule"] if r["rule"] != "none" else "none (fused_linear_divergence, all tokens)",
-            "ratio": f"{r['ratio']:g}", "tokens": f"{r['selected']}/{r['n']}", "time": fmt_ms(r["time_s"]),
-            "vs 1.0": f"{r['time_s'] / base[r['rule']]:.2f}" if r["rule"] in base else "–",
-            "ideal": f"{ideal:.2f}" if r["rule"] != "none" else "–",
-            "of floor": fmt_pct(floor_s / r["time_s"]) if floor_s else "–",
-            "extra peak": fmt_mib(r["peak_extra_bytes"]),
-        })
+    rows = ratio_rows(results, rate_tflops, args.ds, args.dt, args.v, time_key="time_s", peak_key="peak_extra_bytes")
+    for row in rows:
+        if row["rule"] == "none":
+            row["rule"] = "none (fused_linear_divergence, all tokens)"
     return rows
 
 
-COLUMNS = ["rule", "ratio", "tokens", "time", "vs 1.0", "ideal", "of floor", "extra peak"]
+HEADERS = [c if c != "peak" else "extra peak" for c in RATIO_COLUMNS]
 
 
 def report(results: list, rate_tflops, args) -> str:
@@ -195,10 +133,10 @@ def report(results: list, rate_tflops, args) -> str:
             f"time = median of {args.repeats} steps; extra peak = peak over the inputs "
             f"({results[0]['peak_method']}; on the CPU it includes the {grads:.0f} MiB of fp32 gradients).\n\n"
             f"`vs 1.0` = time over the same rule's ratio-1.0 step; `ideal` = the GEMM floor's ratio "
-            f"(scoring + ρ·backward)/(scoring + backward) of docs/design.md §4; `of floor` = floor time / measured time at "
-            f"the measured dense {args.dtype} matmul rate ({rate_tflops:.2f} TFLOP/s).")
+            f"(scoring + ρ·backward)/(scoring + backward) (docs/design.md §7); `of floor` = floor time / measured "
+            f"time at the measured dense {args.dtype} matmul rate ({rate_tflops:.2f} TFLOP/s).")
     return "\n\n".join([head, env_markdown(args.device), markdown_table(rows_of(results, rate_tflops, args),
-                                                                            COLUMNS)]) + "\n"
+                                                                            RATIO_COLUMNS, HEADERS)]) + "\n"
 
 
 def parse_args(argv=None):
@@ -213,7 +151,7 @@ def parse_args(argv=None):
     p.add_argument("--v", type=int, default=None)
     p.add_argument("--ds", type=int, default=None)
     p.add_argument("--dt", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--dtype", default=None, choices=SHORT_DTYPES)
     p.add_argument("--repeats", type=int, default=None, help="timed steps per cell (default 3 on CPU, 10 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one rule, 1 repeat (smoke test, seconds)")
@@ -251,11 +189,8 @@ def main(argv=None) -> int:
     text = report(results, rate, args)
     text += f"\nFinished in {time.perf_counter() - t0:.0f} s.\n"
     print(text)
-    for path, payload in ((args.out, text), (args.json, json.dumps(results, indent=1) + "\n")):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(payload)
+    write_text(args.out, text)
+    write_json(args.json, results)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Peak memory of one OPD training step against the TIP retention ratio (docs/design.md §7; the paper's Table of
+"""Peak memory of one OPD training step against the TIP retention ratio (the paper's Table of
 peak memory: Qwen3 8B→4B 72.0 / 38.1 / 35.5 / 35.3 GB at 100 / 50 / 20 / 10% of the tokens).
 
 One step = teacher body forward under ``no_grad`` + student body forward + the distillation loss over the
@@ -39,15 +39,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
+import json
 import os
 import sys
 import time
 from typing import Dict, List
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
@@ -55,9 +54,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import tipkernels as tk  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    MIB, RssPeak, env_markdown, malloc_for_memory, markdown_table, parse_csv, run_in_fork, run_json_worker,
+from benchmarks.harness import lib  # noqa: E402
+from benchmarks.harness.inputs import dtype_of  # noqa: E402
+from benchmarks.harness.memory import MIB, malloc_for_memory, step_peak  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    env_markdown, markdown_table, parse_csv, pyplot, save_figure, style_axis, write_json, write_text,
 )
+from benchmarks.harness.runner import run_in_fork, run_json_worker  # noqa: E402
 
 IMPLS = ("materialized_all", "materialized_selected", "fused")
 RATIOS = (1.0, 0.5, 0.2, 0.1)
@@ -66,7 +69,6 @@ PAPER = {
     "Qwen3 8B→4B": (72.0, 38.1, 35.5, 35.3),
     "Qwen2.5 14B→1.5B": (35.8, 19.7, 15.0, 14.9),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclasses.dataclass
@@ -124,12 +126,12 @@ def build_models(sh: Shapes, device: torch.device):
                           tie_word_embeddings=tied, attn_implementation="sdpa")
         old = torch.get_default_dtype()
         try:
-            torch.set_default_dtype(DTYPES[sh.dtype])
+            torch.set_default_dtype(dtype_of(sh.dtype))
             with device:
                 model = Qwen3ForCausalLM(cfg)
         finally:
             torch.set_default_dtype(old)
-        return model.to(device=device, dtype=DTYPES[sh.dtype])
+        return model.to(device=device, dtype=dtype_of(sh.dtype))
 
     torch.manual_seed(0)
     student = make(sh.s_hidden, sh.s_inter, sh.s_layers, sh.s_heads, sh.s_kv_heads, True).train()
@@ -153,23 +155,19 @@ def make_batch(sh: Shapes, device: torch.device):
 
 
 def _stats_of_logits(s: torch.Tensor, u: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """fp32 entropy, normalised entropy, reverse and forward KL of rows of logits (no grad)."""
-    logp = F.log_softmax(s.float(), dim=-1)
-    logq = F.log_softmax(u.float(), dim=-1)
-    p = logp.exp()
-    diff = logp - logq
-    ent = -(p * logp).sum(-1)
-    rkl = (p * diff).sum(-1).clamp_min(0)
-    fkl = -(logq.exp() * diff).sum(-1)
-    return {"entropy": ent, "entropy_norm": ent / math.log(s.shape[-1]), "reverse_kl": rkl,
-            "forward_kl": fkl.clamp_min(0)}
+    """fp32 entropy, normalised entropy, reverse and forward KL of rows of logits (no grad), by the library's
+    reference formulas."""
+    s, u = s.float(), u.float()
+    ent = lib.reference.entropy(s)
+    return {"entropy": ent, "entropy_norm": ent / math.log(s.shape[-1]), "reverse_kl": lib.reference.reverse_kl(s, u),
+            "forward_kl": lib.reference.forward_kl(s, u)}
 
 
 @torch.no_grad()
 def chunked_stats(student_rows, teacher_rows, n: int, vocab: int, shape, budget_bytes: int) -> tk.TokenStats:
     """Statistics of ``n`` rows whose logits ``student_rows(r0, r1)`` / ``teacher_rows(r0, r1)`` are formed a row
     chunk at a time (about ``budget_bytes`` of fp32 temporaries alive)."""
-    rows = max(1, budget_bytes // (vocab * 4 * 6))
+    rows = max(1, budget_bytes // (vocab * 4 * 9))  # both logits + up to 7 [rows, V] temporaries of a KL
     parts: Dict[str, list] = {}
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -179,10 +177,8 @@ def chunked_stats(student_rows, teacher_rows, n: int, vocab: int, shape, budget_
 
 
 def kl_rows(s: torch.Tensor, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean fp32 reverse KL of rows of logits (differentiable in ``s``)."""
-    logp = F.log_softmax(s.float(), dim=-1)
-    logq = F.log_softmax(u.float(), dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
+    """Weighted mean fp32 reverse KL of rows of logits (differentiable in ``s``; the reference formula)."""
+    kl = lib.reference.reverse_kl(s.float(), u.float())
     w = weights.to(kl.dtype)
     return (kl * w).sum() / w.sum().clamp_min(1e-30)
 
@@ -192,8 +188,7 @@ def kl_rows(s: torch.Tensor, u: torch.Tensor, weights: torch.Tensor) -> torch.Te
 
 def opd_step(impl: str, student, teacher, opt, batch, *, rule: str, ratio: float, budget_bytes: int) -> dict:
     """One OPD training step with the loss implementation ``impl``; returns the loss and selected count."""
-    from tipkernels.opd.models import final_hidden_states, lm_head
-
+    final_hidden_states, lm_head = lib.opd_models().final_hidden_states, lib.opd_models().lm_head
     ids, attn, token_mask = batch
     ids_in, attn_in = ids[:, :-1], attn[:, :-1]
     mask = token_mask[:, 1:] & attn_in.bool()  # hidden position i scores token i+1
@@ -265,18 +260,10 @@ def measure_cell(config: dict) -> dict:
         opd_step(impl, student, teacher, opt, batch, **kwargs)
     gc.collect()
     t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        info = opd_step(impl, student, teacher, opt, batch, **kwargs)
-        torch.cuda.synchronize(device)
-        peak, method = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    else:
-        with RssPeak() as p:
-            info = opd_step(impl, student, teacher, opt, batch, **kwargs)
-        base, peak, method = p.base, p.peak, f"peak RSS ({p.method})"
+    info = {}
+    peak = step_peak(lambda: info.update(opd_step(impl, student, teacher, opt, batch, **kwargs)), device,
+                     cuda_warmup=False)
+    base, peak, method = peak.base, peak.peak, peak.method
     return {"impl": impl, "ratio": ratio, "peak_mib": peak / MIB, "base_mib": base / MIB,
             "step_extra_mib": (peak - base) / MIB, "seconds": time.perf_counter() - t0, "method": method, **info}
 
@@ -285,7 +272,7 @@ def measure_cell(config: dict) -> dict:
 
 
 def check_goals(records: List[dict]) -> List[dict]:
-    """The two memory claims of docs/design.md §7, evaluated on the measured records."""
+    """The two claims of the memory table, evaluated on the measured records."""
     peak = {(r["impl"], r["ratio"]): r["peak_mib"] for r in records}
     ratios = sorted({r["ratio"] for r in records}, reverse=True)
     out = []
@@ -346,39 +333,19 @@ def tables(records: List[dict], ratios) -> str:
 
 
 def plot(records: List[dict], ratios, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
-    pct = [100 * q for q in ratios]
     for impl, style in zip(IMPLS, ("o-", "s--", "^-")):
         pts = [(100 * r["ratio"], r["peak_mib"]) for q in ratios for r in records
                if r["impl"] == impl and r["ratio"] == q]
         if pts:
             ax.plot(*zip(*pts), style, label=impl)
-    ax.set_xlabel("tokens trained on (%)")
-    ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks(pct)
-    ax.set_ylim(bottom=0)
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     for name, gb in PAPER.items():
         bx.plot([100 * q for q in RATIOS], gb, "o-", label=name)
-    bx.set_xlabel("tokens trained on (%)")
-    bx.set_ylabel("peak memory (GB)")
-    bx.set_title("the TIP paper (materialised OPD)", fontsize=9)
-    bx.set_xticks([100 * q for q in RATIOS])
-    bx.set_ylim(bottom=0)
-    bx.invert_xaxis()
-    bx.grid(alpha=0.3)
-    bx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    for axis, unit, what, qs in ((ax, "MiB", title, ratios), (bx, "GB", "the TIP paper (materialised OPD)", RATIOS)):
+        style_axis(axis, "tokens trained on (%)", f"peak memory ({unit})", title=what, xticks=[100 * q for q in qs],
+                   invert_x=True, from_zero=True)
+    save_figure(fig, path, dpi=72)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -398,7 +365,7 @@ def parse_args(argv=None):
                    "on the CPU)")
     p.add_argument("--score-budget-mib", type=int, default=None,
                    help="fp32 temporaries of a materialised variant's no-grad scoring chunk (default: the torch "
-                   "backend's tile budget, tipkernels.backends.chunked.CHUNK_BUDGET_BYTES)")
+                   "torch backend's tile budget, CHUNK_BUDGET_BYTES)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per CPU cell (0: torch's default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     p.add_argument("--out-dir", default=None, help="where the Markdown table and the PNG go "
@@ -409,16 +376,17 @@ def parse_args(argv=None):
     preset = PRESETS["quick" if a.quick else a.device]
     a.shapes = dataclasses.replace(preset, **{f.name: getattr(a, f.name) for f in dataclasses.fields(Shapes)
                                               if getattr(a, f.name) is not None})
-    if a.shapes.dtype not in DTYPES:
-        p.error(f"--dtype must be one of {sorted(DTYPES)}")
+    try:
+        dtype_of(a.shapes.dtype)
+    except ValueError as err:
+        p.error(f"--dtype: {err}")
     a.impls = parse_csv(a.impls)
     for impl in a.impls:
         if impl not in IMPLS:
             p.error(f"unknown impl {impl!r}; expected some of {','.join(IMPLS)}")
     a.ratios = parse_csv(a.ratios, float)
     if a.score_budget_mib is None:
-        from tipkernels.backends.chunked import CHUNK_BUDGET_BYTES
-        a.score_budget_mib = max(1, CHUNK_BUDGET_BYTES // MIB)
+        a.score_budget_mib = max(1, lib.CHUNK_BUDGET_BYTES // MIB)
     if a.warmup is None:
         a.warmup = 1 if a.device == "cuda" else 0
     if a.out_dir is None:
@@ -429,7 +397,7 @@ def parse_args(argv=None):
 def run(args) -> List[dict]:
     """Every (impl, ratio) cell in its own process; returns the records."""
     import transformers.models.qwen3.modeling_qwen3  # noqa: F401 - imported once, before the cells fork
-    import tipkernels.opd.models  # noqa: F401
+    lib.opd_models()  # imported once, before the cells fork
 
     records = []
     cells = [(impl, q) for q in args.ratios for impl in args.impls]
@@ -470,18 +438,13 @@ def main(argv=None) -> int:
     records = run(args)
     text = report(records, args) + f"\nFinished in {time.perf_counter() - t0:.0f} s.\n"
     print(text)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "memory.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(args.out_dir, "memory.md"), text)
     try:
         plot(records, args.ratios, os.path.join(args.out_dir, "memory.png"),
              f"one OPD step, {args.device}, V={args.shapes.vocab}")
     except ImportError as err:  # matplotlib is optional (the bench/dev extras)
         log(f"no plot: {err}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+    write_json(args.json, records)
     log(f"wrote {args.out_dir}/memory.md, memory.png" + (f" and {args.json}" if args.json else ""))
     return 0
 

@@ -1,4 +1,4 @@
-"""Scaling of time and peak memory against the token count N and the vocabulary V, per backend (docs/design.md §4).
+"""Scaling of time and peak memory against the token count N and the vocabulary V, per backend.
 
 The op is the fused reverse KL, ``tk.fused_linear_divergence(h_s, W_s, h_t, W_t, reduction="mean")``, forward +
 backward (``--op step``, default) or the no-grad scoring pass ``tk.token_stats`` (``--op scoring``), for the
@@ -20,25 +20,27 @@ Peak figures exclude the inputs but include the gradients the step produces (``4
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from typing import List
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
 
 import tipkernels as tk  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    MIB, RssPeak, describe_error, env_markdown, fmt_mib, fmt_ms, free_memory, malloc_for_memory, malloc_for_speed,
-    markdown_table, parse_csv, peak_extra_bytes, run_in_fork, sync, timeit,
+from benchmarks.harness.inputs import SHORT_DTYPES, clear_grads, dtype_of, make_inputs  # noqa: E402
+from benchmarks.harness.memory import MIB, free_memory, step_peak  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    env_markdown, fmt_mib, fmt_ms, markdown_table, parse_csv, pyplot, save_figure, style_axis,
+    write_json, write_text,
 )
-from benchmarks.gpu_suite import DTYPES, make_inputs  # noqa: E402
+from benchmarks.harness.runner import describe_error, run_in_fork  # noqa: E402
+from benchmarks.harness.timing import timeit  # noqa: E402
+from benchmarks.harness.variants import backend_loss, loss_step  # noqa: E402
 
 PRESETS = {  # n sweep, fixed v; v sweep, fixed n; d; dtype; backends
     "cpu": dict(ns="512,1024,2048,4096", v=32768, vs="8192,16384,32768,65536", n=2048, d=512, dtype="fp32",
@@ -54,38 +56,17 @@ def log(msg: str) -> None:
     print(f"[scaling] {msg}", file=sys.stderr, flush=True)
 
 
-def op_fn(op: str, backend: str, inputs):
-    h_s, w_s, h_t, w_t = inputs
-    if op == "scoring":
-        return lambda: tk.token_stats(h_s, w_s, h_t, w_t, backend=backend)
-
-    def step():
-        h_s.grad = w_s.grad = None
-        loss = tk.fused_linear_divergence(h_s, w_s, h_t, w_t, divergence="reverse_kl", reduction="mean",
-                                          backend=backend)
-        loss.backward()
-        return loss.detach()
-    return step
-
-
 def measure_point(cfg: dict) -> dict:
     """One (backend, N, V) point: peak memory beyond the inputs, then the median time."""
     device = torch.device(cfg["device"])
-    inputs = make_inputs(cfg["n"], cfg["v"], cfg["d"], cfg["d"], DTYPES[cfg["dtype"]], device)
-    fn = op_fn(cfg["op"], cfg["backend"], inputs)
-    if device.type == "cuda":
-        fn()  # compilation / autotuning
-        sync(device)
-        peak = peak_extra_bytes(fn, device)
-        seconds = timeit(fn, device=device, warmup=1, repeats=cfg["repeats"])
+    inputs = make_inputs(cfg["n"], cfg["v"], cfg["d"], cfg["d"], dtype_of(cfg["dtype"]), device)
+    if cfg["op"] == "scoring":
+        fn = lambda: tk.token_stats(*inputs, backend=cfg["backend"])  # noqa: E731
     else:
-        malloc_for_memory()  # freed tiles leave the resident set at once (see benchmarks.common)
-        with RssPeak() as p:
-            fn()
-        peak = p.extra
-        malloc_for_speed()
-        seconds = timeit(fn, device=device, warmup=0, repeats=cfg["repeats"])
-    return {"backend": cfg["backend"], "n": cfg["n"], "v": cfg["v"], "time_s": seconds, "peak_bytes": int(peak)}
+        fn = loss_step(backend_loss(cfg["backend"]), inputs)
+    peak = step_peak(fn, device, reset=lambda: clear_grads(inputs))
+    seconds = timeit(fn, device=device, warmup=1 if device.type == "cuda" else 0, repeats=cfg["repeats"])
+    return {"backend": cfg["backend"], "n": cfg["n"], "v": cfg["v"], "time_s": seconds, "peak_bytes": peak.extra}
 
 
 def run(args) -> List[dict]:
@@ -127,35 +108,23 @@ def table(records: List[dict], sweep: str, backends) -> str:
 
 
 def plot(records: List[dict], args, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.2))
     for col, sweep in enumerate(("n", "v")):
         for b in args.backends:
             pts = sorted((r[sweep], r["time_s"], r["peak_bytes"] / MIB) for r in records
                          if r["sweep"] == sweep and r["backend"] == b and "error" not in r)
-            if not pts:
-                continue
-            x, t, m = zip(*pts)
-            axes[0][col].plot(x, [1e3 * s for s in t], "o-", label=b)
-            axes[1][col].plot(x, m, "o-", label=b)
+            if pts:
+                x, t, m = zip(*pts)
+                axes[0][col].plot(x, [1e3 * s for s in t], "o-", label=b)
+                axes[1][col].plot(x, m, "o-", label=b)
         fixed = f"V={args.v}" if sweep == "n" else f"N={args.n}"
         for row, ylabel in enumerate(("time (ms)", "peak beyond inputs (MiB)")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel(f"{sweep.upper()} ({fixed}, D={args.d}, {args.dtype})")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
+            style_axis(axes[row][col], f"{sweep.upper()} ({fixed}, D={args.d}, {args.dtype})", ylabel, log_x=True,
+                       log_y=True)
     fig.suptitle(f"{'reverse KL forward+backward' if args.op == 'step' else 'scoring pass'} on {args.device}",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=64)
-    plt.close(fig)
+    save_figure(fig, path, dpi=64)
 
 
 def parse_args(argv=None):
@@ -169,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--vs", default=None, help="vocabularies of the V sweep")
     p.add_argument("--n", type=int, default=None, help="token count of the V sweep")
     p.add_argument("--d", type=int, default=None, help="hidden size of student and teacher")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--dtype", default=None, choices=SHORT_DTYPES)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads per CPU point (0: torch's default)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per CPU point")
@@ -199,11 +168,8 @@ def main(argv=None) -> int:
         f"## V sweep (N={args.n})", table(records, "v", args.backends),
     ]) + f"\n\nFinished in {time.perf_counter() - t0:.0f} s.\n"
     print(text)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "scaling.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out_dir, "scaling.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    write_text(os.path.join(args.out_dir, "scaling.md"), text)
+    write_json(os.path.join(args.out_dir, "scaling.json"), records)
     try:
         plot(records, args, os.path.join(args.out_dir, "scaling.png"))
     except ImportError as err:

@@ -1,4 +1,4 @@
-"""pytest-benchmark microbenchmarks of every op and backend: forward, backward and full step (docs/design.md §4).
+"""pytest-benchmark microbenchmarks of every op and backend: forward, backward and full step.
 
     pytest benchmarks/test_bench_ops.py --benchmark-only                       # CPU: N=512, V=8192, D=256 (≈1 min)
     pytest benchmarks/test_bench_ops.py --benchmark-only --benchmark-group-by=group   # backends side by side
@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import tipkernels as tk
-from benchmarks.common import MIB, peak_extra_bytes, sync
+from benchmarks.harness.inputs import make_inputs
+from benchmarks.harness.memory import MIB, peak_extra_bytes
+from benchmarks.harness.timing import sync
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -49,15 +51,7 @@ def rounds(request):
 def inputs(shape):
     """Student (requires grad) and teacher hidden states and lm_heads; logits of standard deviation ≈ 2."""
     n, v, d = shape
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def randn(*s, std=1.0):
-        return (torch.randn(*s, generator=g, device=DEVICE, dtype=torch.float32) * std).to(DTYPE)
-
-    h_s = randn(n, d).requires_grad_()
-    w_s = randn(v, d, std=2 / d ** 0.5).requires_grad_()
-    h_t, w_t = randn(n, d), randn(v, d, std=2 / d ** 0.5)
-    return h_s, w_s, h_t, w_t
+    return make_inputs(n, v, d, d, DTYPE, DEVICE)
 
 
 def _record(benchmark, shape, backend, fn):

@@ -1,4 +1,4 @@
-"""Tune the Triton backend's launch configs for one shape on this device; write a tuned-config table (docs/design.md §4).
+"""Tune the Triton backend's launch configs for one shape on this device; write a tuned-config table.
 
     PYTHONPATH=. python benchmarks/tune_triton.py --out "$OUT/tuned_configs.json" --notes "$OUT/tuning.md"
         # CUDA default: N=8192, V=151936, D_s=D_t=4096, bf16 (a few minutes; --budget-s bounds it)
@@ -15,7 +15,7 @@ memory) is recorded and skipped.
 Output: the table as ``tipkernels.backends.triton.config.tuned_config`` reads it (``--merge`` keeps the other entries of an
 existing file; an entry with the same device, dtype and ranges is replaced), and a Markdown notes file listing every
 candidate (time, ratio to the start, error, outcome). Use the table with ``TIPKERNELS_TRITON_CONFIGS=FILE`` or copy
-its entries into ``tipkernels.backends.triton.config.tuned_configs.json`` (packaged) and commit them with the notes.
+its entries into ``tipkernels/backends/triton/tuned_configs.json`` (packaged) and commit them with the notes.
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    describe_error, device_name, env_markdown, fmt_ms, free_memory, make_inputs, markdown_table, timeit,
-)
-from tipkernels.backends import chunked as _tb  # noqa: E402
-from tipkernels.backends import triton as _trb  # noqa: E402
-from tipkernels.inputs import build_problem  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from benchmarks.harness import lib  # noqa: E402
+from benchmarks.harness.inputs import SHORT_DTYPES, dtype_of, make_inputs  # noqa: E402
+from benchmarks.harness.memory import free_memory  # noqa: E402
+from benchmarks.harness.report import device_name, env_markdown, fmt_ms, markdown_table, write_json  # noqa: E402
+from benchmarks.harness.runner import describe_error  # noqa: E402
+from benchmarks.harness.timing import timeit  # noqa: E402
 
 # Candidate values per key: (forward keys, backward keys). All powers of two >= 16 where they are tl.dot blocks.
 SPACES = {
@@ -78,19 +76,20 @@ class Pass:
 
 def build_passes(n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device) -> Tuple[object, List[Pass]]:
     h_s, w_s, h_t, w_t = (t.detach() for t in make_inputs(n, v, d_s, d_t, dtype, device))
-    prob, _ = build_problem(h_s, w_s, h_t, w_t, require_teacher=True)
+    prob, _ = lib.build_problem(h_s, w_s, h_t, w_t, require_teacher=True)
+    chunked, triton = lib.chunked, lib.triton_backend()
     keys = ("student_lse", "teacher_lse", "entropy", "reverse_kl", "forward_kl")
-    ref_stats = _tb.forward_stats(prob)
+    ref_stats = chunked.forward_stats(prob)
     grad_rows = torch.full((n,), 1.0 / n, device=device)
     saved = {k: ref_stats[k] for k in ("student_lse", "teacher_lse", "reverse_kl")}
-    ref_grads = _tb.backward(prob, "reverse_kl", grad_rows, saved)[:2]
+    ref_grads = chunked.backward(prob, "reverse_kl", grad_rows, saved)[:2]
 
     def forward(cfg):
-        out = _trb.forward_stats(prob, config=cfg)
+        out = triton.forward_stats(prob, config=cfg)
         return tuple(out[k] for k in keys)
 
     def backward(cfg):
-        return _trb.backward(prob, "reverse_kl", grad_rows, saved, config=cfg)[:2]
+        return triton.backward(prob, "reverse_kl", grad_rows, saved, config=cfg)[:2]
 
     return prob, [Pass("forward", forward, tuple(ref_stats[k] for k in keys)), Pass("backward", backward, ref_grads)]
 
@@ -112,7 +111,7 @@ def tune(*, n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, spac
     device = torch.device(device)
     t0 = time.monotonic()
     prob, passes = build_passes(n, v, d_s, d_t, dtype, device)
-    start = _trb.config.resolve(prob, None)
+    start = lib.triton_backend().config.resolve(prob, None)
     best = dict(start)
     rows: List[dict] = []
     summary = {}
@@ -157,11 +156,9 @@ def write_table(path: str, entry: dict, merge: bool) -> None:
             entries = json.load(f).get("entries", [])
     same = ("device", "dtype", "d_min", "d_max", "v_min", "v_max")
     entries = [entry] + [e for e in entries if any(e.get(k) != entry[k] for k in same)]
-    with open(path, "w") as f:
-        json.dump({"about": "Tuned Triton launch configs, first match wins "
-                            "(tipkernels.backends.triton.config.tuned_config); written by benchmarks/tune_triton.py",
-                   "entries": entries}, f, indent=1)
-        f.write("\n")
+    reader = f"{lib.triton_backend().config.__name__}.tuned_config"
+    write_json(path, {"about": f"Tuned Triton launch configs, first match wins ({reader}); written by "
+                               "benchmarks/tune_triton.py", "entries": entries})
 
 
 def notes_markdown(result: dict, args, device) -> str:
@@ -190,7 +187,7 @@ def parse_args(argv=None):
     ap.add_argument("--v", type=int, default=None, help="vocabulary (default 151936; quick 80)")
     ap.add_argument("--d", type=int, default=None, help="student hidden size (default 4096; quick 32)")
     ap.add_argument("--d-teacher", type=int, default=None, help="teacher hidden size (default: --d)")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on the CPU")
+    ap.add_argument("--dtype", default=None, choices=SHORT_DTYPES, help="default bf16 on CUDA, fp32 on the CPU")
     ap.add_argument("--space", default=None, choices=sorted(SPACES))
     ap.add_argument("--sweeps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -231,15 +228,14 @@ def main(argv=None) -> int:
     if args.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("the CPU needs Triton's interpreter: run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    result = tune(n=args.n, v=args.v, d_s=args.d, d_t=args.d_teacher, dtype=DTYPES[args.dtype], device=args.device,
+    result = tune(n=args.n, v=args.v, d_s=args.d, d_t=args.d_teacher, dtype=dtype_of(args.dtype), device=args.device,
                   space=args.space, sweeps=args.sweeps, repeats=args.repeats, budget_s=args.budget_s)
-    entry = {"device": _trb.config.device_key(args.device), "dtype": args.dtype,
+    entry = {"device": lib.triton_backend().config.device_key(args.device), "dtype": args.dtype,
              "d_min": args.d_range[0], "d_max": args.d_range[1], "v_min": args.v_range[0], "v_max": args.v_range[1],
              "config": result["best"],
              "measured": {name: {"start_ms": round(s["start"] * 1e3, 3), "tuned_ms": round(s["best"] * 1e3, 3)}
                           for name, s in result["passes"].items()},
              "shape": {"n": args.n, "v": args.v, "d_s": args.d, "d_t": args.d_teacher}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_table(args.out, entry, args.merge)
     with open(args.notes, "w") as f:
         f.write(notes_markdown(result, args, args.device))
@@ -247,6 +243,26 @@ def main(argv=None) -> int:
         print(f"{name}: {fmt_ms(s['start'])} → {fmt_ms(s['best'])} ({s['best'] / s['start']:.2f}×)")
     print(f"table → {args.out}; notes → {args.notes}")
     return 0
+
+
+def tune_and_use(device, dtype: str, out_dir: str, budget_s: float, shape=None, log=print) -> str:
+    """The GPU suite's tuning section: tune at ``shape`` = (N, V, D_s, D_t) (None: the ``--quick`` shape), write
+    ``tuned_configs.json`` and ``tuning.md`` to ``out_dir``, put the table first in ``$TIPKERNELS_TRITON_CONFIGS``
+    for this process (every later triton call uses it); returns the notes as Markdown."""
+    table, notes = os.path.join(out_dir, "tuned_configs.json"), os.path.join(out_dir, "tuning.md")
+    argv = ["--device", str(device), "--dtype", dtype, "--out", table, "--notes", notes,
+            "--budget-s", f"{budget_s:.0f}"]
+    argv += ["--quick"] if shape is None else [x for k, val in zip(("--n", "--v", "--d", "--d-teacher"), shape)
+                                               for x in (k, str(val))]
+    log(f"[tune] tune_triton.py {' '.join(argv)}")
+    if main(argv) != 0:
+        return "the tuner refused to run (see the log)"
+    env_name = lib.triton_backend().config.TUNED_CONFIGS_ENV
+    os.environ[env_name] = table + (os.pathsep + os.environ[env_name] if os.environ.get(env_name) else "")
+    with open(notes) as f:
+        text = f.read()
+    return (f"`{table}` is used by every later triton cell (copy its entries into `tipkernels/backends/triton/tuned_configs.json` "
+            f"to keep them).\n" + text[text.index("Shape:"):])  # without the title and environment: the report has them
 
 
 if __name__ == "__main__":

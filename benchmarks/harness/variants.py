@@ -1,0 +1,213 @@
+"""The variant registry: named implementations of the same quantity, the mean reverse KL of a fused linear
+layer, each a callable ``loss(h_s [N, D_s], w_s [V, D_s], h_t [N, D_t], w_t [V, D_t]) -> scalar`` differentiable
+in ``h_s`` and ``w_s`` (and, for the library's backends, ``score(...)``: the no-grad scoring pass).
+
+Names: ``triton``, ``torch``, ``reference`` (tipkernels' backends; ``reference`` materialises ``[N, V]`` logits),
+``compiled`` (torch.compile of the torch backend), ``compiled_ref`` (torch.compile of the materialised formula of
+the library's reference backend), and the peers ``trl`` (TRL's ChunkedDivergenceFunction, β=1) and ``liger``
+(Liger-Kernel's LigerFusedLinearJSD, jsd_beta=1), each where importable: a peer that is not installed is a
+variant with ``unavailable`` set, never an error.
+
+Also the step closures the scripts time: the all-token loss step and the TIP loss step.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+import tipkernels as tk
+
+from . import lib
+from .inputs import clear_grads
+from .runner import REPO_ROOT, describe_error
+
+NAMES = ("triton", "torch", "reference", "compiled", "compiled_ref", "trl", "liger")
+BACKENDS = ("triton", "torch", "reference")
+
+LABELS = {
+    "triton": "tk.fused_linear_divergence(backend='triton')",
+    "torch": "tk.fused_linear_divergence(backend='torch') (chunked PyTorch)",
+    "reference": "tk.fused_linear_divergence(backend='reference') (materialised [N, V] logits, autograd)",
+    "compiled": "torch.compile of a function calling tk.fused_linear_divergence(backend='torch')",
+    "compiled_ref": "torch.compile of the materialised formula (the reference backend's reverse_kl on both logits)",
+    "trl": "trl ChunkedDivergenceFunction(beta=1.0) = reverse KL (chunked, no [N, V] logits)",
+    "liger": "liger_kernel LigerFusedLinearJSD(jsd_beta=1.0) = reverse KL; computes its gradients inside forward",
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    loss: Optional[Callable] = None          # (h_s, w_s, h_t, w_t) -> scalar loss, differentiable in h_s, w_s
+    score: Optional[Callable] = None         # (h_s, w_s, h_t, w_t) -> per-token statistics, no grad
+    unavailable: Optional[str] = None        # why it cannot run here (every cell prints this)
+    compiled: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
+
+def backend_loss(backend: str, divergence: str = "reverse_kl") -> Callable:
+    """``tk.fused_linear_divergence(..., reduction="mean", backend=backend)`` as a variant's loss."""
+    def loss(h_s, w_s, h_t, w_t):
+        return tk.fused_linear_divergence(h_s, w_s, h_t, w_t, divergence=divergence, reduction="mean",
+                                          backend=backend)
+    return loss
+
+
+def materialised_reverse_kl(h_s, w_s, h_t, w_t):
+    """Mean reverse KL on materialised fp32 logits, as a trainer would write it, with the library's reference
+    formula (the compiled baseline)."""
+    return lib.reference.reverse_kl((h_s @ w_s.t()).float(), (h_t @ w_t.t()).float()).mean()
+
+
+def _set_dynamo_limits() -> None:
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+
+
+def _liger_class(wheel: Optional[str] = None):
+    """LigerFusedLinearJSD, importing liger_kernel from a wheel in .whl/ (or ``wheel``) when it is not installed."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        return LigerFusedLinearJSD
+    except ImportError as first:
+        wheels = [wheel] if wheel else sorted(glob.glob(os.path.join(REPO_ROOT, ".whl", "liger_kernel-*.whl")))
+        if not wheels:
+            raise ImportError(f"liger_kernel is not installed ({first}) and no liger_kernel-*.whl in .whl/") from first
+        target = tempfile.mkdtemp(prefix="liger_")
+        with zipfile.ZipFile(wheels[-1]) as z:
+            z.extractall(target)
+        sys.path.insert(0, target)
+        for name in [m for m in sys.modules if m == "liger_kernel" or m.startswith("liger_kernel.")]:
+            del sys.modules[name]
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        return LigerFusedLinearJSD
+
+
+def _liger(v: Variant, device: torch.device, wheel: Optional[str]) -> None:
+    if device.type != "cuda":
+        v.unavailable = "n/a (needs CUDA)"
+        return
+    try:
+        cls = _liger_class(wheel)
+    except Exception as err:  # noqa: BLE001 - a missing peer is a status, not a failure
+        v.unavailable = "not installed"
+        v.notes.append(f"liger: {describe_error(err, 300)}")
+        return
+    module = cls(jsd_beta=1.0, temperature=1.0)
+    if "shift_labels" in inspect.signature(module.forward).parameters:
+        v.loss = lambda hs, ws, ht, wt: module(hs, ws, ht, wt, None)
+    else:
+        v.loss = lambda hs, ws, ht, wt: module(hs, ws, ht, wt)
+    import liger_kernel
+    v.notes.append(f"liger_kernel {getattr(liger_kernel, '__version__', '?')} from "
+                   f"{os.path.dirname(liger_kernel.__file__)}")
+
+
+def _trl(v: Variant) -> None:
+    try:
+        import trl
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    except Exception as err:  # noqa: BLE001 - a missing peer is a status, not a failure
+        v.unavailable = "not installed"
+        v.notes.append(f"trl: {describe_error(err, 300)}")
+        return
+
+    def loss(h_s, w_s, h_t, w_t):
+        per_token, _entropy = ChunkedDivergenceFunction.apply(h_s, w_s, None, h_t, w_t, None, 1.0)
+        return per_token.mean()
+
+    v.loss = loss
+    v.notes.append(f"trl {getattr(trl, '__version__', '?')}: ChunkedDivergenceFunction")
+
+
+def build_variant(name: str, device, liger_wheel: Optional[str] = None) -> Variant:
+    """The variant ``name`` (one of :data:`NAMES`) on ``device``; ``unavailable`` says why it cannot run here."""
+    device = torch.device(device)
+    v = Variant(name)
+    if name in BACKENDS:
+        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            v.unavailable = "n/a (needs CUDA)"
+            return v
+        v.loss = backend_loss(name)
+        v.score = lambda hs, ws, ht, wt: tk.token_stats(hs, ws, ht, wt, backend=name)
+    elif name in ("compiled", "compiled_ref"):
+        _set_dynamo_limits()
+        v.loss = torch.compile(backend_loss("torch") if name == "compiled" else materialised_reverse_kl)
+        v.compiled = True
+    elif name == "trl":
+        _trl(v)
+    elif name == "liger":
+        _liger(v, device, liger_wheel)
+    else:
+        raise ValueError(f"unknown variant {name!r}; expected one of {NAMES}")
+    return v
+
+
+def compile_counters() -> str:
+    try:
+        from torch._dynamo.utils import counters
+        breaks = sum(counters["graph_break"].values())
+        frames = counters["stats"].get("unique_graphs", 0)
+        return f"{frames} graph(s), {breaks} graph break(s)"
+    except Exception:  # noqa: BLE001
+        return "graph counters unavailable"
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+def loss_step(loss: Callable, inputs) -> Callable[[], torch.Tensor]:
+    """``step()``: drop the student's gradients, ``loss(*inputs).backward()``; returns the detached loss."""
+    def step():
+        clear_grads(inputs)
+        value = loss(*inputs)
+        value.backward()
+        return value.detach()
+    return step
+
+
+def tip_step(backend: str, rule: str, ratio: float, inputs, batch: int, seq: int, *,
+             seeded: bool = True) -> Callable[[], int]:
+    """``step()``: drop the student's gradients, then one TIP loss step on ``inputs`` seen as ``[batch, seq]``
+    tokens, all valid (``TIPDistillationLoss(rule, ratio)`` forward + backward); returns the tokens differentiated.
+
+    ``rule="none"`` is the all-token step, ``tk.fused_linear_divergence(reduction="mean")``. ``seeded``: the
+    sampling rules draw from a generator reset to seed 0 at every step.
+    """
+    h_s, w_s, h_t, w_t = inputs
+    if rule == "none":
+        inner = loss_step(backend_loss(backend), inputs)
+
+        def step_all() -> int:
+            inner()
+            return h_s.shape[0]
+        return step_all
+    loss_fn = tk.TIPDistillationLoss(rule=rule, ratio=ratio, backend=backend, compute_metrics=False)
+    hs3, ht3 = h_s.view(batch, seq, -1), h_t.view(batch, seq, -1)
+    mask = torch.ones(batch, seq, dtype=torch.bool, device=h_s.device)
+    gen = torch.Generator(device=h_s.device) if seeded else None
+
+    def step() -> int:
+        clear_grads(inputs)
+        if gen is not None:
+            gen.manual_seed(0)
+        out = loss_fn(hs3, w_s, ht3, w_t, mask, generator=gen)
+        out.loss.backward()
+        return int(out.selection.mask.sum())
+    return step
