@@ -58,7 +58,7 @@ def default_config(prob: Problem) -> Dict[str, object]:
     wide = dtype == torch.float32 or dtype == torch.float64
     ds = prob.student_hidden.shape[1] if prob.student_is_linear else 16
     # Sized so that ptxas compiles every specialisation for sm_90 within 255 registers without spilling
-    # (tests/test_triton_compile.py): a 64 x 128 forward tile spilled up to 600 B (16-bit) / 1.3 KB (fp32).
+    # (tests/backends/test_triton_compile.py): a 64 x 128 forward tile spilled up to 600 B (16-bit) / 1.3 KB (fp32).
     return {
         "block_n": 64,
         "block_v": 64,
