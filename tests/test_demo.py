@@ -169,11 +169,12 @@ def test_quick_compare_on_add_task(tmp_path, capsys):
             valid = e["tokens_trained_mean"]
         else:  # per-sequence budget ⌊ρ·m⌋ of each sequence's m valid tokens
             assert 0 < e["fraction_mean"] <= e["ratio"]
-        mem = e["loss_step_peak_mb"]
-        assert mem is None or 0 < mem < 4096
+        assert 0 < e["loss_step_memory_mb"] < 4096
         assert f"| {e['rule']} | " in table
     assert valid is not None and valid > 0
-    assert "±" in table and "Q1" in table and "loss-step peak" in table
+    mem = {label: summary["entries"][label]["loss_step_memory_mb"] for label in labels}
+    assert mem["all"] >= max(mem.values())  # the same batch: keeping every token saves the most for backward
+    assert "±" in table and "Q1" in table and "loss-step saved activations" in table
     assert "accuracy" in text and "peak" in text
     if summary["figure"]:
         assert (out / "compare.png").is_file()

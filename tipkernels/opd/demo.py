@@ -15,7 +15,6 @@ of the TIP paper's Table 5) and a figure of accuracy against steps.
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import json
 import math
@@ -320,70 +319,41 @@ def _summary(history: List[Dict[str, float]]) -> Dict[str, float]:
 # ----------------------------------------------------------------------------------------- loss-step memory
 
 
-def _status_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def loss_step_memory_mb(forward, backward, device: torch.device, params=()) -> float:
+    """Memory of one loss step in MiB: ``out = forward()`` then ``backward(out)``; called twice (warm-up, measured).
 
-
-_MMAP_SET = False
-
-
-def _cpu_peak_tracking() -> bool:
-    """Make large CPU allocations visible in the resident set (glibc: allocations ≥ 64 KiB are mmapped and
-    returned on free, instead of the default's growing threshold), and check that the peak-RSS counter can be
-    reset. False where either is unavailable (then no CPU figure is reported)."""
-    global _MMAP_SET
-    try:
-        if not _MMAP_SET:
-            libc = ctypes.CDLL("libc.so.6")
-            if libc.mallopt(-3, 64 * 1024) != 1:  # M_MMAP_THRESHOLD
-                return False
-            _MMAP_SET = True
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return _status_kib("VmHWM") is not None
-    except (OSError, AttributeError):
-        return False
-
-
-def loss_step_peak_mb(fn, device: torch.device) -> Optional[float]:
-    """Peak memory of one call of ``fn`` (a loss forward + backward) above what was in use before it, in MiB.
-
-    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` before. CPU (Linux,
-    glibc): the peak resident set (VmHWM, reset before the call) minus the resident set before it, with large
-    allocations mmapped so that freed tensors leave the resident set; None where that is unavailable. ``fn`` is
-    called twice (a warm-up, then the measured call).
+    CUDA: the peak allocated during the step above what was allocated before it (``max_memory_allocated`` after
+    ``reset_peak_memory_stats``). Elsewhere (the CPU has no allocator statistics): the bytes of the distinct
+    tensors the forward saves for the backward (``saved_tensors_hooks``), leaving out ``params`` (the weights,
+    which exist anyway) — the activation memory that dominates the step's peak and that selection reduces.
     """
-    fn()
+    backward(forward())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        backward(forward())
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not _cpu_peak_tracking():
-        return None
-    fn()  # once more under the mmap threshold, so the heap holds no freed tensors from before
-    _cpu_peak_tracking()
-    base = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(0, peak - base) / 1024
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    backward(out)
+    return sum(seen.values()) / 2**20
 
 
 def _measure_loss_step(entry: Entry, student, teacher, tokenizer, prompts, settings, backend, device,
-                       seed: int) -> Optional[float]:
-    """Peak memory of one OPD loss step (student and teacher bodies, the TIP loss, backward) of ``entry`` on a
-    fixed batch of the starting student's rollouts (the same batch for every entry)."""
+                       seed: int) -> float:
+    """Memory (:func:`loss_step_memory_mb`) of one OPD loss step of ``entry`` (student and teacher bodies, the
+    TIP loss, backward) on a fixed batch of the starting student's rollouts (the same batch for every entry)."""
     from ..loss import TIPDistillationLoss
     from .models import sequence_tip_loss
 
@@ -395,14 +365,16 @@ def _measure_loss_step(entry: Entry, student, teacher, tokenizer, prompts, setti
                         temperature=1.0, device=device)
     gen = torch.Generator(device=device)
 
-    def step():
+    def forward():
         gen.manual_seed(seed)
-        out = sequence_tip_loss(loss_fn, model, teacher, roll.input_ids, roll.attention_mask, roll.response_mask,
-                                generator=gen)
+        return sequence_tip_loss(loss_fn, model, teacher, roll.input_ids, roll.attention_mask, roll.response_mask,
+                                 generator=gen)
+
+    def backward(out):
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    return loss_step_peak_mb(step, device)
+    return loss_step_memory_mb(forward, backward, device, params=list(model.parameters()))
 
 
 # -------------------------------------------------------------------------------------------------- the demo
@@ -502,7 +474,7 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     Returns a dict with "task", "teacher_accuracy", "student_accuracy_before" (per seed), "entries" (per label:
     "rule", "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "tokens_trained", "fraction",
     "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)]), the same keys as
-    "<key>_mean"/"<key>_std", and "loss_step_peak_mb"), "runs" (per label, the first seed's run with its
+    "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs" (per label, the first seed's run with its
     "history" and "evals", for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
     """
     t_start = time.perf_counter()
@@ -586,7 +558,7 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     for e in entries:
         runs = per_seed[e.label]
         agg: Dict[str, object] = {"rule": e.rule, "ratio": e.ratio, "per_seed": runs,
-                                  "loss_step_peak_mb": memory.get(e.label)}
+                                  "loss_step_memory_mb": memory.get(e.label)}
         for k in ("accuracy_after", "tokens_trained", "fraction", "Q1", "Q2", "Q3", "Q4", "kl_end", "seconds",
                   "response_len"):
             agg[f"{k}_mean"], agg[f"{k}_std"] = _spread([r[k] for r in runs])
@@ -647,13 +619,14 @@ def _pm(mean: float, std: float, pct: bool = True, seeds: int = 1) -> str:
 def format_table(results: Dict[str, Dict[str, object]], before: float, before_std: float = 0.0, *, seeds: int = 1,
                  steps: Optional[int] = None, device: Optional[torch.device] = None) -> str:
     """A Markdown table of the compared entries (mean ± sample standard deviation over seeds)."""
-    mem = "loss-step peak (GPU MiB)" if device is not None and device.type == "cuda" else "loss-step peak (RSS MiB)"
+    mem = ("loss-step peak (MiB)" if device is not None and device.type == "cuda"
+           else "loss-step saved activations (MiB)")
     head = (f"| rule | ρ | acc. before | acc. after | tokens trained | share | Q1 | Q2 | Q3 | Q4 | KL end | {mem} "
             f"| time/run |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for label, v in results.items():
         rho = "1" if v["rule"] == "all" else f"{v['ratio']:g}"
-        m = v.get("loss_step_peak_mb")
+        m = v.get("loss_step_memory_mb")
         lines.append(f"| {v['rule']} | {rho} | {_pm(before, before_std, seeds=seeds)} | "
                      f"{_pm(v['accuracy_after_mean'], v['accuracy_after_std'], seeds=seeds)} | "
                      f"{_pm(v['tokens_trained_mean'], v['tokens_trained_std'], pct=False, seeds=seeds)} | "
@@ -661,7 +634,10 @@ def format_table(results: Dict[str, Dict[str, object]], before: float, before_st
                      f" | {v['kl_end_mean']:.3f} | {'n/a' if m is None else f'{m:.1f}'} | {v['seconds_mean']:.0f}s |")
     note = (f"\n\nMean ± sample standard deviation over {seeds} seeds" if seeds > 1 else "\n\nOne seed") + \
         (f", {steps} OPD steps per run" if steps else "") + \
-        "; Q1–Q4: quadrant shares of the selected tokens (token-weighted over the run)."
+        "; Q1–Q4: quadrant shares of the selected tokens (token-weighted over the run). Loss-step memory: one OPD " \
+        "loss step on one fixed batch of the starting student's rollouts; " + \
+        ("the CUDA peak above the step's start." if device is not None and device.type == "cuda" else
+         "on the CPU, the bytes the forward saves for the backward (weights excluded).")
     return "\n".join(lines) + note
 
 
