@@ -257,7 +257,7 @@ class DemoSettings:
         return cls.for_task("sort", quick=True)
 
 
-ADD_WARMUP_STEPS = 150
+ADD_WARMUP_STEPS = 60
 ADD_OPD_STEPS = 80
 
 
@@ -474,7 +474,8 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     Returns a dict with "task", "teacher_accuracy", "student_accuracy_before" (per seed), "entries" (per label:
     "rule", "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "tokens_trained", "fraction",
     "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)]), the same keys as
-    "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs" (per label, the first seed's run with its
+    "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs" (per label — the rule's name when
+    ``compare`` is None — the first seed's run with its
     "history" and "evals", for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
     """
     t_start = time.perf_counter()
@@ -564,6 +565,9 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
             agg[f"{k}_mean"], agg[f"{k}_std"] = _spread([r[k] for r in runs])
         results[e.label] = agg
     before_mean, before_std = _spread(befores)
+    if compare is None:  # one rule: keyed by its name, as before per-entry ratios existed
+        results = {entries[0].rule: results[entries[0].label]}
+        first_runs = {entries[0].rule: first_runs[entries[0].label]}
 
     peak = peak_memory_mb(dev)
     figure = None
@@ -576,7 +580,7 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
         else:
             from .plot import plot_run
 
-            only = first_runs[entries[0].label]
+            only = first_runs[entries[0].rule]
             figure = plot_run(only["history"], out_dir / "opd_run.png", evals=only["evals"],
                               title=f"tipkernels demo ({tk.name}): OPD, rule={entries[0].rule}, "
                                     f"ratio={entries[0].ratio:g}")
