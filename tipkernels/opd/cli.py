@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES
 from .config import PARALLEL, SCHEDULES, OPDConfig
+from .tasks import TASKS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -18,34 +19,39 @@ class SetupError(Exception):
     """Bad input found before training; printed without a traceback, exit code 2."""
 
 
-def _rules(text: str) -> List[str]:
-    rules = [r.strip() for r in text.split(",") if r.strip()]
-    bad = [r for r in rules if r not in RULES]
-    if not rules or bad:
-        raise argparse.ArgumentTypeError(f"unknown rule(s) {bad or text!r}; choose from {', '.join(RULES)}")
-    return rules
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tipkernels", description="On-policy distillation with token-importance (TIP) "
                                 "selection over fused, logits-free kernels.")
     sub = p.add_subparsers(dest="command", metavar="{demo,opd}")
     sub.required = True
 
-    d = sub.add_parser("demo", help="embedded demo: train a tiny teacher on digit sorting, distil a smaller student "
-                       "on-policy with TIP selection (no downloads)",
-                       description="Train a tiny teacher supervised on digit sorting, distil a smaller, weakly "
-                       "pre-trained student on its own rollouts with a TIP rule, and report held-out accuracy "
-                       "before/after, tokens trained on, quadrant shares, peak memory and a figure.")
+    d = sub.add_parser("demo", help="embedded demo: train a tiny teacher on a synthetic task, distil a smaller "
+                       "student on-policy with TIP selection (no downloads)",
+                       description="Train a tiny teacher supervised on a synthetic task (sort: digit sorting, the "
+                       "quick default; add: multi-digit addition with a carry scratchpad, 32-51-token responses), "
+                       "distil a smaller, weakly pre-trained student on its own rollouts with a TIP rule, and report "
+                       "held-out accuracy before/after, tokens trained on, quadrant shares, peak memory and a figure.")
+    d.add_argument("--task", default="sort", choices=tuple(TASKS),
+                   help="sort (default, ~1-2 min; responses 5-9 tokens) or add (responses 32-51 tokens, the TIP "
+                        "paper's regime where ρ=0.2 keeps ≥ 6 tokens per sequence)")
     d.add_argument("--quick", action="store_true", help="smaller task and schedules (CI, well under a minute)")
     d.add_argument("--rule", default="soft_or", choices=RULES, help="TIP rule (default soft_or)")
-    d.add_argument("--ratio", type=float, default=0.5, help="retention ratio ρ in (0, 1] (default 0.5)")
-    d.add_argument("--compare", type=_rules, default=None, metavar="RULES",
-                   help="comma-separated rules to run side by side from the same student, e.g. "
-                        "all,entropy_sample,soft_or,q3; prints a table")
-    d.add_argument("--steps", type=int, default=None, help="OPD steps (default 300; 100 with --quick)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--output-dir", default="runs/demo", help="metrics, figure, checkpoints (default runs/demo)")
+    d.add_argument("--ratio", type=float, default=0.5, help="retention ratio ρ in (0, 1] (default 0.5); with "
+                   "--compare, the ratio of entries written without @RATIO")
+    d.add_argument("--compare", default=None, metavar="ENTRIES",
+                   help="comma-separated RULE or RULE@RATIO entries run side by side from the same student, e.g. "
+                        "all,random@0.2,entropy_sample@0.5,entropy_sample@0.2,soft_or@0.5,soft_or@0.2,q3@0.2 "
+                        "(a RULE without @ takes --ratio; 'all' takes none); writes a table and a figure")
+    d.add_argument("--seeds", type=int, default=1, help="seeds per entry (mean ± standard deviation over seeds; "
+                   "each seed draws its own starting student)")
+    d.add_argument("--teacher-target", type=float, default=None, metavar="ACC",
+                   help="stop the teacher's training once a held-out check set reaches this accuracy (default: "
+                        "sort none, add 0.97; checked every 250 steps)")
+    d.add_argument("--jobs", type=int, default=1, help="processes running the seeds in parallel (default 1)")
+    d.add_argument("--steps", type=int, default=None, help="OPD steps (default: sort 300, add 80; fewer with "
+                   "--quick)")
+    d.add_argument("--seed", type=int, default=0, help="first seed")
+    d.add_argument("--output-dir", default="runs/demo", help="metrics, figure, summary (default runs/demo)")
     d.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernel backend (auto: triton on CUDA, torch on CPU)")
     d.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -161,7 +167,7 @@ def _run_opd(args) -> int:
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import parse_compare, run_demo
 
     from transformers.utils import logging as hf_logging
 
@@ -170,12 +176,20 @@ def _run_demo(args) -> int:
         OPDConfig(ratio=args.ratio)
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+        if args.teacher_target is not None and not 0 < args.teacher_target <= 1:
+            raise ValueError(f"--teacher-target must lie in (0, 1], got {args.teacher_target}")
+        compare = parse_compare(args.compare, args.ratio) if args.compare is not None else None
     except (ValueError, TypeError) as e:
         print(f"tipkernels demo: error: {e}", file=sys.stderr)
         return 2
-    run_demo(quick=args.quick, rule=args.rule, ratio=args.ratio, compare=args.compare, steps=args.steps,
-             seed=args.seed, output_dir=args.output_dir, backend=args.backend, device=args.device,
-             progress=not args.no_progress, cache_teacher=not args.no_cache)
+    run_demo(quick=args.quick, task=args.task, rule=args.rule, ratio=args.ratio, compare=compare, seeds=args.seeds,
+             jobs=args.jobs, steps=args.steps, seed=args.seed, output_dir=args.output_dir, backend=args.backend,
+             device=args.device, progress=not args.no_progress, cache_teacher=not args.no_cache,
+             teacher_target=args.teacher_target)
     return 0
 
 

@@ -1,12 +1,15 @@
 """``tipkernels demo``: on-policy distillation with TIP selection on a synthetic task, no downloads.
 
-The task: sort a string of digits (``"50391>"`` → ``"01359"`` then EOS). A char-level tokenizer is built in code
-(``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``, so ``generate``, ``save_pretrained`` and
-``AutoTokenizer`` all work). Two tiny Llama-architecture models are built from configs: a teacher, trained
-supervised to high accuracy, and a smaller student, pre-trained only briefly so that it starts weak. The student
-is then distilled on its own rollouts with :class:`OPDTrainer` and a TIP rule; greedy exact-match accuracy on a
-held-out set is measured before and after. ``--compare`` repeats the distillation from the same starting student
-for several rules at one retention ratio and prints a table (a toy analogue of the TIP paper's Table 5).
+Tasks (:mod:`tipkernels.opd.tasks`): ``sort`` (the quick default, ``"50391>"`` → ``"01359"``, responses of 5–9
+tokens) and ``add`` (5–8-digit addition written out column by column with the carry, responses of 32–51 tokens:
+the regime where a retention ratio of 0.2 still keeps ≥ 6 tokens of every sequence). A char-level tokenizer is
+built in code (``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``, so ``generate``,
+``save_pretrained`` and ``AutoTokenizer`` all work). Two tiny Llama-architecture models are built from configs: a
+teacher, trained supervised to high accuracy, and a smaller student, pre-trained only briefly so that it starts
+weak. The student is then distilled on its own rollouts with :class:`OPDTrainer` and a TIP rule; greedy held-out
+accuracy (the task's answer checker) is measured before and after. ``--compare`` repeats the distillation from the
+same starting student for several ``rule@ratio`` entries, over one or more seeds, and writes a table (a toy analogue
+of the TIP paper's Table 5) and a figure of accuracy against steps.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import random
+import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,46 +29,29 @@ import torch
 
 from .config import OPDConfig
 from .rollout import decode_responses, generate
+from .tasks import DIGITS, Task, get_task, sort_task
 from .trainer import OPDTrainer, lr_lambda, peak_memory_mb
 
-DIGITS = "0123456789"
 SPECIALS = ("<pad>", "<eos>")
 SEP = ">"
 
 
-# ------------------------------------------------------------------------------------------ task and tokenizer
+# ------------------------------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer():
-    """A char-level ``PreTrainedTokenizerFast``: ``<pad>`` = 0, ``<eos>`` = 1, then the digits and ``>``."""
+def build_tokenizer(chars: str = DIGITS + SEP):
+    """A char-level ``PreTrainedTokenizerFast``: ``<pad>`` = 0, ``<eos>`` = 1, then one id per character of
+    ``chars`` in order (default: the digits and ``>``, the sort task's vocabulary)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(DIGITS) + (SEP,))}
+    if not isinstance(chars, str) or not chars or len(set(chars)) != len(chars):
+        raise ValueError(f"chars must be a non-empty string of distinct characters, got {chars!r}")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(chars))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
-
-
-@dataclass(frozen=True)
-class SortTask:
-    """Sort ``min_len``–``max_len`` random digits; the prompt ends with ``>``, the answer is the sorted digits."""
-
-    min_len: int = 4
-    max_len: int = 8
-
-    def sample(self, rng: random.Random) -> Tuple[str, str]:
-        s = "".join(rng.choice(DIGITS) for _ in range(rng.randint(self.min_len, self.max_len)))
-        return s + SEP, "".join(sorted(s))
-
-    def examples(self, n: int, seed: int) -> List[Tuple[str, str]]:
-        rng = random.Random(seed)
-        return [self.sample(rng) for _ in range(n)]
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.max_len + 1  # the digits and EOS
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -97,10 +85,14 @@ def build_model(size: ModelSize, vocab_size: int, seed: int, max_positions: int 
     return model
 
 
-def supervised_train(model, tokenizer, task: SortTask, *, steps: int, batch_size: int, lr: float, seed: int,
-                     desc: str = "supervised", progress: bool = True) -> float:
+def supervised_train(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int,
+                     desc: str = "supervised", progress: bool = True, check=None, check_every: int = 0,
+                     log=None) -> float:
     """Teacher-forced cross-entropy on the answers (prompt tokens masked); returns the last loss.
 
+    ``check``: optional ``check(model) -> bool`` called every ``check_every`` steps (the model in eval mode);
+    training stops early once it returns True (the schedule stays the one of ``steps`` steps, so a run that stops
+    at step k is the first k steps of the full one). ``log``: optional callable for one line per check.
     Only sets up the demo's models (the vocabulary is tiny); distillation never forms full logits.
     """
     device = next(model.parameters()).device
@@ -116,7 +108,15 @@ def supervised_train(model, tokenizer, task: SortTask, *, steps: int, batch_size
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=desc, dynamic_ncols=True)
-    for _ in it:
+    for step in it:
+        if check is not None and check_every and step and step % check_every == 0:
+            model.eval()
+            done = check(model)
+            model.train()
+            if log is not None:
+                log(f"{desc}: step {step}, loss {loss.item():.4f}, target {'reached' if done else 'not reached'}")
+            if done:
+                break
         rows, labels = [], []
         for _ in range(batch_size):
             p, a = task.sample(rng)
@@ -141,25 +141,84 @@ def supervised_train(model, tokenizer, task: SortTask, *, steps: int, batch_size
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_size: int = 512) -> float:
-    """Greedy-decoding exact-match accuracy on ``(prompt, answer)`` pairs."""
+def accuracy(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_size: int = 512,
+             task: Optional[Task] = None) -> float:
+    """Greedy-decoding accuracy on ``(prompt, target)`` pairs: ``task.check(prompt, response)`` when a task is
+    given, else exact match with the target."""
     correct = 0
-    max_new = max(len(a) for _, a in examples) + 1
+    max_new = task.max_new_tokens if task is not None else max(len(a) for _, a in examples) + 1
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         roll = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=max_new, temperature=0.0)
-        correct += sum(out == a for out, (_, a) in zip(decode_responses(tokenizer, roll), chunk))
+        outs = decode_responses(tokenizer, roll)
+        if task is not None:
+            correct += sum(task.check(p, out) for out, (p, _) in zip(outs, chunk))
+        else:
+            correct += sum(out == a for out, (_, a) in zip(outs, chunk))
     return correct / len(examples)
 
 
-# -------------------------------------------------------------------------------------------------- the demo
+# --------------------------------------------------------------------------------------------- compare entries
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``--compare`` entry: a rule at a retention ratio (``all`` always keeps every token, ρ = 1)."""
+
+    rule: str
+    ratio: float
+
+    @property
+    def label(self) -> str:
+        return "all" if self.rule == "all" else f"{self.rule}@{self.ratio:g}"
+
+
+def parse_compare(text: str, default_ratio: float) -> List[Entry]:
+    """Parse ``--compare``: comma-separated ``RULE`` or ``RULE@RATIO`` entries.
+
+    ``RULE`` alone takes ``default_ratio`` (``--ratio``); ``all`` takes no ratio (or ``all@1``). Raises
+    ValueError naming the entry for an unknown rule, a ratio that is not a number in (0, 1], an empty entry or a
+    duplicate. Example: ``all,random@0.2,entropy_sample@0.5,soft_or@0.2,q3@0.2``.
+    """
+    from ..inputs import RULES
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("--compare needs at least one entry, e.g. all,soft_or@0.2,q3@0.2")
+    out: List[Entry] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"--compare {text!r} has an empty entry")
+        rule, at, rtext = item.partition("@")
+        rule = rule.strip()
+        if rule not in RULES:
+            raise ValueError(f"--compare entry {item!r}: unknown rule {rule!r}; choose from {', '.join(RULES)}")
+        if at:
+            try:
+                ratio = float(rtext)
+            except ValueError:
+                raise ValueError(f"--compare entry {item!r}: ratio {rtext!r} is not a number") from None
+        else:
+            ratio = 1.0 if rule == "all" else default_ratio
+        if not (math.isfinite(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"--compare entry {item!r}: ratio must lie in (0, 1], got {ratio:g}")
+        if rule == "all" and ratio != 1.0:
+            raise ValueError(f"--compare entry {item!r}: 'all' keeps every token, so its ratio is 1; write 'all'")
+        e = Entry(rule, ratio)
+        if e in out:
+            raise ValueError(f"--compare entry {item!r} is listed twice")
+        out.append(e)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- settings
 
 
 @dataclass
 class DemoSettings:
-    """Sizes and schedules of the demo (``quick`` shrinks them for CI)."""
+    """Sizes and schedules of the demo for one task (``quick`` shrinks them for CI)."""
 
-    task: SortTask = SortTask()
+    task: Task = field(default_factory=sort_task)
     teacher_steps: int = 700
     teacher_lr: float = 2e-3
     student_warmup_steps: int = 60
@@ -171,11 +230,35 @@ class DemoSettings:
     n_prompts: int = 2000
     n_eval: int = 500
     eval_interval: int = 25
+    max_positions: int = 64
+    teacher_target: float = 0.0  # > 0: stop the teacher's training once a check set reaches this accuracy
+    teacher_check_every: int = 250
+
+    @classmethod
+    def for_task(cls, name: str, quick: bool = False) -> "DemoSettings":
+        """The default (or ``quick``) settings of the registered task ``name``."""
+        get_task(name)  # ValueError for an unknown name
+        if name == "sort":
+            if quick:
+                return cls(task=sort_task(3, 6), teacher_steps=300, student_warmup_steps=30, opd_steps=100,
+                           n_eval=300, eval_interval=10)
+            return cls()
+        from .tasks import add_task
+
+        if quick:  # a smoke test of the pipeline: 3–4-digit sums, a barely trained teacher
+            return cls(task=add_task(3, 4), teacher_steps=80, sft_batch=32, student_warmup_steps=20, opd_steps=8,
+                       opd_batch=16, n_prompts=200, n_eval=48, eval_interval=4, max_positions=48)
+        return cls(task=add_task(), teacher_steps=3000, teacher_lr=2e-3, teacher_target=0.97,
+                   teacher_check_every=250, student_warmup_steps=ADD_WARMUP_STEPS, opd_steps=ADD_OPD_STEPS,
+                   opd_batch=32, n_eval=200, eval_interval=10, max_positions=96)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(task=SortTask(3, 6), teacher_steps=300, student_warmup_steps=30, opd_steps=100, n_eval=300,
-                   eval_interval=10)
+        return cls.for_task("sort", quick=True)
+
+
+ADD_WARMUP_STEPS = 60
+ADD_OPD_STEPS = 80
 
 
 def _device(name: str) -> torch.device:
@@ -184,20 +267,37 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _teacher(settings: DemoSettings, tokenizer, seed: int, device, cache: Optional[Path], progress: bool):
+def teacher_cache_path(settings: DemoSettings, seed: int, vocab_size: int, cache: Path) -> Path:
+    """Where the teacher of ``settings`` (trained from ``seed``) is cached under ``cache``: the name hashes every
+    setting that shapes its training."""
+    t = settings.task
+    desc = [t.name, t.summary, t.min_response, t.max_response]
+    key = hashlib.sha1(json.dumps([desc, asdict(TEACHER), settings.teacher_steps, settings.teacher_lr,
+                                   settings.sft_batch, settings.max_positions, settings.teacher_target,
+                                   settings.teacher_check_every, seed, vocab_size]).encode()).hexdigest()[:10]
+    return Path(cache) / f"teacher-{t.name}-{key}"
+
+
+def _teacher(settings: DemoSettings, tokenizer, seed: int, device, cache: Optional[Path], progress: bool,
+             log=None):
     """Train (or load from ``cache``) the teacher; returns (model, seconds spent, loaded?)."""
     from transformers import AutoModelForCausalLM
 
-    key = hashlib.sha1(json.dumps([asdict(settings.task), asdict(TEACHER), settings.teacher_steps,
-                                   settings.teacher_lr, settings.sft_batch, seed, len(tokenizer)]).encode()
-                       ).hexdigest()[:10]
-    path = cache / f"teacher-{key}" if cache is not None else None
+    path = teacher_cache_path(settings, seed, len(tokenizer), cache) if cache is not None else None
     t0 = time.perf_counter()
     if path is not None and (path / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), time.perf_counter() - t0, True
-    teacher = build_model(TEACHER, len(tokenizer), seed=seed).to(device)
+    teacher = build_model(TEACHER, len(tokenizer), seed=seed, max_positions=settings.max_positions).to(device)
+    check = None
+    if settings.teacher_target:  # stop once a held-out check set (disjoint seed from eval and prompts) is solved
+        check_set = settings.task.examples(128, seed=seed + 3000)
+
+        def check(model):
+            return accuracy(model, tokenizer, check_set, task=settings.task) >= settings.teacher_target
+
     supervised_train(teacher, tokenizer, settings.task, steps=settings.teacher_steps, batch_size=settings.sft_batch,
-                     lr=settings.teacher_lr, seed=seed + 10, desc="teacher (supervised)", progress=progress)
+                     lr=settings.teacher_lr, seed=seed + 10, desc="teacher (supervised)", progress=progress,
+                     check=check, check_every=settings.teacher_check_every, log=log)
     if path is not None:
         teacher.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -212,26 +312,193 @@ def _summary(history: List[Dict[str, float]]) -> Dict[str, float]:
         out[f"Q{q}"] = sum(r.get(f"q{q}_selected", 0.0) * r["selected_tokens"] for r in history) / sel if sel else 0.0
     tail = history[-max(1, len(history) // 5):]
     out["kl_end"] = sum(r["reverse_kl"] for r in tail) / len(tail)
+    out["response_len"] = sum(r["response_len"] for r in history) / len(history)
     return out
 
 
-def run_demo(*, quick: bool = False, rule: str = "soft_or", ratio: float = 0.5, compare: Optional[List[str]] = None,
-             steps: Optional[int] = None, seed: int = 0, output_dir: str = "runs/demo", backend: str = "auto",
-             device: str = "auto", progress: bool = True, cache_teacher: bool = True,
-             log=print) -> Dict[str, object]:
+# ----------------------------------------------------------------------------------------- loss-step memory
+
+
+def loss_step_memory_mb(forward, backward, device: torch.device, params=()) -> float:
+    """Memory of one loss step in MiB: ``out = forward()`` then ``backward(out)``; called twice (warm-up, measured).
+
+    CUDA: the peak allocated during the step above what was allocated before it (``max_memory_allocated`` after
+    ``reset_peak_memory_stats``). Elsewhere (the CPU has no allocator statistics): the bytes of the distinct
+    tensors the forward saves for the backward (``saved_tensors_hooks``), leaving out ``params`` (the weights,
+    which exist anyway) — the activation memory that dominates the step's peak and that selection reduces.
+    """
+    backward(forward())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        backward(forward())
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    backward(out)
+    return sum(seen.values()) / 2**20
+
+
+def _measure_loss_step(entry: Entry, student, teacher, tokenizer, prompts, settings, backend, device,
+                       seed: int) -> float:
+    """Memory (:func:`loss_step_memory_mb`) of one OPD loss step of ``entry`` (student and teacher bodies, the
+    TIP loss, backward) on a fixed batch of the starting student's rollouts (the same batch for every entry)."""
+    from ..loss import TIPDistillationLoss
+    from .models import sequence_tip_loss
+
+    model = copy.deepcopy(student).train()
+    loss_fn = TIPDistillationLoss(rule=entry.rule, ratio=entry.ratio, backend=backend)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        roll = generate(model, tokenizer, prompts[:settings.opd_batch], max_new_tokens=settings.task.max_new_tokens,
+                        temperature=1.0, device=device)
+    gen = torch.Generator(device=device)
+
+    def forward():
+        gen.manual_seed(seed)
+        return sequence_tip_loss(loss_fn, model, teacher, roll.input_ids, roll.attention_mask, roll.response_mask,
+                                 generator=gen)
+
+    def backward(out):
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return loss_step_memory_mb(forward, backward, device, params=list(model.parameters()))
+
+
+# -------------------------------------------------------------------------------------------------- the demo
+
+
+def _spread(values: Sequence[float]) -> Tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    vals = [float(v) for v in values]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _run_seed(job: Dict[str, object], log=None) -> Dict[str, object]:
+    """One seed of :func:`run_demo`: the starting student (initialisation and warm start from the seed), the loss
+    step's memory (first seed of a comparison only), then every entry from that student. ``job["teacher"]``: the
+    model, or a directory to load it from (a worker process). Returns "before", "memory", "runs" (per label),
+    "first_runs" (with histories; first seed only) and "log" (the lines logged)."""
+    lines: List[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        if log is not None:
+            log(msg)
+        else:
+            print(msg, flush=True)
+
+    settings = DemoSettings.for_task(job["task"], quick=job["quick"])
+    if job["steps"] is not None:
+        settings = replace(settings, opd_steps=job["steps"])
+    tk, dev, s = settings.task, torch.device(job["device"]), job["seed"]
+    first, multi = s == job["first_seed"], job["compare"] or job["seeds"] > 1
+    tokenizer = job.get("tokenizer") or build_tokenizer(tk.vocab)
+    teacher = job["teacher"]
+    if isinstance(teacher, str):
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(teacher).to(dev).eval()
+    eval_set, train_prompts, progress = job["eval_set"], job["train_prompts"], job["progress"]
+    out_dir = Path(job["output_dir"])
+    base = build_model(STUDENT, len(tokenizer), seed=s + 1, max_positions=settings.max_positions).to(dev)
+    supervised_train(base, tokenizer, tk, steps=settings.student_warmup_steps, batch_size=settings.sft_batch,
+                     lr=settings.lr_sft_student, seed=s + 20, desc="student warm start", progress=progress)
+    before = accuracy(base, tokenizer, eval_set, task=tk)
+    n_s = sum(p.numel() for p in base.parameters())
+    say(f"seed {s}: student {n_s / 1e3:.0f}k params, brief supervised warm start "
+        f"({settings.student_warmup_steps} steps), held-out accuracy {before:.1%}")
+    memory: Dict[str, Optional[float]] = {}
+    if first and multi:  # the loss step's memory: one fixed batch, the same for every entry
+        for e in job["entries"]:
+            memory[e.label] = _measure_loss_step(e, base, teacher, tokenizer, train_prompts, settings,
+                                                 job["backend"], dev, s)
+
+    def eval_fn(model):
+        return {"accuracy": accuracy(model, tokenizer, eval_set, task=tk)}
+
+    runs: Dict[str, Dict[str, object]] = {}
+    first_runs: Dict[str, Dict[str, object]] = {}
+    for e in job["entries"]:
+        student = copy.deepcopy(base)
+        sub = (f"opd-{e.label}" if job["compare"] else "opd") + (f"-seed{s}" if job["seeds"] > 1 else "")
+        cfg = OPDConfig(rule=e.rule, ratio=e.ratio, backend=job["backend"], max_new_tokens=tk.max_new_tokens,
+                        rollout_temperature=1.0, batch_size=settings.opd_batch, steps=settings.opd_steps,
+                        lr=settings.opd_lr, warmup_steps=max(1, settings.opd_steps // 20), min_lr_ratio=0.1,
+                        grad_clip=1.0, seed=s, eval_interval=settings.eval_interval,
+                        output_dir=str(out_dir / sub), progress=progress, plot=False, save_final=not multi)
+        trainer = OPDTrainer(student, teacher, tokenizer, train_prompts, cfg, eval_fn=eval_fn)
+        t0 = time.perf_counter()
+        history = trainer.train()
+        secs = time.perf_counter() - t0
+        after = history[-1].get("eval_accuracy", float("nan"))
+        summ = _summary(history)
+        run = {"seed": s, "accuracy_before": before, "accuracy_after": after, "seconds": secs,
+               "curve": [(r["step"], r["accuracy"]) for r in trainer.eval_history], **summ}
+        runs[e.label] = run
+        if first:
+            first_runs[e.label] = {**run, "history": history, "evals": trainer.eval_history}
+        say(f"OPD {e.label} seed {s}: {settings.opd_steps} steps in {secs:.1f}s; student accuracy "
+            f"{before:.1%} -> {after:.1%}; trained on {summ['tokens_trained']:.0f} of {summ['tokens_valid']:.0f} "
+            f"response tokens ({summ['fraction']:.1%}); selected quadrant shares "
+            + " ".join(f"Q{q} {summ[f'Q{q}']:.0%}" for q in range(1, 5)))
+    return {"before": before, "memory": memory, "runs": runs, "first_runs": first_runs, "log": lines}
+
+
+def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", ratio: float = 0.5,
+             compare=None, seeds: int = 1, jobs: int = 1, steps: Optional[int] = None, seed: int = 0,
+             output_dir: str = "runs/demo", backend: str = "auto", device: str = "auto", progress: bool = True,
+             cache_teacher: bool = True, teacher_target: Optional[float] = None, log=print) -> Dict[str, object]:
     """Run the demo and return its results (also printed through ``log`` and written to ``output_dir``).
 
-    Returns a dict with "teacher_accuracy", "student_accuracy_before", "runs" (per rule: "accuracy_after",
-    "tokens_trained", "fraction", "Q1".."Q4", "kl_end", "seconds", "history"), "peak_mem_mb", "figure",
-    "seconds".
+    ``compare``: None (one run of ``rule`` at ``ratio``), a string in ``--compare`` syntax (see
+    :func:`parse_compare`), or a list of rule names (each at ``ratio``) or :class:`Entry`. ``seeds``: how many
+    seeds (``seed``, ``seed + 1``, ...); each seed draws its own starting student (initialisation and warm start)
+    and its own OPD sampling, shared by every entry of that seed. The teacher is trained once (from ``seed``).
+    ``jobs`` > 1 runs the seeds in that many processes (same results up to floating-point summation order).
+    ``teacher_target``: stop the teacher's supervised training at the first check (every
+    ``teacher_check_every`` steps) where a held-out check set reaches this accuracy (default: the task's).
+
+    Returns a dict with "task", "teacher_accuracy", "student_accuracy_before" (per seed), "entries" (per label:
+    "rule", "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "tokens_trained", "fraction",
+    "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)]), the same keys as
+    "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs" (per label — the rule's name when
+    ``compare`` is None — the first seed's run with its
+    "history" and "evals", for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
     """
     t_start = time.perf_counter()
-    settings = DemoSettings.quick() if quick else DemoSettings()
+    settings = DemoSettings.for_task(task, quick=quick)
     if steps is not None:
         settings = replace(settings, opd_steps=steps)
-    rules = list(compare) if compare else [rule]
-    for r in rules:  # validate every rule before any training
-        OPDConfig(rule=r, ratio=ratio, backend=backend)
+    if teacher_target is not None:
+        if not (isinstance(teacher_target, (int, float)) and 0 < teacher_target <= 1):
+            raise ValueError(f"teacher_target must lie in (0, 1], got {teacher_target!r}")
+        settings = replace(settings, teacher_target=float(teacher_target))
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int ≥ 1, got {seeds!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int ≥ 1, got {jobs!r}")
+    if compare is None:
+        entries = [Entry(rule, 1.0 if rule == "all" else ratio)]
+    elif isinstance(compare, str):
+        entries = parse_compare(compare, ratio)
+    else:
+        entries = [c if isinstance(c, Entry) else Entry(c, 1.0 if c == "all" else ratio) for c in compare]
+    for e in entries:  # validate every entry before any training
+        OPDConfig(rule=e.rule, ratio=e.ratio, backend=backend)
+    multi = compare is not None or seeds > 1
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -239,93 +506,183 @@ def run_demo(*, quick: bool = False, rule: str = "soft_or", ratio: float = 0.5, 
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(seed)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    task = settings.task
-    eval_set = task.examples(settings.n_eval, seed=seed + 1000)
-    train_prompts = [p for p, _ in task.examples(settings.n_prompts, seed=seed + 2000)]
-    log(f"task: sort {task.min_len}-{task.max_len} digits ('50391>' -> '01359'); device {dev}; "
-        f"{'quick' if quick else 'default'} settings")
+    tk = settings.task
+    tokenizer = build_tokenizer(tk.vocab)
+    eval_set = tk.examples(settings.n_eval, seed=seed + 1000)
+    train_prompts = [p for p, _ in tk.examples(settings.n_prompts, seed=seed + 2000)]
+    lens = [len(a) + 1 for _, a in eval_set]
+    log(f"task {tk.name}: {tk.summary}; responses {min(lens)}-{max(lens)} tokens (mean {statistics.fmean(lens):.1f})"
+        f" with EOS; device {dev}; {'quick' if quick else 'default'} settings; {len(entries)} entr"
+        f"{'y' if len(entries) == 1 else 'ies'} x {seeds} seed{'s' if seeds > 1 else ''}, {settings.opd_steps} "
+        f"OPD steps each")
 
     teacher, t_teacher, cached = _teacher(settings, tokenizer, seed, dev, out_dir if cache_teacher else None,
-                                          progress)
-    teacher_acc = accuracy(teacher, tokenizer, eval_set)
+                                          progress, log)
+    teacher_acc = accuracy(teacher, tokenizer, eval_set, task=tk)
     n_t = sum(p.numel() for p in teacher.parameters())
     log(f"teacher: {n_t / 1e3:.0f}k params, {'loaded from cache' if cached else 'trained'} in {t_teacher:.1f}s, "
         f"held-out accuracy {teacher_acc:.1%}")
 
-    base = build_model(STUDENT, len(tokenizer), seed=seed + 1).to(dev)
-    supervised_train(base, tokenizer, task, steps=settings.student_warmup_steps, batch_size=settings.sft_batch,
-                     lr=settings.lr_sft_student, seed=seed + 20, desc="student warm start", progress=progress)
-    before = accuracy(base, tokenizer, eval_set)
-    n_s = sum(p.numel() for p in base.parameters())
-    log(f"student: {n_s / 1e3:.0f}k params, brief supervised warm start ({settings.student_warmup_steps} steps), "
-        f"held-out accuracy {before:.1%}")
+    per_seed: Dict[str, List[Dict[str, object]]] = {e.label: [] for e in entries}
+    first_runs: Dict[str, Dict[str, object]] = {}
+    befores: List[float] = []
+    memory: Dict[str, Optional[float]] = {}
+    common = dict(task=task, quick=quick, steps=steps, entries=entries, first_seed=seed, seeds=seeds,
+                  compare=compare is not None, eval_set=eval_set, train_prompts=train_prompts, backend=backend,
+                  device=str(dev), output_dir=str(out_dir))
+    if jobs > 1 and seeds > 1:  # one process per seed; each loads the teacher from disk
+        import concurrent.futures
+        import multiprocessing
+        import tempfile
 
-    def eval_fn(model):
-        return {"accuracy": accuracy(model, tokenizer, eval_set)}
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            teacher.save_pretrained(tmp)
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(min(jobs, seeds), mp_context=ctx) as pool:
+                done = list(pool.map(_run_seed, [dict(common, seed=seed + i, teacher=tmp, progress=False)
+                                                 for i in range(seeds)]))
+    else:
+        done = [_run_seed(dict(common, seed=seed + i, teacher=teacher, tokenizer=tokenizer, progress=progress),
+                          log=log) for i in range(seeds)]
+    for i, res in enumerate(done):
+        if jobs > 1 and seeds > 1:
+            for line in res["log"]:
+                log(line)
+        befores.append(res["before"])
+        memory.update(res["memory"])
+        for e in entries:
+            per_seed[e.label].append(res["runs"][e.label])
+        if i == 0:
+            first_runs = res["first_runs"]
 
     results: Dict[str, Dict[str, object]] = {}
-    for r in rules:
-        student = copy.deepcopy(base)
-        cfg = OPDConfig(rule=r, ratio=ratio, backend=backend, max_new_tokens=task.max_new_tokens,
-                        rollout_temperature=1.0, batch_size=settings.opd_batch, steps=settings.opd_steps,
-                        lr=settings.opd_lr, warmup_steps=max(1, settings.opd_steps // 20), min_lr_ratio=0.1,
-                        grad_clip=1.0, seed=seed, eval_interval=settings.eval_interval,
-                        output_dir=str(out_dir / (f"opd-{r}" if compare else "opd")), progress=progress,
-                        plot=False, save_final=not compare)
-        trainer = OPDTrainer(student, teacher, tokenizer, train_prompts, cfg, eval_fn=eval_fn)
-        t0 = time.perf_counter()
-        history = trainer.train()
-        secs = time.perf_counter() - t0
-        after = history[-1].get("eval_accuracy", float("nan"))
-        summ = _summary(history)
-        results[r] = {"accuracy_after": after, "seconds": secs, "history": history,
-                      "evals": trainer.eval_history, **summ}
-        log(f"OPD rule={r} ratio={ratio:g}: {settings.opd_steps} steps in {secs:.1f}s; student accuracy "
-            f"{before:.1%} -> {after:.1%}; trained on {summ['tokens_trained']:.0f} of {summ['tokens_valid']:.0f} "
-            f"response tokens ({summ['fraction']:.1%}); selected quadrant shares "
-            + " ".join(f"Q{q} {summ[f'Q{q}']:.0%}" for q in range(1, 5)))
+    for e in entries:
+        runs = per_seed[e.label]
+        agg: Dict[str, object] = {"rule": e.rule, "ratio": e.ratio, "per_seed": runs,
+                                  "loss_step_memory_mb": memory.get(e.label)}
+        for k in ("accuracy_after", "tokens_trained", "fraction", "Q1", "Q2", "Q3", "Q4", "kl_end", "seconds",
+                  "response_len"):
+            agg[f"{k}_mean"], agg[f"{k}_std"] = _spread([r[k] for r in runs])
+        results[e.label] = agg
+    before_mean, before_std = _spread(befores)
+    if compare is None:  # one rule: keyed by its name, as before per-entry ratios existed
+        results = {entries[0].rule: results[entries[0].label]}
+        first_runs = {entries[0].rule: first_runs[entries[0].label]}
 
     peak = peak_memory_mb(dev)
     figure = None
+    table = None
     try:
-        from .plot import plot_run
-
-        figure = out_dir / ("compare.png" if compare else "opd_run.png")
-        if compare:
-            plot_run([], figure, runs={r: v["history"] for r, v in results.items()},
-                     run_evals={r: v["evals"] for r, v in results.items()},
-                     title=f"tipkernels demo: OPD on digit sorting, rules at ratio {ratio:g}")
+        if multi:
+            figure = plot_compare(results, out_dir / "compare.png", before=befores,
+                                  title=f"tipkernels demo ({tk.name}): held-out accuracy during OPD, mean and "
+                                        f"min–max band over {seeds} seed{'s' if seeds > 1 else ''}")
         else:
-            plot_run(results[rule]["history"], figure, evals=results[rule]["evals"],
-                     title=f"tipkernels demo: OPD on digit sorting, rule={rule}, ratio={ratio:g}")
-    except ImportError as e:
-        log(f"no figure: {e}")
+            from .plot import plot_run
+
+            only = first_runs[entries[0].rule]
+            figure = plot_run(only["history"], out_dir / "opd_run.png", evals=only["evals"],
+                              title=f"tipkernels demo ({tk.name}): OPD, rule={entries[0].rule}, "
+                                    f"ratio={entries[0].ratio:g}")
+    except ImportError as err:
+        log(f"no figure (matplotlib is missing: pip install matplotlib): {str(err).splitlines()[0]}")
         figure = None
 
     total = time.perf_counter() - t_start
-    if compare:
+    if multi:
+        table = format_table(results, before_mean, before_std, seeds=seeds, steps=settings.opd_steps, device=dev)
+        (out_dir / "compare.md").write_text(
+            f"# tipkernels demo --task {tk.name}: {len(entries)} entries x {seeds} seeds, {settings.opd_steps} OPD "
+            f"steps\n\nTask: {tk.summary}; responses {min(lens)}-{max(lens)} tokens with EOS. Teacher held-out "
+            f"accuracy {teacher_acc:.1%}; starting student {before_mean:.1%} ± {before_std:.1%}. Total "
+            f"{total:.0f}s.\n\n{table}\n")
         log("")
-        log(format_table(results, ratio, before))
+        log(table)
     mem = "peak GPU memory allocated" if dev.type == "cuda" else "peak process RSS"
     log(f"\n{mem}: {peak:.0f} MiB; figure: {figure if figure else '(none)'}; total {total:.1f}s")
-    summary = {"teacher_accuracy": teacher_acc, "student_accuracy_before": before, "ratio": ratio,
-               "peak_mem_mb": peak, "figure": str(figure) if figure else None, "seconds": total,
-               "runs": {r: {k: v for k, v in res.items() if k not in ("history", "evals")}
-                        for r, res in results.items()}}
+    summary = {"task": tk.name, "task_summary": tk.summary, "settings": {
+                   k: v for k, v in asdict(replace(settings, task=None)).items() if k != "task"},
+               "response_len_eval": {"min": min(lens), "max": max(lens), "mean": statistics.fmean(lens)},
+               "teacher_accuracy": teacher_acc, "student_accuracy_before": befores[0] if seeds == 1 else before_mean,
+               "student_accuracy_before_per_seed": befores, "seeds": [seed + i for i in range(seeds)],
+               "ratio": ratio, "peak_mem_mb": peak, "figure": str(figure) if figure else None, "seconds": total,
+               "table": table, "entries": results,
+               "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("history", "evals")}
+                        for k, v in first_runs.items()}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["runs"] = results
+    summary["runs"] = first_runs
     return summary
 
 
-def format_table(results: Dict[str, Dict[str, object]], ratio: float, before: float) -> str:
-    """A Markdown table of the compared rules."""
-    head = ("| rule | ρ | acc. before | acc. after | tokens trained | share | Q1 | Q2 | Q3 | Q4 | KL end | time |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+def _pm(mean: float, std: float, pct: bool = True, seeds: int = 1) -> str:
+    if pct:
+        return f"{mean:.1%}" + (f" ± {std:.1%}" if seeds > 1 else "")
+    return f"{mean:.0f}" + (f" ± {std:.0f}" if seeds > 1 else "")
+
+
+def format_table(results: Dict[str, Dict[str, object]], before: float, before_std: float = 0.0, *, seeds: int = 1,
+                 steps: Optional[int] = None, device: Optional[torch.device] = None) -> str:
+    """A Markdown table of the compared entries (mean ± sample standard deviation over seeds)."""
+    mem = ("loss-step peak (MiB)" if device is not None and device.type == "cuda"
+           else "loss-step saved activations (MiB)")
+    head = (f"| rule | ρ | acc. before | acc. after | tokens trained | share | Q1 | Q2 | Q3 | Q4 | KL end | {mem} "
+            f"| time/run |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
-    for r, v in results.items():
-        rho = "1" if r == "all" else f"{ratio:g}"
-        lines.append(f"| {r} | {rho} | {before:.1%} | {v['accuracy_after']:.1%} | {v['tokens_trained']:.0f} | "
-                     f"{v['fraction']:.0%} | " + " | ".join(f"{v[f'Q{q}']:.0%}" for q in range(1, 5)) +
-                     f" | {v['kl_end']:.3f} | {v['seconds']:.0f}s |")
-    return "\n".join(lines)
+    for label, v in results.items():
+        rho = "1" if v["rule"] == "all" else f"{v['ratio']:g}"
+        m = v.get("loss_step_memory_mb")
+        lines.append(f"| {v['rule']} | {rho} | {_pm(before, before_std, seeds=seeds)} | "
+                     f"{_pm(v['accuracy_after_mean'], v['accuracy_after_std'], seeds=seeds)} | "
+                     f"{_pm(v['tokens_trained_mean'], v['tokens_trained_std'], pct=False, seeds=seeds)} | "
+                     f"{v['fraction_mean']:.0%} | " + " | ".join(f"{v[f'Q{q}_mean']:.0%}" for q in range(1, 5)) +
+                     f" | {v['kl_end_mean']:.3f} | {'n/a' if m is None else f'{m:.1f}'} | {v['seconds_mean']:.0f}s |")
+    note = (f"\n\nMean ± sample standard deviation over {seeds} seeds" if seeds > 1 else "\n\nOne seed") + \
+        (f", {steps} OPD steps per run" if steps else "") + \
+        "; Q1–Q4: quadrant shares of the selected tokens (token-weighted over the run). Loss-step memory: one OPD " \
+        "loss step on one fixed batch of the starting student's rollouts; " + \
+        ("the CUDA peak above the step's start." if device is not None and device.type == "cuda" else
+         "on the CPU, the bytes the forward saves for the backward (weights excluded).")
+    return "\n".join(lines) + note
+
+
+def plot_compare(results: Dict[str, Dict[str, object]], path, *, before: Sequence[float] = (),
+                 title: Optional[str] = None) -> Path:
+    """Held-out accuracy against OPD steps per entry (mean over seeds, min–max band), and the quadrant shares of
+    the selected tokens per entry (stacked bars). Raises ImportError without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("matplotlib is needed for the comparison figure") from e
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    for label, v in results.items():
+        curves = [dict(r["curve"]) for r in v["per_seed"]]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        vals = [[c[s] for c in curves] for s in steps]
+        mean = [statistics.fmean(x) for x in vals]
+        line, = ax.plot(steps, mean, marker="o", ms=2.5, label=label)
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(x) for x in vals], [max(x) for x in vals], color=line.get_color(),
+                            alpha=0.15)
+    ax.set_xlabel("OPD step")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    labels = list(results)
+    bottom = [0.0] * len(labels)
+    for q, c in zip(range(1, 5), ("tab:red", "tab:orange", "tab:purple", "tab:green")):
+        vals = [results[lab][f"Q{q}_mean"] for lab in labels]
+        bx.bar(labels, vals, bottom=bottom, color=c, label=f"Q{q}")
+        bottom = [b + x for b, x in zip(bottom, vals)]
+    bx.set_title("quadrants of the selected tokens")
+    bx.tick_params(axis="x", labelrotation=45, labelsize=7)
+    bx.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
