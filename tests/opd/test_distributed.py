@@ -181,15 +181,22 @@ def _checkpoint_worker(rank: int, port: int, tmp: str):
         dist.destroy_process_group()
 
 
-def test_checkpoint_from_rank_0_and_resume_under_ddp_and_fsdp(tmp_path):
+def _one_step_trainer(tmp_path):
+    """A single-process trainer (seed 4, batch 2) after one OPD step: the source of the checkpoints below."""
     tok = _tok()
     student, teacher = models(tok, seed=4)
     single = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "one", batch_size=2, steps=1))
     single.train_step()
+    return single
+
+
+def test_checkpoint_from_rank_0_and_resume_under_ddp_and_fsdp(tmp_path):
+    single = _one_step_trainer(tmp_path)
     single.save_checkpoint(tmp_path / "plain-ckpt")
     torch.save(_full_params(single, "none"), tmp_path / "plain-params.pt")
     spawn(_checkpoint_worker, (free_port(), str(tmp_path)), nprocs=WORLD)
     # the checkpoint is the single-process format: a plain trainer loads it
+    tok = single.tokenizer
     student, teacher = models(tok, seed=9)
     trainer = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "plain", batch_size=2))
     trainer.load_checkpoint(tmp_path / "fsdp" / "run" / "checkpoint-3")
@@ -259,10 +266,7 @@ def _tampered_worker(rank: int, port: int, tmp: str):
 
 
 def test_ddp_and_fsdp_refuse_a_state_file_that_would_run_code(tmp_path):
-    tok = _tok()
-    student, teacher = models(tok, seed=4)
-    single = OPDTrainer(student, teacher, tok, PROMPTS, _cfg(tmp_path, "one", batch_size=2, steps=1))
-    single.train_step()
+    single = _one_step_trainer(tmp_path)
     ck = single.save_checkpoint(tmp_path / "ckpts" / "checkpoint-1")
     marker = tmp_path / "pwned"
     st = plant_code_running_state(ck, marker)

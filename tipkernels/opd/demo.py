@@ -655,6 +655,8 @@ def plot_compare(results: Dict[str, Dict[str, object]], path, *, before: Sequenc
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("matplotlib is needed for the comparison figure") from e
+    from .plot import save_figure
+
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
     for label, v in results.items():
         curves = [dict(r["curve"]) for r in v["per_seed"]]
@@ -678,11 +680,4 @@ def plot_compare(results: Dict[str, Dict[str, object]], path, *, before: Sequenc
     bx.set_title("quadrants of the selected tokens")
     bx.tick_params(axis="x", labelrotation=45, labelsize=7)
     bx.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=90, title_size=10)

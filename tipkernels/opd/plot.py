@@ -84,11 +84,19 @@ def plot_run(history: Sequence[Dict[str, float]], path: Union[str, Path], title:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
+    return save_figure(fig, path, title, dpi=110)
+
+
+def save_figure(fig, path: Union[str, Path], title: Optional[str] = None, *, dpi: int = 110,
+                title_size: Optional[int] = None) -> Path:
+    """Title ``fig``, lay it out, write it to ``path`` (parents created) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
