@@ -148,6 +148,63 @@ def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach()
 
 
+# ------------------------------------------------------------- gradient formed in the forward's sweep
+
+
+def reduced_row_values(prob: Problem, kind: str, beta: float, backend: ModuleType, lead: torch.Size,
+                       reduction: str, weights: Optional[Tensor] = None) -> Tensor:
+    """``reduce(row_values(...), lead, reduction, weights)``; where the backend offers a ``grad_strategy`` that
+    answers "fused_grad" (the upstream gradient of each row is then known in the forward: ``weights / Σ weights``
+    or ``1/N`` for "mean", ``weights`` or 1 for "sum", times the loss's one incoming scalar), the gradients are
+    formed in the forward's sweep by ``backend.fused_value_and_grad`` (docs/design.md §2)."""
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
+    known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
+    choose = getattr(backend, "grad_strategy", None)
+    if not known or choose is None or choose(prob, True) != "fused_grad":
+        return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
+    call = _Call(prob=prob, kind=effective_kind(kind, beta), beta=beta, backend=backend)
+    if call.kind == "entropy" and prob.has_teacher:
+        call.prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
+    return FusedReduced.apply(call, lead, reduction, weights, prob.student_hidden, prob.student_weight,
+                              prob.student_bias)
+
+
+def row_upstream(n: int, reduction: str, weights: Optional[Tensor], dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """``∂ reduce(values) / ∂ values_i`` ``[n]``: the per-row gradient :func:`reduce` gives its input."""
+    w = torch.ones(n, dtype=dtype, device=device) if weights is None else weights.reshape(-1).to(dtype)
+    if reduction == "sum":
+        return w
+    return w / w.sum().clamp_min(torch.finfo(dtype).tiny) if weights is not None else w / max(n, 1)
+
+
+class FusedReduced(torch.autograd.Function):
+    """A reduced ("sum"/"mean") value whose gradients the backend formed in the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, lead, reduction, weights, student_hidden, student_weight, student_bias):
+        prob = replace(call.prob, student_hidden=student_hidden, student_weight=student_weight,
+                       student_bias=student_bias)
+        dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+        g = row_upstream(prob.num_rows, reduction, weights, dtype, prob.device)
+        values, d_hidden, d_weight, d_bias = call.backend.fused_value_and_grad(prob, call.kind, call.beta, g)
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        return reduce(values, lead, reduction, weights)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        out = []
+        for grad, dtype in zip(ctx.grads, ctx.dtypes):
+            if grad is not None:
+                # the stored gradients are those of the loss itself; out of place, so a retained graph stays valid
+                grad = grad if bool(grad_loss == 1) else grad * grad_loss.to(grad.dtype)
+                grad = grad.to(dtype)
+            out.append(grad)
+        return (None, None, None, None, *out)
+
+
 def check_weights(weights, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
     if weights is None:
         return None

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..problem import DIVERGENCES, build_problem, check_beta, check_choice
-from .core import check_weights, get_backend, op_backend, reduce, row_values
+from .core import check_weights, get_backend, op_backend, reduce, reduced_row_values, row_values
 
 Tensor = torch.Tensor
 
@@ -61,8 +61,7 @@ def fused_linear_divergence(
     weights = check_weights(weights, lead, prob.device)
     check_choice("reduction", reduction, ("none", "sum", "mean"))
     be = op_backend(backend, prob.device, process_group, prob.vocab_size)
-    values = row_values(prob, divergence, beta, be)
-    return reduce(values, lead, reduction, weights)
+    return reduced_row_values(prob, divergence, beta, be, lead, reduction, weights)
 
 
 def divergence_from_logits(

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..problem import build_problem, check_choice
-from .core import op_backend, reduce, row_values
+from .core import op_backend, reduced_row_values
 
 Tensor = torch.Tensor
 
@@ -36,5 +36,5 @@ def fused_linear_entropy(
     """
     prob, lead = build_problem(hidden, weight, student_bias=bias, temperature=temperature)
     check_choice("reduction", reduction, ("none", "sum", "mean"))
-    values = row_values(prob, "entropy", 0.0, op_backend(backend, prob.device, process_group, prob.vocab_size))
-    return reduce(values, lead, reduction)
+    be = op_backend(backend, prob.device, process_group, prob.vocab_size)
+    return reduced_row_values(prob, "entropy", 0.0, be, lead, reduction)
