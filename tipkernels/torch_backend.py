@@ -38,6 +38,7 @@ CHUNK_BUDGET_BYTES: Optional[int] = None
 #: How many tile-sized fp32 temporaries the widest step holds at once (logits of both models, exps, products).
 _TILE_TEMPORARIES = 8
 _MAX_VOCAB_CHUNK = 8192
+_TILE_ROWS = 256
 _MIB = 2**20
 
 #: "auto" (fused_grad when the upstream gradient is known up to a scalar and the student is linear, else
@@ -107,22 +108,26 @@ def tile_budget_bytes() -> int:
 
 
 def tile_shape(n_rows: int, vocab: int, budget_bytes: Optional[int] = None) -> Tuple[int, int]:
-    """(rows, columns) of a logits tile so that its temporaries fit ``budget_bytes`` (independent of N)."""
+    """(rows, columns) of a logits tile so that its temporaries fit ``budget_bytes`` (independent of N).
+
+    Rows first (up to 256: the ``d weight`` matmul's K, which reads and writes a ``[cols, D]`` slice of the
+    accumulator once per tile), then as many columns as the budget leaves."""
     budget = tile_budget_bytes() if budget_bytes is None else budget_bytes
     elems = max(1, budget // (4 * _TILE_TEMPORARIES))
-    cols = max(1, min(vocab, _MAX_VOCAB_CHUNK, elems))
-    rows = max(1, min(n_rows, elems // cols))
-    return rows, cols
+    full_rows = max(1, min(_TILE_ROWS, elems // min(vocab, _TILE_ROWS)))
+    cols = max(1, min(vocab, _MAX_VOCAB_CHUNK, elems // full_rows))
+    return max(1, min(n_rows, full_rows)), cols
 
 
 def fused_rows(n_rows: int, vocab: int, itemsize: int = 4) -> Tuple[int, int]:
     """fused_grad's ``(row block, row sub-block)``: a row block holds both models' full-vocabulary logits within
     :data:`FUSED_BLOCK_BYTES` (64–512 rows); its elementwise work walks sub-blocks of rows whose three live
-    ``[rows, V]`` arrays fit the threads' L2 caches together, so each of its ~12 passes hits cache."""
+    ``[sub, V]`` arrays fit about one core's L2 cache (twice its size: L3 catches the spill), so each of its
+    ~12 passes over a sub-block hits cache."""
     block = FUSED_BLOCK_BYTES // max(1, 2 * vocab * itemsize)
     block = max(1, min(n_rows, max(_FUSED_MIN_ROWS, min(_FUSED_MAX_ROWS, block))))
     l2, _ = cache_sizes()
-    sub = max(1, min(block, (l2 * torch.get_num_threads()) // (3 * vocab * itemsize)))
+    sub = max(1, min(block, (2 * l2) // (3 * vocab * itemsize)))
     return block, sub
 
 
@@ -492,6 +497,47 @@ def _generic_rows(kind: str, s: Tensor, u: Optional[Tensor], g: Tensor, beta: fl
     return value
 
 
+#: Python threads that share fused_grad's elementwise work, each running single-threaded torch ops on its own
+#: sub-blocks (torch's intra-op threads would meet at a barrier after every small op: on a loaded 2-core machine
+#: a 5 × 32768 step took 10× longer with 2 intra-op threads than with 1, see benchmarks/TUNING.md).
+ELEMENTWISE_WORKERS = 2
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="tipkernels-fused")
+
+
+def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0, parts) -> None:
+    """Values and ``dS`` (into ``s``) for the row sub-blocks ``parts`` of the block starting at row ``r0``."""
+    for a, b in parts:
+        g = g_all[r0 + a:r0 + b]
+        if kind == "reverse_kl":
+            val, ok = _rkl_rows(s[a:b], u[a:b], scratch[: b - a], g)
+            if not ok:  # a non-finite row: rebuild these rows' logits, take the safe path
+                student.fill(s[a:b], r0 + a, r0 + b)
+                teacher.fill(u[a:b], r0 + a, r0 + b)
+                val = _generic_rows(kind, s[a:b], u[a:b], g, beta)
+        else:
+            val = _generic_rows(kind, s[a:b], None if u is None else u[a:b], g, beta)
+        values[r0 + a:r0 + b] = val
+
+
+class _one_thread:
+    """torch's intra-op threads set to 1 within the block (restored after, for the matmuls)."""
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        if self.prev != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.prev != 1:
+            torch.set_num_threads(self.prev)
+
+
 @deterministic
 def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor):
     """Per-row values of ``kind`` and the gradients of ``Σ_i row_grad_i · value_i`` in one sweep ("fused_grad").
@@ -528,23 +574,23 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     rows, sub = fused_rows(n, vocab, torch.finfo(dtype).bits // 8)
     s_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
     u_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if teacher is not None else None
-    scratch = torch.empty(sub, vocab, dtype=dtype, device=device)
+    workers = max(1, min(torch.get_num_threads(), ELEMENTWISE_WORKERS))
+    scratch = [torch.empty(sub, vocab, dtype=dtype, device=device) for _ in range(workers)]
     with torch.no_grad():
         for r0, r1 in _chunks(n, rows):
             m = r1 - r0
             s = student.fill(s_buf[:m], r0, r1)
             u = teacher.fill(u_buf[:m], r0, r1) if teacher is not None else None
-            for a, b in _chunks(m, sub):
-                g = g_all[r0 + a:r0 + b]
-                if kind == "reverse_kl":
-                    val, ok = _rkl_rows(s[a:b], u[a:b], scratch[: b - a], g)
-                    if not ok:  # a non-finite row: rebuild these rows' logits, take the safe path
-                        student.fill(s[a:b], r0 + a, r0 + b)
-                        teacher.fill(u[a:b], r0 + a, r0 + b)
-                        val = _generic_rows(kind, s[a:b], u[a:b], g, beta)
+            parts = list(_chunks(m, sub))
+            halves = [parts[k::workers] for k in range(workers)]
+            jobs = [(kind, beta, student, teacher, s, u, scratch[k], g_all, values, r0, halves[k])
+                    for k in range(workers)]
+            # single-threaded ops (a worker thread's torch thread count is fixed at its first op: 1 here)
+            with _one_thread():
+                if workers == 1:
+                    _elementwise(*jobs[0])
                 else:
-                    val = _generic_rows(kind, s[a:b], None if u is None else u[a:b], g, beta)
-                values[r0 + a:r0 + b] = val
+                    list(_pool(workers).map(lambda job: _elementwise(*job), jobs))
             h = prob.student_hidden[r0:r1].to(dtype)
             torch.mm(s, weight, out=d_hidden[r0:r1])
             d_weight.addmm_(s.t(), h)
