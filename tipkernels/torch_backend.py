@@ -44,8 +44,9 @@ _MIB = 2**20
 #: "auto" (fused_grad when the upstream gradient is known up to a scalar and the student is linear, else
 #: recompute), "fused_grad" or "recompute" (both forced where possible; tests and benchmarks set it).
 STRATEGY = "auto"
-#: Bytes the fused_grad strategy holds for one row block's full-vocabulary logits of both models.
-FUSED_BLOCK_BYTES = 64 * _MIB
+#: Bytes the fused_grad strategy holds for one row block's full-vocabulary logits of both models; None: 64 MiB,
+#: or 64 rows' worth where that is more (:func:`fused_rows`).
+FUSED_BLOCK_BYTES: Optional[int] = None
 #: Row-block bounds of fused_grad: at least 64 rows so the ``d weight`` matmul (K = rows) runs near peak and its
 #: ``[V, D]`` accumulator is read and written N/rows times only.
 _FUSED_MIN_ROWS, _FUSED_MAX_ROWS = 64, 512
@@ -120,12 +121,14 @@ def tile_shape(n_rows: int, vocab: int, budget_bytes: Optional[int] = None) -> T
 
 
 def fused_rows(n_rows: int, vocab: int, itemsize: int = 4) -> Tuple[int, int]:
-    """fused_grad's ``(row block, row sub-block)``: a row block holds both models' full-vocabulary logits within
-    :data:`FUSED_BLOCK_BYTES` (64–512 rows); its elementwise work walks sub-blocks of rows whose three live
-    ``[sub, V]`` arrays fit about one core's L2 cache (twice its size: L3 catches the spill), so each of its
-    ~12 passes over a sub-block hits cache."""
-    block = FUSED_BLOCK_BYTES // max(1, 2 * vocab * itemsize)
-    block = max(1, min(n_rows, max(_FUSED_MIN_ROWS, min(_FUSED_MAX_ROWS, block))))
+    """fused_grad's ``(row block, row sub-block)``. A row block holds both models' full-vocabulary logits in
+    :data:`FUSED_BLOCK_BYTES` (default: 64 MiB, raised to fit 64 rows; at most 512 rows); its elementwise work
+    walks sub-blocks of rows whose three live ``[sub, V]`` arrays fit about one core's L2 cache (twice its size:
+    L3 catches the spill), so each of its ~12 passes over a sub-block hits cache."""
+    budget = FUSED_BLOCK_BYTES
+    if budget is None:
+        budget = max(64 * _MIB, 2 * _FUSED_MIN_ROWS * vocab * itemsize)
+    block = max(1, min(n_rows, _FUSED_MAX_ROWS, budget // max(1, 2 * vocab * itemsize)))
     l2, _ = cache_sizes()
     sub = max(1, min(block, (2 * l2) // (3 * vocab * itemsize)))
     return block, sub
@@ -510,6 +513,7 @@ def _pool(workers: int):
     return ThreadPoolExecutor(workers, thread_name_prefix="tipkernels-fused")
 
 
+@torch.no_grad()  # grad mode is per thread: the pool's threads need it too
 def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0, parts) -> None:
     """Values and ``dS`` (into ``s``) for the row sub-blocks ``parts`` of the block starting at row ``r0``."""
     for a, b in parts:
