@@ -201,7 +201,7 @@ def test_cache_sizes_and_tiles():
     l2, llc = torch_backend.cache_sizes()
     assert 0 < l2 <= llc
     budget = torch_backend.tile_budget_bytes()
-    assert 4 * 2**20 <= budget <= 64 * 2**20
+    assert 16 * 2**20 <= budget <= 64 * 2**20
     rows, cols = torch_backend.tile_shape(10**6, 32768)
     assert rows * cols * 4 * torch_backend._TILE_TEMPORARIES <= budget
     for vocab in (101, 32768, 151936):

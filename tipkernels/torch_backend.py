@@ -3,7 +3,7 @@
 Two gradient strategies (docs/design.md §2), chosen in one place, :func:`grad_strategy`:
 
 - ``"recompute"``: tokens are processed in row chunks and the vocabulary in column chunks; a tile of logits whose
-  fp32 temporaries fit :func:`tile_budget_bytes` (half the last-level cache) exists at a time. The forward keeps
+  fp32 temporaries fit :func:`tile_budget_bytes` exists at a time. The forward keeps
   online accumulators per row (running maxima, rescaled sums), the backward recomputes each tile from the hidden
   states and weights and the per-row LSEs/values saved by the forward. Serves any upstream gradient.
 - ``"fused_grad"``: when the upstream gradient is known up to one scalar (reduction "sum"/"mean", weighted or
@@ -100,12 +100,15 @@ def _count_in(val: str) -> int:
 
 
 def tile_budget_bytes() -> int:
-    """The recompute strategy's tile budget: half the last-level cache (the machine is shared; the matmul's own
-    packing buffers need the rest), at least the threads' L2 together, between 4 and 64 MiB."""
+    """The recompute strategy's tile budget: twice the last-level cache, between 16 and 64 MiB (64 MiB here).
+
+    Its tile temporaries stream through memory whatever their size (8 of them, interleaved with the matmuls);
+    what costs is the number of torch ops, each a barrier of the intra-op threads. Measured on the loaded 2-core
+    box (benchmarks/TUNING.md, CPU section): tiles of half the LLC (16 MiB) took 1.8–2.5× longer than 64 MiB."""
     if CHUNK_BUDGET_BYTES is not None:
         return CHUNK_BUDGET_BYTES
-    l2, llc = cache_sizes()
-    return int(min(64 * _MIB, max(4 * _MIB, llc // 2, l2 * torch.get_num_threads())))
+    _, llc = cache_sizes()
+    return int(min(64 * _MIB, max(16 * _MIB, 2 * llc)))
 
 
 def tile_shape(n_rows: int, vocab: int, budget_bytes: Optional[int] = None) -> Tuple[int, int]:
