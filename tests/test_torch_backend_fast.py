@@ -222,3 +222,34 @@ def test_row_upstream_is_reduce_gradient():
             got = core.row_upstream(12, reduction, weights, torch.float64, v.device)
             torch.testing.assert_close(got, v.grad, rtol=1e-15, atol=0)
     assert TOL[torch.float32] == 5e-4  # the rule's tolerances are the shared ones
+
+
+def test_compiled_update_matches_eager(monkeypatch):
+    """The opt-in compiled reverse-KL update (COMPILE_ELEMENTWISE) gives the eager update's values and gradients,
+    both worker threads calling it; a failing compiler falls back to the eager update with a warning."""
+    case = make_case(40, 97, 12, 9, seed=12)
+    monkeypatch.setattr(torch_backend, "fused_rows", lambda n, v, itemsize=4: (16, 4))  # ragged: 16 = 4·4, 8
+    monkeypatch.setattr(torch_backend, "ELEMENTWISE_WORKERS", 2)
+
+    def run():
+        hs, ws = case.hs.detach().clone().requires_grad_(), case.ws.detach().clone().requires_grad_()
+        loss = tk.fused_linear_divergence(hs, ws, case.ht, case.wt, reduction="mean", backend="torch")
+        loss.backward()
+        return {"value": loss.detach(), "d_hidden": hs.grad, "d_weight": ws.grad}
+
+    eager = run()
+    monkeypatch.setattr(torch_backend, "COMPILE_ELEMENTWISE", True)
+    monkeypatch.setattr(torch_backend, "_COMPILED", {})
+    compiled = run()
+    assert torch_backend._COMPILED.get((4, 97, torch.float32)) is not None, "the compiled update was not built"
+    assert_close64(compiled, eager, tol=2e-5, what="compiled")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch_backend, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="eager update"):
+        fallback = run()
+    assert torch_backend._COMPILED[(4, 97, torch.float32)] is None
+    assert_close64(fallback, eager, tol=1e-12, what="fallback")

@@ -22,6 +22,8 @@ import math
 import os
 import re
 import subprocess
+import threading
+import warnings
 from functools import lru_cache
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -476,6 +478,51 @@ def _rkl_rows(s: Tensor, u: Tensor, scratch: Tensor, g: Tensor) -> Tuple[Tensor,
     return kl[:, 0], ok
 
 
+#: Opt-in: fused_grad's reverse-KL sub-block update through ``torch.compile`` (inductor's C++ loops fuse the
+#: ~12 passes). Off by default: on this 2-core CPU it ran the update 2.1× faster (59 vs 127 ms per 256 × 32768
+#: rows, single-threaded) but cost ~25 s of compilation per process and dtype, more than it saves in a short run
+#: (benchmarks/TUNING.md, CPU section). Where compilation fails, a warning is given and the eager update is used.
+COMPILE_ELEMENTWISE = False
+_COMPILED: Dict[Tuple[int, int, torch.dtype], object] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def _rkl_pure(s: Tensor, u: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`_rkl_rows`'s maths without in-place writes (for ``torch.compile``): ``(KL [r, 1], dS [r, V])``."""
+    sc = s - s.amax(1, keepdim=True)
+    uc = u - u.amax(1, keepdim=True)
+    e = sc.exp()
+    zs = e.sum(1, keepdim=True)
+    c = zs.log() - uc.exp().sum(1, keepdim=True).log()
+    d = sc - uc
+    kl = ((e * d).sum(1, keepdim=True) / zs - c).clamp_min(0)
+    return kl, (d - (c + kl)) * e * (g / zs)
+
+
+def compiled_rkl(rows: int, vocab: int, dtype: torch.dtype):
+    """The compiled update for ``[rows, vocab]`` sub-blocks, compiled and checked once on this thread (None if
+    :data:`COMPILE_ELEMENTWISE` is off or compilation failed: the caller runs the eager update)."""
+    if not COMPILE_ELEMENTWISE:
+        return None
+    key = (rows, vocab, dtype)
+    with _COMPILE_LOCK:
+        if key not in _COMPILED:
+            try:
+                fn = torch.compile(_rkl_pure, dynamic=False)
+                x = torch.randn(rows, vocab, dtype=dtype)
+                y = torch.randn(rows, vocab, dtype=dtype)
+                gx = torch.ones(rows, 1, dtype=dtype)
+                want, got = _rkl_pure(x, y, gx), fn(x, y, gx)
+                if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(want, got)):
+                    raise RuntimeError("compiled update disagrees with the eager one")
+                _COMPILED[key] = fn
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: use the eager update
+                warnings.warn(f"tipkernels: torch.compile of the fused_grad update failed ({err!r:.200}); "
+                              "using the eager update")
+                _COMPILED[key] = None
+        return _COMPILED[key]
+
+
 def _generic_rows(kind: str, s: Tensor, u: Optional[Tensor], g: Tensor, beta: float) -> Tensor:
     """Any kind on rows of full-vocabulary scaled logits: per-row value (clamped at 0 like the forward) and
     ``g · ∂value/∂s`` written into ``s``; exact 0·log 0 handling (the safe path, also for non-finite rows)."""
@@ -517,11 +564,19 @@ def _pool(workers: int):
 
 
 @torch.no_grad()  # grad mode is per thread: the pool's threads need it too
-def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0, parts) -> None:
+def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0, parts, compiled=None) -> None:
     """Values and ``dS`` (into ``s``) for the row sub-blocks ``parts`` of the block starting at row ``r0``."""
     for a, b in parts:
         g = g_all[r0 + a:r0 + b]
-        if kind == "reverse_kl":
+        if kind == "reverse_kl" and compiled is not None and b - a == scratch.shape[0]:
+            kl, ds = compiled(s[a:b], u[a:b], g)
+            s[a:b].copy_(ds)
+            val, ok = kl[:, 0], bool(torch.isfinite(kl).all())
+            if not ok:
+                student.fill(s[a:b], r0 + a, r0 + b)
+                teacher.fill(u[a:b], r0 + a, r0 + b)
+                val = _generic_rows(kind, s[a:b], u[a:b], g, beta)
+        elif kind == "reverse_kl":
             val, ok = _rkl_rows(s[a:b], u[a:b], scratch[: b - a], g)
             if not ok:  # a non-finite row: rebuild these rows' logits, take the safe path
                 student.fill(s[a:b], r0 + a, r0 + b)
@@ -583,6 +638,7 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     u_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if teacher is not None else None
     workers = max(1, min(torch.get_num_threads(), ELEMENTWISE_WORKERS))
     scratch = [torch.empty(sub, vocab, dtype=dtype, device=device) for _ in range(workers)]
+    compiled = compiled_rkl(sub, vocab, dtype) if kind == "reverse_kl" and device.type == "cpu" else None
     with torch.no_grad():
         for r0, r1 in _chunks(n, rows):
             m = r1 - r0
@@ -590,7 +646,7 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
             u = teacher.fill(u_buf[:m], r0, r1) if teacher is not None else None
             parts = list(_chunks(m, sub))
             halves = [parts[k::workers] for k in range(workers)]
-            jobs = [(kind, beta, student, teacher, s, u, scratch[k], g_all, values, r0, halves[k])
+            jobs = [(kind, beta, student, teacher, s, u, scratch[k], g_all, values, r0, halves[k], compiled)
                     for k in range(workers)]
             # single-threaded ops (a worker thread's torch thread count is fixed at its first op: 1 here)
             with _one_thread():
