@@ -550,6 +550,9 @@ def _generic_rows(kind: str, s: Tensor, u: Optional[Tensor], g: Tensor, beta: fl
     return value
 
 
+#: fused_grad gathers the rows of nonzero upstream gradient (a ``[live, V]`` copy) before its gradient matmuls
+#: when fewer than this fraction of a block's rows are live (weights with zeros, e.g. a mask).
+_COMPACT_BELOW = 0.9
 #: Python threads that share fused_grad's elementwise work, each running single-threaded torch ops on its own
 #: sub-blocks (torch's intra-op threads would meet at a barrier after every small op: on a loaded 2-core machine
 #: a 5 × 32768 step took 10× longer with 2 intra-op threads than with 1, see benchmarks/TUNING.md).
@@ -615,8 +618,9 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
         fp32), ``d_hidden`` ``[N, D_s]`` and ``d_weight`` ``[V, D_s]``/``d_bias`` ``[V]`` in the compute dtype
         (the caller casts them). Nothing is differentiable.
 
-    Memory beyond inputs and outputs: two ``[rows, V]`` blocks (:func:`fused_rows`, ≤ ``FUSED_BLOCK_BYTES`` for
-    64 ≤ rows), a ``[sub, V]`` scratch that fits L2, a ``[rows, D_s]`` block, and fp32 copies of 16-bit weights.
+    Memory beyond inputs and outputs: two ``[rows, V]`` blocks (:func:`fused_rows`: 64 MiB together by default,
+    or 64 rows' worth where that is more), a ``[sub, V]`` scratch per worker thread (L2-sized), with weights of
+    zero in a block one more ``[live rows, V]`` gather, and fp32 copies of 16-bit inputs (weights included).
     """
     n, vocab = prob.num_rows, prob.vocab_size
     dtype = _compute_dtype(prob.student_hidden)
@@ -655,7 +659,17 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
                 else:
                     list(_pool(workers).map(lambda job: _elementwise(*job), jobs))
             h = prob.student_hidden[r0:r1].to(dtype)
-            torch.mm(s, weight, out=d_hidden[r0:r1])
+            live = g_all[r0:r1, 0] != 0
+            k = int(live.sum())
+            if k < m * _COMPACT_BELOW:  # rows of weight 0 have dS = 0: leave them out of the gradient matmuls
+                d_hidden[r0:r1].zero_()
+                if k == 0:
+                    continue
+                idx = live.nonzero().squeeze(1)
+                s, h = s.index_select(0, idx), h.index_select(0, idx)
+                d_hidden[r0:r1].index_copy_(0, idx, s @ weight)
+            else:
+                torch.mm(s, weight, out=d_hidden[r0:r1])
             d_weight.addmm_(s.t(), h)
             if d_bias is not None:
                 d_bias.add_(s.sum(0))
