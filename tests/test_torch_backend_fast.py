@@ -253,3 +253,14 @@ def test_compiled_update_matches_eager(monkeypatch):
         fallback = run()
     assert torch_backend._COMPILED[(4, 97, torch.float32)] is None
     assert_close64(fallback, eager, tol=1e-12, what="fallback")
+
+
+def test_backward_hands_over_stored_gradients():
+    """The first backward returns the stored gradient tensors themselves (fp32 inputs, incoming gradient 1): the
+    leaf's .grad is that tensor, not a clone, so no second gradient-sized buffer is allocated."""
+    case = make_case(17, 41, 8, 6, seed=7)
+    hs, ws = case.hs.detach().clone().requires_grad_(), case.ws.detach().clone().requires_grad_()
+    loss = tk.fused_linear_divergence(hs, ws, case.ht, case.wt, reduction="mean", backend="torch")
+    stored = [t.data_ptr() for t in loss.grad_fn.grads if t is not None]
+    loss.backward()
+    assert [hs.grad.data_ptr(), ws.grad.data_ptr()] == stored

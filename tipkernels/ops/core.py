@@ -180,29 +180,44 @@ def row_upstream(n: int, reduction: str, weights: Optional[Tensor], dtype: torch
 
 
 class FusedReduced(torch.autograd.Function):
-    """A reduced ("sum"/"mean") value whose gradients the backend formed in the forward; backward scales them."""
+    """A reduced ("sum"/"mean") value whose gradients the backend formed in the forward; backward scales them.
+
+    The first backward hands the stored gradients over (no copy: autograd's accumulation takes a tensor nobody
+    else holds without cloning it); a second backward through a retained graph forms them again."""
 
     @staticmethod
     def forward(ctx, call: _Call, lead, reduction, weights, student_hidden, student_weight, student_bias):
         prob = replace(call.prob, student_hidden=student_hidden, student_weight=student_weight,
                        student_bias=student_bias)
-        dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-        g = row_upstream(prob.num_rows, reduction, weights, dtype, prob.device)
-        values, d_hidden, d_weight, d_bias = call.backend.fused_value_and_grad(prob, call.kind, call.beta, g)
-        ctx.grads = (d_hidden, d_weight, d_bias)
-        ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        values, grads = _fused_sweep(call, prob, reduction, weights)
+        ctx.grads = grads
+        ctx.call, ctx.reduction, ctx.weights = call, reduction, weights
+        ctx.save_for_backward(student_hidden, student_weight, student_bias)
         return reduce(values, lead, reduction, weights)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        hidden, weight, bias = ctx.saved_tensors
+        if grads is None:  # retained graph, second backward
+            prob = replace(ctx.call.prob, student_hidden=hidden, student_weight=weight, student_bias=bias)
+            grads = _fused_sweep(ctx.call, prob, ctx.reduction, ctx.weights)[1]
+        dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        scale_one = bool(grad_loss == 1)
         out = []
-        for grad, dtype in zip(ctx.grads, ctx.dtypes):
+        for grad, dtype in zip(grads, dtypes):
             if grad is not None:
-                # the stored gradients are those of the loss itself; out of place, so a retained graph stays valid
-                grad = grad if bool(grad_loss == 1) else grad * grad_loss.to(grad.dtype)
-                grad = grad.to(dtype)
+                grad = (grad if scale_one else grad * grad_loss.to(grad.dtype)).to(dtype)
             out.append(grad)
+        del grads
         return (None, None, None, None, *out)
+
+
+def _fused_sweep(call: _Call, prob: Problem, reduction: str, weights: Optional[Tensor]):
+    dtype = torch.float64 if prob.student_hidden.dtype == torch.float64 else torch.float32
+    g = row_upstream(prob.num_rows, reduction, weights, dtype, prob.device)
+    values, d_hidden, d_weight, d_bias = call.backend.fused_value_and_grad(prob, call.kind, call.beta, g)
+    return values, [d_hidden, d_weight, d_bias]
 
 
 def check_weights(weights, lead: torch.Size, device: torch.device) -> Optional[Tensor]:
