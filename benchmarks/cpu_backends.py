@@ -132,7 +132,7 @@ def worker(args) -> dict:
         step(*inputs)
         times.append(time.perf_counter() - t0)
     return {"variant": args.worker, "peak_extra_bytes": peak.extra, "peak_method": peak.method, "times": times,
-            "loss": float(loss), "grad_norm_h": norms[0], "grad_norm_w": norms[1]}
+            "loss": float(loss.detach()), "grad_norm_h": norms[0], "grad_norm_w": norms[1]}
 
 
 def run_variant(name: str, shape, args) -> dict:
