@@ -1,15 +1,29 @@
-"""Reference (materialised logits) vs the chunked torch backend on the CPU: time and peak memory (docs/design.md §3).
+"""CPU, 2 cores: the materialised reference vs the chunked torch backend (each gradient strategy) vs TRL's and
+Liger-Kernel's chunked losses, at equal semantics, side by side in one run.
 
-Reverse KL, forward + backward, fused from hidden states (fp32). Each variant runs in a fresh process: its peak
-memory is the peak resident set during the first forward+backward minus the resident set once the inputs exist
-(glibc's mmap threshold fixed at 1 MiB for that step, so freed tiles leave the resident set at once:
-``benchmarks.common.malloc_for_memory``); its time is the median of the following runs (glibc's steady-state
-thresholds). Printed as ratios torch / reference from one run.
+Mean reverse KL KL(p_s || q_t) over N tokens, forward + backward from hidden states (fp32), gradients of the
+student's hidden states and lm_head weight:
 
-    python benchmarks/cpu_backends.py                               # N=4096, V=32768, D_s=D_t=512 (≈1 min)
-    python benchmarks/cpu_backends.py --n 1024 --v 8192 --repeats 2 --out /tmp/x.md   # a quick look
+- ``reference``: tipkernels' materialised logits + plain autograd (the naive baseline).
+- ``torch-fused``: the chunked torch backend, strategy "fused_grad" (the gradient formed in the forward's sweep).
+- ``torch-recompute``: the same backend, strategy "recompute" (the backward recomputes both models' logits).
+- ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` with beta=1 (reverse KL), mean over rows.
+- ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0, weight_soft_loss=1,
+  compiled=False)``: reverse KL, mean over tokens (it still evaluates its weight-0 hard CE term); optional extra
+  ``bench`` (``pip install liger-kernel==0.8.5``), skipped when absent.
 
-Goal (docs/design.md §3): the torch backend's extra peak memory ≤ 10% of the reference's, its time ≤ 1.5× the reference's.
+Each measurement is a fresh process: its peak memory is the peak resident set during the first step minus the
+resident set once the inputs exist (glibc's mmap threshold 1 MiB for that step, so freed buffers leave the
+resident set at once); its time is the median of the ``--repeats`` following steps. Variants are run in
+alternating rounds (the order rotates each round); the table gives each variant's median over all its timed steps
+and the median over rounds of its ratio to the reference of the same round. Every variant's loss and gradient norms
+are printed beside the reference's (equal semantics check). The machine is shared: ``uptime``'s load is recorded.
+
+    python benchmarks/cpu_backends.py --out benchmarks/results/cpu-backends.md      # both shapes (≈ 30 min)
+    python benchmarks/cpu_backends.py --shapes 512x8192x256 --rounds 1 --repeats 1 --out /tmp/x.md  # a quick look
+
+Goals (docs/design.md §2): the torch backend's time ≤ 0.8× the reference's and below every peer; its extra peak
+memory ≤ 10% of the reference's.
 """
 
 from __future__ import annotations
@@ -28,108 +42,202 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import tipkernels as tk  # noqa: E402
+from benchmarks.harness.inputs import make_inputs  # noqa: E402
 from benchmarks.harness.memory import MIB, RssPeak, malloc_for_memory, malloc_for_speed  # noqa: E402
 from benchmarks.harness.report import env_markdown, fmt_mib, fmt_ms, markdown_table  # noqa: E402
 
-VARIANTS = ("reference", "torch")
+VARIANTS = ("reference", "torch-fused", "torch-recompute", "trl", "liger")
+DEFAULT_SHAPES = "4096x32768x512,2048x65536x1024"
 
 
-def make_inputs(n: int, v: int, d_s: int, d_t: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, d_s, generator=g).requires_grad_()
-    ws = (torch.randn(v, d_s, generator=g) / d_s ** 0.5).requires_grad_()
-    ht = torch.randn(n, d_t, generator=g)
-    wt = torch.randn(v, d_t, generator=g) / d_t ** 0.5
-    return hs, ws, ht, wt
+def make_step(variant: str, n: int, v: int):
+    """A function (hs, ws, ht, wt) -> loss that runs forward + backward of the mean reverse KL."""
+    if variant.startswith("torch") or variant == "reference":
+        import tipkernels as tk
+        from benchmarks.harness.lib import chunked as torch_backend
+
+        if variant.startswith("torch"):
+            torch_backend.STRATEGY = "fused_grad" if variant == "torch-fused" else "recompute"
+        backend = "reference" if variant == "reference" else "torch"
+
+        def step(hs, ws, ht, wt):
+            loss = tk.fused_linear_divergence(hs, ws, ht, wt, divergence="reverse_kl", reduction="mean",
+                                              backend=backend)
+            loss.backward()
+            return loss
+        return step
+    if variant == "trl":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        def step(hs, ws, ht, wt):
+            div, _entropy = ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, 1.0, 1.0)
+            loss = div.mean()
+            loss.backward()
+            return loss
+        return step
+    if variant == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False)
+        labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1))
+
+        def step(hs, ws, ht, wt):
+            loss = fn(hs, ws, ht, wt, labels)
+            loss.backward()
+            return loss
+        return step
+    raise ValueError(f"unknown variant {variant!r}")
 
 
-def step(backend: str, hs, ws, ht, wt) -> float:
-    """One forward + backward of the mean reverse KL; returns the loss (and leaves the gradients)."""
-    hs.grad = ws.grad = None
-    loss = tk.fused_linear_divergence(hs, ws, ht, wt, divergence="reverse_kl", reduction="mean", backend=backend)
-    loss.backward()
-    return float(loss)
+def available(variant: str) -> bool:
+    if variant == "liger":
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except ImportError:
+            return False
+    if variant == "trl":
+        try:
+            import trl.kernels.chunked_divergence  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
 
 def worker(args) -> dict:
-    """Runs in a fresh process: peak memory of the first step, then the median time of ``repeats`` steps."""
-    torch.set_num_threads(args.threads) if args.threads else None
-    inputs = make_inputs(args.n, args.v, args.ds, args.dt)
-    malloc_for_memory()  # freed tiles leave the resident set at once: the peak of live tensors, not heap slack
+    """In a fresh process: peak memory of the first step, then the time of ``repeats`` steps."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, v, d = args.shape
+    inputs = make_inputs(n, v, d, d, torch.float32, "cpu", logit_scale=1.0)
+    step = make_step(args.worker, n, v)
+    hs, ws = inputs[0], inputs[1]
+    malloc_for_memory()
     with RssPeak() as peak:
-        loss = step(args.worker, *inputs)
+        loss = step(*inputs)
+    norms = (float(hs.grad.norm()), float(ws.grad.norm()))
     malloc_for_speed()
     times = []
     for _ in range(args.repeats):
+        hs.grad = ws.grad = None
         t0 = time.perf_counter()
-        step(args.worker, *inputs)
+        step(*inputs)
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"backend": args.worker, "peak_extra_bytes": peak.extra, "peak_method": peak.method,
-            "median_s": times[len(times) // 2], "loss": loss}
+    return {"variant": args.worker, "peak_extra_bytes": peak.extra, "peak_method": peak.method, "times": times,
+            "loss": float(loss.detach()), "grad_norm_h": norms[0], "grad_norm_w": norms[1]}
 
 
-def run_variant(name: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--n", str(args.n), "--v", str(args.v),
-           "--ds", str(args.ds), "--dt", str(args.dt), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+def run_variant(name: str, shape, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--shapes", "x".join(map(str, shape)),
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict, args) -> str:
-    ref, fast = results["reference"], results["torch"]
-    mem_ratio = fast["peak_extra_bytes"] / max(ref["peak_extra_bytes"], 1)
-    time_ratio = fast["median_s"] / ref["median_s"]
-    rows = [{"backend": r["backend"], "time": fmt_ms(r["median_s"]), "extra peak": fmt_mib(r["peak_extra_bytes"]),
-             "loss": f"{r['loss']:.6f}"} for r in (ref, fast)]
-    goals = [
-        {"goal": "torch extra peak ≤ 10% of reference", "measured": f"{100 * mem_ratio:.1f}%",
-         "met": "yes" if mem_ratio <= 0.10 else "no"},
-        {"goal": "torch time ≤ 1.5× reference", "measured": f"{time_ratio:.2f}×",
-         "met": "yes" if time_ratio <= 1.5 else "no"},
-    ]
-    logits = args.n * args.v * 4 / MIB
-    return "\n\n".join([
-        f"# Reference vs torch backend on the CPU: reverse KL forward + backward\n\n"
-        f"N={args.n}, V={args.v}, D_s={args.ds}, D_t={args.dt}, fp32 (one fp32 [N, V] logits tensor is "
-        f"{logits:.0f} MiB); peak = resident set during the first step minus the inputs' baseline, one fresh "
-        f"process per backend ({ref['peak_method']}, glibc mmap threshold 1 MiB; the torch figure includes the "
-        f"{4 * (args.n * args.ds + args.v * args.ds) / MIB:.0f} MiB of fp32 gradients); time = median of "
-        f"{args.repeats} further steps.",
-        env_markdown("cpu"),
-        markdown_table(rows, ["backend", "time", "extra peak", "loss"]),
-        markdown_table(goals, ["goal", "measured", "met"]),
-    ]) + "\n"
+def _median(xs):
+    xs = sorted(xs)
+    k = len(xs)
+    return 0.5 * (xs[(k - 1) // 2] + xs[k // 2])
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def measure(shape, variants, args) -> dict:
+    rounds = []
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        got = {"load_before": _load()}
+        for name in order:
+            print(f"[cpu_backends] {shape} round {r + 1}/{args.rounds}: {name} (load {_load()})", file=sys.stderr,
+                  flush=True)
+            got[name] = run_variant(name, shape, args)
+        got["load_after"] = _load()
+        rounds.append(got)
+    return {"shape": shape, "rounds": rounds}
+
+
+def summarise(res: dict, variants) -> list:
+    rounds = res["rounds"]
+    ref_peak = _median([r["reference"]["peak_extra_bytes"] for r in rounds])
+    ref = rounds[0]["reference"]
+    rows = []
+    for name in variants:
+        times = [t for r in rounds for t in r[name]["times"]]
+        ratios = [_median(r[name]["times"]) / _median(r["reference"]["times"]) for r in rounds]
+        peak = _median([r[name]["peak_extra_bytes"] for r in rounds])
+        x = rounds[0][name]
+        rows.append({
+            "variant": name, "time (median)": fmt_ms(_median(times)), "× reference (median of rounds)":
+            f"{_median(ratios):.2f}", "ratios per round": " ".join(f"{q:.2f}" for q in ratios),
+            "extra peak": fmt_mib(peak), "% of reference's": f"{100 * peak / max(ref_peak, 1):.1f}%",
+            "loss": f"{x['loss']:.6f}", "‖d h‖ / ref": f"{x['grad_norm_h'] / ref['grad_norm_h']:.6f}",
+            "‖d W‖ / ref": f"{x['grad_norm_w'] / ref['grad_norm_w']:.6f}",
+            "_ratio": _median(ratios), "_mem": peak / max(ref_peak, 1),
+        })
+    return rows
+
+
+def report(all_res: list, variants, args) -> str:
+    cols = ["variant", "time (median)", "× reference (median of rounds)", "ratios per round", "extra peak",
+            "% of reference's", "loss", "‖d h‖ / ref", "‖d W‖ / ref"]
+    parts = ["# CPU backends: reverse KL forward + backward, fp32, 2 cores\n\n" + __doc__.split("\n\n")[1],
+             env_markdown("cpu")]
+    for res in all_res:
+        n, v, d = res["shape"]
+        rows = summarise(res, variants)
+        loads = "; ".join(f"round {i + 1}: {r['load_before']} → {r['load_after']}" for i, r in enumerate(res["rounds"]))
+        parts.append(f"## N={n}, V={v}, D_s=D_t={d}\n\n{args.rounds} alternating rounds × {args.repeats} timed "
+                     f"steps per process; one fp32 [N, V] tensor is {n * v * 4 / MIB:.0f} MiB; the extra peak "
+                     f"includes the fp32 gradients ({4 * (n * d + v * d) / MIB:.0f} MiB). Load average (1, 5, 15 "
+                     f"min) before → after each round: {loads}.")
+        parts.append(markdown_table(rows, cols))
+        fused = next(r for r in rows if r["variant"] == "torch-fused")
+        peers = [r for r in rows if r["variant"] in ("trl", "liger")]
+        goals = [
+            {"goal": "torch-fused time ≤ 0.8× reference", "measured": f"{fused['_ratio']:.2f}×",
+             "met": "yes" if fused["_ratio"] <= 0.8 else "no"},
+            {"goal": "torch-fused below every peer", "measured": ", ".join(
+                f"{p['variant']} {p['_ratio']:.2f}×" for p in peers) or "no peer installed",
+             "met": "yes" if all(fused["_ratio"] < p["_ratio"] for p in peers) else "no"},
+            {"goal": "torch-fused extra peak ≤ 10% of reference's", "measured": f"{100 * fused['_mem']:.1f}%",
+             "met": "yes" if fused["_mem"] <= 0.10 else "no"},
+        ]
+        parts.append(markdown_table(goals, ["goal", "measured", "met"]))
+    return "\n\n".join(parts) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=4096)
-    p.add_argument("--v", type=int, default=32768)
-    p.add_argument("--ds", type=int, default=512)
-    p.add_argument("--dt", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxVxD")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--out", default=None, help="write the Markdown report here too")
+    p.add_argument("--out", default=None, help="write the Markdown report here (and the raw results beside it, .json)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     if args.worker:
+        args.shape = shapes[0]
         print(json.dumps(worker(args)))
         return 0
-    results = {}
-    for name in VARIANTS:
-        print(f"[cpu_backends] {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_variant(name, args)
-    text = report(results, args)
+    variants = [v for v in args.variants.split(",") if available(v)]
+    skipped = sorted(set(args.variants.split(",")) - set(variants))
+    if skipped:
+        print(f"[cpu_backends] not installed, skipped: {skipped}", file=sys.stderr)
+    all_res = [measure(shape, variants, args) for shape in shapes]
+    text = report(all_res, variants, args)
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(all_res, f, indent=1)
     return 0
 
 

@@ -84,10 +84,18 @@ def test_scaling_quick(tmp_path):
 
 def test_cpu_backends_tiny(tmp_path):
     md = tmp_path / "b.md"
-    _run(["benchmarks/cpu_backends.py", "--n", "64", "--v", "512", "--ds", "32", "--dt", "48",
-                "--repeats", "1", "--out", str(md)])
+    _run(["benchmarks/cpu_backends.py", "--shapes", "64x512x32", "--rounds", "2", "--repeats", "1",
+          "--variants", "reference,torch-fused,torch-recompute,trl", "--out", str(md)])
     text = md.read_text()
-    assert "| reference |" in text and "| torch |" in text and "torch time ≤ 1.5× reference" in text
+    for variant in ("reference", "torch-fused", "torch-recompute", "trl"):
+        assert f"| {variant} |" in text, variant
+    assert "torch-fused time ≤ 0.8× reference" in text
+    rounds = json.loads(md.with_suffix(".json").read_text())[0]["rounds"]
+    ref = rounds[0]["reference"]
+    for name in ("torch-fused", "torch-recompute", "trl"):  # equal semantics: same loss and gradient norms
+        got = rounds[0][name]
+        assert abs(got["loss"] - ref["loss"]) <= 1e-4 * abs(ref["loss"]), name
+        assert abs(got["grad_norm_w"] / ref["grad_norm_w"] - 1) <= 1e-3, name
 
 
 def test_gpu_suite_tunes_then_uses_the_table(tmp_path):

@@ -70,14 +70,19 @@ def test_chunked_entropy_and_logits(tiles_3x16):
     assert tiles_3x16, "the patched tile_shape was not used"
 
 
+@pytest.mark.parametrize("strategy", ["recompute", "fused_grad"])
 @pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3)], ids=["rkl", "jsd0.3"])
-def test_torch_backend_never_allocates_n_by_v(monkeypatch, kind, beta):
-    """Forward + backward records no op output as large as N·V (N=64, V=512, D=8: V·D = N·V/8)."""
+def test_torch_backend_never_allocates_n_by_v(monkeypatch, kind, beta, strategy):
+    """Forward + backward records no op output as large as N·V (N=64, V=512, D=8: V·D = N·V/8), under either
+    gradient strategy (fused_grad holds two ``[rows, V]`` blocks: 2 rows here)."""
     n, v, d = 64, 512, 8
     tile_elems = 1024
+    monkeypatch.setattr(torch_backend, "STRATEGY", strategy)
     monkeypatch.setattr(torch_backend, "CHUNK_BUDGET_BYTES", tile_elems * 4 * torch_backend._TILE_TEMPORARIES)
+    monkeypatch.setattr(torch_backend, "FUSED_BLOCK_BYTES", 2 * tile_elems * 4)
     rows, cols = torch_backend.tile_shape(n, v)
     assert rows * cols <= tile_elems and rows < n
+    assert torch_backend.fused_rows(n, v)[0] * v <= tile_elems
     case = make_case(n, v, d, d, seed=17)
     largest_input = max((v + PAD) * d, n * d)  # weights (and their gradients), hidden states
     assert largest_input * 4 <= n * v

@@ -1,9 +1,18 @@
 """Chunked PyTorch backend (registry name "torch"): the quantities of docs/design.md §1 without ever holding ``[N, V]`` logits.
 
-Tokens are processed in row chunks and the vocabulary in column chunks; a tile of logits of at most
-``CHUNK_BUDGET_BYTES`` (all fp32 temporaries counted) exists at a time. The forward keeps online accumulators per
-row (running maxima, rescaled sums), the backward recomputes each tile from the hidden states and weights and
-the per-row LSEs/values saved by the forward. Implements the backend contract of :class:`tipkernels.backends.Backend`.
+Two gradient strategies (docs/design.md §2), chosen in one place, :func:`grad_strategy`:
+
+- ``"recompute"``: tokens are processed in row chunks and the vocabulary in column chunks; a tile of logits whose
+  fp32 temporaries fit :func:`tile_budget_bytes` exists at a time. The forward keeps
+  online accumulators per row (running maxima, rescaled sums), the backward recomputes each tile from the hidden
+  states and weights and the per-row LSEs/values saved by the forward. Serves any upstream gradient.
+- ``"fused_grad"``: when the upstream gradient is known up to one scalar (reduction "sum"/"mean", weighted or
+  not), :func:`fused_value_and_grad` forms the gradient in the forward's sweep: a block of ``rows`` tokens holds
+  both models' full-vocabulary logits (``2 · rows · V`` floats, :func:`fused_rows`), computes their statistics,
+  turns the student's block into ``dS`` in place and accumulates ``d hidden``/``d weight``/``d bias`` with
+  matmuls. No logit is computed twice; the backward only scales the stored gradients.
+
+Implements the backend contract of :class:`tipkernels.backends.Backend`.
 
 The module is ``chunked.py``, not ``torch.py``: a submodule named ``torch`` becomes the attribute ``torch`` of the
 ``tipkernels.backends`` package once imported, shadowing the ``torch`` module in the package's ``__init__`` namespace.
@@ -11,7 +20,14 @@ The module is ``chunked.py``, not ``torch.py``: a submodule named ``torch`` beco
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import re
+import subprocess
+import threading
+import warnings
+from functools import lru_cache
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -27,20 +43,109 @@ autograd_native = False
 supports_vocab_parallel = True
 has_jsd_sums = True
 
-#: Upper bound on the bytes of fp32 temporaries alive for one logits tile.
-CHUNK_BUDGET_BYTES = 64 * 2**20
+#: Bytes of fp32 temporaries alive for one logits tile of the recompute strategy; None: :func:`tile_budget_bytes`
+#: (derived from the cache size).
+CHUNK_BUDGET_BYTES: Optional[int] = None
 #: How many tile-sized fp32 temporaries the widest step holds at once (logits of both models, exps, products).
 _TILE_TEMPORARIES = 8
 _MAX_VOCAB_CHUNK = 8192
+_TILE_ROWS = 256
+_MIB = 2**20
+
+#: "auto" (fused_grad when the upstream gradient is known up to a scalar and the student is linear, else
+#: recompute), "fused_grad" or "recompute" (both forced where possible; tests and benchmarks set it).
+STRATEGY = "auto"
+#: Bytes the fused_grad strategy holds for one row block's full-vocabulary logits of both models; None: 64 MiB,
+#: or 64 rows' worth where that is more (:func:`fused_rows`).
+FUSED_BLOCK_BYTES: Optional[int] = None
+#: Row-block bounds of fused_grad: at least 64 rows so the ``d weight`` matmul (K = rows) runs near peak and its
+#: ``[V, D]`` accumulator is read and written N/rows times only.
+_FUSED_MIN_ROWS, _FUSED_MAX_ROWS = 64, 512
+
+
+def _parse_size(text: str) -> int:
+    m = re.match(r"\s*([0-9.]+)\s*([KMG]?)i?B?", text.strip(), re.I)
+    if not m:
+        return 0
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
+
+
+@lru_cache(maxsize=1)
+def cache_sizes() -> Tuple[int, int]:
+    """``(per-core L2 bytes, last-level cache bytes)`` of this CPU: sysfs, then ``lscpu``, then (1 MiB, 8 MiB)."""
+    l2 = llc = 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(d, "size")) as f:
+                size = _parse_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        if level == 2:
+            l2 = size
+        llc = max(llc, size) if level >= 2 else llc
+    if not (l2 and llc):
+        try:
+            out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=5).stdout
+            for line in out.splitlines():
+                key, _, val = line.partition(":")
+                n = int(val.split()[0]) if val.split() and val.split()[0].isdigit() else 0
+                if key.strip() == "L2 cache" and not l2:
+                    l2 = n // max(1, _count_in(val))
+                if key.strip() == "L3 cache" and not llc:
+                    llc = n
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    l2 = l2 or _MIB
+    return l2, max(llc, l2, 8 * _MIB if not llc else 0)
+
+
+def _count_in(val: str) -> int:
+    m = re.search(r"\((\d+) instances?\)", val)
+    return int(m.group(1)) if m else 1
+
+
+def tile_budget_bytes() -> int:
+    """The recompute strategy's tile budget: twice the last-level cache, between 16 and 64 MiB (64 MiB here).
+
+    Its tile temporaries stream through memory whatever their size (8 of them, interleaved with the matmuls);
+    what costs is the number of torch ops, each a barrier of the intra-op threads. Measured on the loaded 2-core
+    box (benchmarks/TUNING.md, CPU section): tiles of half the LLC (16 MiB) took 1.8–2.5× longer than 64 MiB."""
+    if CHUNK_BUDGET_BYTES is not None:
+        return CHUNK_BUDGET_BYTES
+    _, llc = cache_sizes()
+    return int(min(64 * _MIB, max(16 * _MIB, 2 * llc)))
 
 
 def tile_shape(n_rows: int, vocab: int, budget_bytes: Optional[int] = None) -> Tuple[int, int]:
-    """(rows, columns) of a logits tile so that its temporaries fit ``budget_bytes`` (independent of N)."""
-    budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    """(rows, columns) of a logits tile so that its temporaries fit ``budget_bytes`` (independent of N).
+
+    Rows first (up to 256: the ``d weight`` matmul's K, which reads and writes a ``[cols, D]`` slice of the
+    accumulator once per tile), then as many columns as the budget leaves."""
+    budget = tile_budget_bytes() if budget_bytes is None else budget_bytes
     elems = max(1, budget // (4 * _TILE_TEMPORARIES))
-    cols = max(1, min(vocab, _MAX_VOCAB_CHUNK, elems))
-    rows = max(1, min(n_rows, elems // cols))
-    return rows, cols
+    full_rows = max(1, min(_TILE_ROWS, elems // min(vocab, _TILE_ROWS)))
+    cols = max(1, min(vocab, _MAX_VOCAB_CHUNK, elems // full_rows))
+    return max(1, min(n_rows, full_rows)), cols
+
+
+def fused_rows(n_rows: int, vocab: int, itemsize: int = 4) -> Tuple[int, int]:
+    """fused_grad's ``(row block, row sub-block)``. A row block holds both models' full-vocabulary logits in
+    :data:`FUSED_BLOCK_BYTES` (default: 64 MiB, raised to fit 64 rows; at most 512 rows); its elementwise work
+    walks sub-blocks of rows whose three live ``[sub, V]`` arrays fit about one core's L2 cache (twice its size:
+    L3 catches the spill), so each of its ~12 passes over a sub-block hits cache."""
+    budget = FUSED_BLOCK_BYTES
+    if budget is None:
+        budget = max(64 * _MIB, 2 * _FUSED_MIN_ROWS * vocab * itemsize)
+    block = max(1, min(n_rows, _FUSED_MAX_ROWS, budget // max(1, 2 * vocab * itemsize)))
+    l2, _ = cache_sizes()
+    sub = max(1, min(block, (2 * l2) // (3 * vocab * itemsize)))
+    return block, sub
 
 
 def _chunks(total: int, size: int) -> Iterator[Tuple[int, int]]:
@@ -320,3 +425,268 @@ def _cast(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
 def plan(prob: Problem) -> Problem:
     """The contract's per-call preparation: nothing to resolve here."""
     return prob
+
+
+# ------------------------------------------------------------------------------------------------ fused_grad
+
+
+def grad_strategy(prob: Problem, upstream_known: bool) -> str:
+    """The one place the gradient strategy is chosen: "fused_grad" when the upstream gradient of every row is
+    known in the forward (``upstream_known``: reduction "sum"/"mean") and the student is linear, else
+    "recompute". :data:`STRATEGY` = "recompute" forces the recompute path everywhere."""
+    if STRATEGY not in ("auto", "fused_grad", "recompute"):
+        raise ValueError(f"torch_backend.STRATEGY must be 'auto', 'fused_grad' or 'recompute', got {STRATEGY!r}")
+    if STRATEGY == "recompute" or not upstream_known or not prob.student_is_linear:
+        return "recompute"
+    return "fused_grad"
+
+
+def _dense(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype`` with a layout BLAS takes without a copy per call (row-major or its transpose)."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
+
+
+class _BlockSide:
+    """One model's scaled logits ``(h · Wᵀ + b) / T`` of a row block, written into a preallocated buffer: the
+    1/T is folded into the hidden rows and the bias (a ``[rows, D]`` and a ``[V]`` scaling instead of a
+    ``[rows, V]`` pass) and the bias is added by the matmul itself (addmm's beta)."""
+
+    def __init__(self, hidden, weight, bias, logits, temperature: float, dtype: torch.dtype, vocab: int):
+        self.inv_t, self.dtype, self.vocab = 1.0 / temperature, dtype, vocab
+        self.hidden, self.logits = hidden, logits
+        self.weight_t = _dense(weight, dtype).t() if weight is not None else None
+        self.bias = None if bias is None else (bias.to(dtype) * self.inv_t)
+
+    def fill(self, out: Tensor, r0: int, r1: int) -> Tensor:
+        if self.hidden is None:
+            return torch.mul(self.logits[r0:r1, : self.vocab], self.inv_t, out=out)
+        h = self.hidden[r0:r1].to(self.dtype) * self.inv_t
+        if self.bias is None:
+            return torch.mm(h, self.weight_t, out=out)
+        return torch.addmm(self.bias, h, self.weight_t, out=out)
+
+
+def _rkl_rows(s: Tensor, u: Tensor, scratch: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reverse KL of rows ``s``/``u`` (scaled logits, ``[r, V]``) and, in ``s``, ``g · ∂KL/∂s``; in place.
+
+    Every pass reads arrays that fit the cache (the caller sizes ``r``): centre both on their maxima, ``e = e^{s_c}``
+    into ``scratch``, ``d = s_c − u_c`` into ``u``; then ``log p − log q = d − c`` with ``c = log Zs − log Zt``,
+    ``KL = Σ e·d / Zs − c`` (one batched dot) and ``dS = g · e/Zs · (d − c − KL)``. Returns ``(KL clamped at 0,
+    finite)``; where a row is not finite (a -inf or overflowing logit) the caller redoes it on the safe path."""
+    mt = u.amax(1, keepdim=True)
+    u.sub_(mt)
+    zt = torch.exp(u, out=scratch).sum(1, keepdim=True)
+    ms = s.amax(1, keepdim=True)
+    s.sub_(ms)
+    e = torch.exp(s, out=scratch)
+    zs = e.sum(1, keepdim=True)
+    c = zs.log() - zt.log()
+    d = torch.sub(s, u, out=u)
+    kl = torch.bmm(e.unsqueeze(1), d.unsqueeze(2))[:, :, 0] / zs - c
+    kl = kl.clamp_min(0)
+    ok = bool(torch.isfinite(kl).all())
+    # dS = (d - (c + KL)) · e · (g / Zs), written into s
+    torch.sub(d, c + kl, out=s)
+    s.mul_(e.mul_(g / zs))
+    return kl[:, 0], ok
+
+
+#: Opt-in: fused_grad's reverse-KL sub-block update through ``torch.compile`` (inductor's C++ loops fuse the
+#: ~12 passes). Off by default: on this 2-core CPU it ran the update 2.1× faster (59 vs 127 ms per 256 × 32768
+#: rows, single-threaded) but cost ~25 s of compilation per process and dtype, more than it saves in a short run
+#: (benchmarks/TUNING.md, CPU section). Where compilation fails, a warning is given and the eager update is used.
+COMPILE_ELEMENTWISE = False
+_COMPILED: Dict[Tuple[int, int, torch.dtype], object] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def _rkl_pure(s: Tensor, u: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`_rkl_rows`'s maths without in-place writes (for ``torch.compile``): ``(KL [r, 1], dS [r, V])``."""
+    sc = s - s.amax(1, keepdim=True)
+    uc = u - u.amax(1, keepdim=True)
+    e = sc.exp()
+    zs = e.sum(1, keepdim=True)
+    c = zs.log() - uc.exp().sum(1, keepdim=True).log()
+    d = sc - uc
+    kl = ((e * d).sum(1, keepdim=True) / zs - c).clamp_min(0)
+    return kl, (d - (c + kl)) * e * (g / zs)
+
+
+def compiled_rkl(rows: int, vocab: int, dtype: torch.dtype):
+    """The compiled update for ``[rows, vocab]`` sub-blocks, compiled and checked once on this thread (None if
+    :data:`COMPILE_ELEMENTWISE` is off or compilation failed: the caller runs the eager update)."""
+    if not COMPILE_ELEMENTWISE:
+        return None
+    key = (rows, vocab, dtype)
+    with _COMPILE_LOCK:
+        if key not in _COMPILED:
+            try:
+                fn = torch.compile(_rkl_pure, dynamic=False)
+                x = torch.randn(rows, vocab, dtype=dtype)
+                y = torch.randn(rows, vocab, dtype=dtype)
+                gx = torch.ones(rows, 1, dtype=dtype)
+                want, got = _rkl_pure(x, y, gx), fn(x, y, gx)
+                if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(want, got)):
+                    raise RuntimeError("compiled update disagrees with the eager one")
+                _COMPILED[key] = fn
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: use the eager update
+                warnings.warn(f"tipkernels: torch.compile of the fused_grad update failed ({err!r:.200}); "
+                              "using the eager update")
+                _COMPILED[key] = None
+        return _COMPILED[key]
+
+
+def _generic_rows(kind: str, s: Tensor, u: Optional[Tensor], g: Tensor, beta: float) -> Tensor:
+    """Any kind on rows of full-vocabulary scaled logits: per-row value (clamped at 0 like the forward) and
+    ``g · ∂value/∂s`` written into ``s``; exact 0·log 0 handling (the safe path, also for non-finite rows)."""
+    ls = torch.logsumexp(s, 1, keepdim=True)
+    logp = s - ls
+    p = logp.exp()
+    lt = logq = None
+    if u is not None:
+        lt = torch.logsumexp(u, 1, keepdim=True)
+        logq = u - lt
+    if kind == "entropy":
+        value = saved = (-_xlogy_sum(p, logp)).clamp_min(0)
+    elif kind == "reverse_kl":
+        value = saved = _xlogy_sum(p, logp - logq).clamp_min(0)
+    elif kind == "forward_kl":
+        value, saved = _xlogy_sum(logq.exp(), logq - logp).clamp_min(0), None
+    elif kind == "jsd":
+        logm = _log_mixture(logp, logq, beta)
+        value, saved = combine_jsd(_xlogy_sum(logq.exp(), logq - logm), _xlogy_sum(p, logp - logm), beta)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    ds = grad_logits_tile(kind, s, u, ls, lt, None if saved is None else saved[:, None], beta)
+    ds = torch.where(g != 0, ds * g, torch.zeros((), dtype=ds.dtype, device=ds.device))
+    s.copy_(ds)
+    return value
+
+
+#: fused_grad gathers the rows of nonzero upstream gradient (a ``[live, V]`` copy) before its gradient matmuls
+#: when fewer than this fraction of a block's rows are live (weights with zeros, e.g. a mask).
+_COMPACT_BELOW = 0.9
+#: Python threads that share fused_grad's elementwise work, each running single-threaded torch ops on its own
+#: sub-blocks (torch's intra-op threads would meet at a barrier after every small op: on a loaded 2-core machine
+#: a 5 × 32768 step took 10× longer with 2 intra-op threads than with 1, see benchmarks/TUNING.md).
+ELEMENTWISE_WORKERS = 2
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="tipkernels-fused")
+
+
+@torch.no_grad()  # grad mode is per thread: the pool's threads need it too
+def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0, parts, compiled=None) -> None:
+    """Values and ``dS`` (into ``s``) for the row sub-blocks ``parts`` of the block starting at row ``r0``."""
+    for a, b in parts:
+        g = g_all[r0 + a:r0 + b]
+        if kind == "reverse_kl" and compiled is not None and b - a == scratch.shape[0]:
+            kl, ds = compiled(s[a:b], u[a:b], g)
+            s[a:b].copy_(ds)
+            val, ok = kl[:, 0], bool(torch.isfinite(kl).all())
+            if not ok:
+                student.fill(s[a:b], r0 + a, r0 + b)
+                teacher.fill(u[a:b], r0 + a, r0 + b)
+                val = _generic_rows(kind, s[a:b], u[a:b], g, beta)
+        elif kind == "reverse_kl":
+            val, ok = _rkl_rows(s[a:b], u[a:b], scratch[: b - a], g)
+            if not ok:  # a non-finite row: rebuild these rows' logits, take the safe path
+                student.fill(s[a:b], r0 + a, r0 + b)
+                teacher.fill(u[a:b], r0 + a, r0 + b)
+                val = _generic_rows(kind, s[a:b], u[a:b], g, beta)
+        else:
+            val = _generic_rows(kind, s[a:b], None if u is None else u[a:b], g, beta)
+        values[r0 + a:r0 + b] = val
+
+
+class _one_thread:
+    """torch's intra-op threads set to 1 within the block (restored after, for the matmuls)."""
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        if self.prev != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.prev != 1:
+            torch.set_num_threads(self.prev)
+
+
+@deterministic
+def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor):
+    """Per-row values of ``kind`` and the gradients of ``Σ_i row_grad_i · value_i`` in one sweep ("fused_grad").
+
+    Args:
+        prob: a linear student (``student_hidden [N, D_s]``, ``student_weight [V, D_s]``, optional bias); the
+            teacher linear, as logits, or absent (``kind`` "entropy").
+        kind: "entropy", "reverse_kl", "forward_kl" or "jsd" (β = 0 / 1 already mapped to the KLs).
+        row_grad: ``[N]`` upstream gradient of each row's value (weights / Σ weights for a weighted mean).
+
+    Returns:
+        ``(values [N], d_hidden, d_weight, d_bias)``: values in the compute dtype (fp64 for fp64 inputs, else
+        fp32), ``d_hidden`` ``[N, D_s]`` and ``d_weight`` ``[V, D_s]``/``d_bias`` ``[V]`` in the compute dtype
+        (the caller casts them). Nothing is differentiable.
+
+    Memory beyond inputs and outputs: two ``[rows, V]`` blocks (:func:`fused_rows`: 64 MiB together by default,
+    or 64 rows' worth where that is more), a ``[sub, V]`` scratch per worker thread (L2-sized), with weights of
+    zero in a block one more ``[live rows, V]`` gather, and fp32 copies of 16-bit inputs (weights included).
+    """
+    n, vocab = prob.num_rows, prob.vocab_size
+    dtype = _compute_dtype(prob.student_hidden)
+    device = prob.device
+    student = _BlockSide(prob.student_hidden, prob.student_weight, prob.student_bias, None, prob.temperature,
+                         dtype, vocab)
+    teacher = None
+    if kind != "entropy":
+        teacher = _BlockSide(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,
+                             prob.temperature, dtype, vocab)
+    weight = student.weight_t.t()
+    d_hidden = torch.empty(n, prob.student_hidden.shape[1], dtype=dtype, device=device)
+    d_weight = torch.zeros(vocab, weight.shape[1], dtype=dtype, device=device)
+    d_bias = torch.zeros(vocab, dtype=dtype, device=device) if prob.student_bias is not None else None
+    values = torch.empty(n, dtype=dtype, device=device)
+    g_all = (row_grad.to(dtype) / prob.temperature)[:, None]
+    rows, sub = fused_rows(n, vocab, torch.finfo(dtype).bits // 8)
+    s_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
+    u_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if teacher is not None else None
+    workers = max(1, min(torch.get_num_threads(), ELEMENTWISE_WORKERS))
+    scratch = [torch.empty(sub, vocab, dtype=dtype, device=device) for _ in range(workers)]
+    compiled = compiled_rkl(sub, vocab, dtype) if kind == "reverse_kl" and device.type == "cpu" else None
+    with torch.no_grad():
+        for r0, r1 in _chunks(n, rows):
+            m = r1 - r0
+            s = student.fill(s_buf[:m], r0, r1)
+            u = teacher.fill(u_buf[:m], r0, r1) if teacher is not None else None
+            parts = list(_chunks(m, sub))
+            halves = [parts[k::workers] for k in range(workers)]
+            jobs = [(kind, beta, student, teacher, s, u, scratch[k], g_all, values, r0, halves[k], compiled)
+                    for k in range(workers)]
+            # single-threaded ops (a worker thread's torch thread count is fixed at its first op: 1 here)
+            with _one_thread():
+                if workers == 1:
+                    _elementwise(*jobs[0])
+                else:
+                    list(_pool(workers).map(lambda job: _elementwise(*job), jobs))
+            h = prob.student_hidden[r0:r1].to(dtype)
+            live = g_all[r0:r1, 0] != 0
+            k = int(live.sum())
+            if k < m * _COMPACT_BELOW:  # rows of weight 0 have dS = 0: leave them out of the gradient matmuls
+                d_hidden[r0:r1].zero_()
+                if k == 0:
+                    continue
+                idx = live.nonzero().squeeze(1)
+                s, h = s.index_select(0, idx), h.index_select(0, idx)
+                d_hidden[r0:r1].index_copy_(0, idx, s @ weight)
+            else:
+                torch.mm(s, weight, out=d_hidden[r0:r1])
+            d_weight.addmm_(s.t(), h)
+            if d_bias is not None:
+                d_bias.add_(s.sum(0))
+    return values, d_hidden, d_weight, d_bias

@@ -113,6 +113,81 @@ def detached(prob: Problem, *sides: str) -> Problem:
     return replace(prob, **{n: detach(getattr(prob, n)) for n in names})
 
 
+# ------------------------------------------------------------- gradient formed in the forward's sweep
+
+
+def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, lead: torch.Size,
+                       reduction: str, weights: Optional[Tensor] = None) -> Tensor:
+    """``reduce(row_values(...), lead, reduction, weights)``; where the backend offers a ``grad_strategy`` that
+    answers "fused_grad" (the upstream gradient of each row is then known in the forward: ``weights / Σ weights``
+    or ``1/N`` for "mean", ``weights`` or 1 for "sum", times the loss's one incoming scalar), the gradients are
+    formed in the forward's sweep by ``backend.fused_value_and_grad`` (docs/design.md §2)."""
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
+    known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
+    choose = getattr(backend, "grad_strategy", None)
+    if not known or choose is None or choose(prob, True) != "fused_grad":
+        return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
+    prob = backend.plan(prob)
+    call = _Call(prob=prob, kind=effective_kind(kind, beta), beta=beta, backend=backend)
+    if call.kind == "entropy" and prob.has_teacher:
+        call.prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
+    return FusedReduced.apply(call, lead, reduction, weights, prob.student_hidden, prob.student_weight,
+                              prob.student_bias)
+
+
+def row_upstream(n: int, reduction: str, weights: Optional[Tensor], dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """``∂ reduce(values) / ∂ values_i`` ``[n]``: the per-row gradient :func:`reduce` gives its input."""
+    w = torch.ones(n, dtype=dtype, device=device) if weights is None else weights.reshape(-1).to(dtype)
+    if reduction == "sum":
+        return w
+    return w / w.sum().clamp_min(torch.finfo(dtype).tiny) if weights is not None else w / max(n, 1)
+
+
+class FusedReduced(torch.autograd.Function):
+    """A reduced ("sum"/"mean") value whose gradients the backend formed in the forward; backward scales them.
+
+    The first backward hands the stored gradients over (no copy: autograd's accumulation takes a tensor nobody
+    else holds without cloning it); a second backward through a retained graph forms them again."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, lead, reduction, weights, student_hidden, student_weight, student_bias):
+        prob = replace(call.prob, student_hidden=student_hidden, student_weight=student_weight,
+                       student_bias=student_bias)
+        values, grads = _fused_sweep(call, prob, reduction, weights)
+        ctx.grads = grads
+        ctx.call, ctx.reduction, ctx.weights = call, reduction, weights
+        ctx.save_for_backward(student_hidden, student_weight, student_bias)
+        return reduce(values, lead, reduction, weights)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        hidden, weight, bias = ctx.saved_tensors
+        if grads is None:  # retained graph, second backward
+            prob = replace(ctx.call.prob, student_hidden=hidden, student_weight=weight, student_bias=bias)
+            grads = _fused_sweep(ctx.call, prob, ctx.reduction, ctx.weights)[1]
+        dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        scale_one = bool(grad_loss == 1)
+        out = []
+        for grad, dtype in zip(grads, dtypes):
+            if grad is not None:
+                grad = (grad if scale_one else grad * grad_loss.to(grad.dtype)).to(dtype)
+            out.append(grad)
+        del grads
+        return (None, None, None, None, *out)
+
+
+def _fused_sweep(call: _Call, prob: Problem, reduction: str, weights: Optional[Tensor]):
+    dtype = torch.float64 if prob.student_hidden.dtype == torch.float64 else torch.float32
+    g = row_upstream(prob.num_rows, reduction, weights, dtype, prob.device)
+    values, d_hidden, d_weight, d_bias = call.backend.fused_value_and_grad(prob, call.kind, call.beta, g)
+    return values, [d_hidden, d_weight, d_bias]
+
+
+
+
 def reduce(values: Tensor, lead: torch.Size, reduction: str, weights: Optional[Tensor] = None) -> Tensor:
     """Apply ``reduction`` to per-row ``values [N]``, reshaped to the token dims ``lead``.
 

@@ -8,7 +8,7 @@ import torch
 
 from ..backends import get_backend
 from ..inputs import DIVERGENCES, REDUCTIONS, build_problem, check_beta, check_choice, check_weights
-from .core import reduce, row_values
+from .core import reduce, reduced_row_values, row_values
 
 Tensor = torch.Tensor
 
@@ -63,8 +63,7 @@ def fused_linear_divergence(
     weights = check_weights(weights, lead, prob.device)
     check_choice("reduction", reduction, REDUCTIONS)
     be = get_backend(backend, prob.device, process_group, prob.vocab_size)
-    values = row_values(prob, divergence, beta, be)
-    return reduce(values, lead, reduction, weights)
+    return reduced_row_values(prob, divergence, beta, be, lead, reduction, weights)
 
 
 def divergence_from_logits(

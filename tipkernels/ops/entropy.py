@@ -8,7 +8,7 @@ import torch
 
 from ..backends import get_backend
 from ..inputs import REDUCTIONS, build_problem, check_choice
-from .core import reduce, row_values
+from .core import reduced_row_values
 
 Tensor = torch.Tensor
 
@@ -37,5 +37,5 @@ def fused_linear_entropy(
     """
     prob, lead = build_problem(hidden, weight, student_bias=bias, temperature=temperature)
     check_choice("reduction", reduction, REDUCTIONS)
-    values = row_values(prob, "entropy", 0.0, get_backend(backend, prob.device, process_group, prob.vocab_size))
-    return reduce(values, lead, reduction)
+    be = get_backend(backend, prob.device, process_group, prob.vocab_size)
+    return reduced_row_values(prob, "entropy", 0.0, be, lead, reduction)
