@@ -61,6 +61,12 @@ class Backend(Protocol):
     ``plan(prob) -> Problem``: called once per op call before the others; returns ``prob`` carrying whatever the
         backend resolves per call in ``prob.backend_config`` (the triton backend: its launch config), which the
         other methods then reuse. Rows taken with ``prob.rows`` keep it.
+
+    Optional (today the torch backend only; :func:`tipkernels.ops.core.reduced_row_values` looks them up):
+    ``grad_strategy(prob, upstream_known) -> "fused_grad" | "recompute"`` and
+    ``fused_value_and_grad(prob, kind, beta, row_grad) -> (values, d_hidden, d_weight, d_bias)``: the gradient
+        formed in the forward's sweep when each row's upstream gradient is known up to one scalar (reductions
+        "sum"/"mean"), so the backward recomputes nothing (docs/design.md §2).
     """
 
     name: str
