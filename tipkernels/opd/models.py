@@ -22,7 +22,8 @@ from ..types import TIPLossOutput
 Tensor = torch.Tensor
 
 # Config attributes that change logits beyond ``h · Wᵀ + b`` (the fused kernels would silently ignore them).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "output_multiplier", "lm_head_multiplier")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
