@@ -192,6 +192,12 @@ def test_config_rejects_bad_values():
         OPDConfig(steps=2.5)
     with pytest.raises(ValueError, match="importance_weights"):
         OPDConfig(rule="soft_or", importance_weights=True)
+    with pytest.raises(ValueError, match="teacher_parallel"):
+        OPDConfig(parallel="ddp", teacher_parallel="tensor")
+    with pytest.raises(ValueError, match="teacher_parallel='fsdp'.*parallel='none'"):
+        OPDConfig(parallel="none", teacher_parallel="fsdp")
+    assert OPDConfig().teacher_parallel == "replicate"
+    assert OPDConfig(parallel="auto", teacher_parallel="fsdp").teacher_parallel == "fsdp"
 
 
 def test_prompt_files(tmp_path):

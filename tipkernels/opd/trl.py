@@ -30,7 +30,7 @@ import torch
 
 from ..loss import TIPDistillationLoss
 from ..types import TIPLossOutput
-from .models import lm_head, sequence_tip_loss
+from .models import full_tensor, lm_head, sequence_tip_loss
 
 _IMPORT_ERROR: Optional[ImportError] = None
 try:  # optional dependency; GKD lives in trl.experimental since TRL 1.x (its import warns that it is experimental)
@@ -137,12 +137,9 @@ def _check_tip_loss(tip_loss: Any) -> TIPDistillationLoss:
 
 def _full_head(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A plain (gathered) lm_head in ``dtype``. Under FSDP2 the weight is a DTensor: ``full_tensor()`` gathers it
-    once per call (its backward reduces the gradient back to the shards), as TRL's own loss does."""
-    DTensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    if DTensor is not None and isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    """A plain (gathered) lm_head in ``dtype``. Under FSDP2 the weight is a DTensor: it is gathered once per
+    call (its backward reduces the gradient back to the shards), as TRL's own loss does."""
+    weight, bias = full_tensor(weight), full_tensor(bias)
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
