@@ -11,7 +11,8 @@ What a step does on each of the ``P`` ranks (``OPDConfig.parallel = "ddp" | "fsd
     backward: gradients averaged over ranks by DDP (all-reduce) or FSDP2 (reduce-scatter)
 
 **Sharded teacher** (``OPDConfig.teacher_parallel = "fsdp"``). Each rank holds ``1/P`` of the teacher's parameters
-(FSDP2 ``fully_shard`` per decoder layer, then its body and its root, all with ``reshard_after_forward=True``). The
+(FSDP2 ``fully_shard`` per decoder layer, the embeddings, the body and the root, all with
+``reshard_after_forward=True``). The
 teacher's forward (under ``no_grad``, inside the loss call) all-gathers one layer's parameters, runs it and frees
 them; the lm_head is all-gathered for the loss and freed after it. Nothing else changes: the hidden states and
 weights the loss sees are the replicated teacher's, so are the loss and the gradients. The teacher is never
@@ -316,8 +317,8 @@ def decoder_layers(model: nn.Module, who: str = "student") -> List[nn.Module]:
 def shard_teacher(teacher: nn.Module, mesh) -> None:
     """Shard a frozen teacher's parameters over ``mesh`` with FSDP2, in place, for inference.
 
-    Units: each decoder layer, then the decoder body (embeddings, final norm: the loss calls the body directly,
-    so it must be an FSDP unit of its own), then the root (the lm_head and anything left). Every unit reshards
+    Units: each decoder layer, the input embeddings, then the decoder body (the final norm: the loss calls the
+    body directly, so it must be an FSDP unit of its own), then the root (the lm_head and anything left). Every unit reshards
     after its forward, the body too (an explicit ``reshard_after_forward=True`` overrides FSDP2's keep-the-root-
     unsharded default, which suits training only). Parameters move to the mesh's device unit by unit, so a
     teacher on the CPU never has more than one unit's full weights on the device.
@@ -335,6 +336,8 @@ def shard_teacher(teacher: nn.Module, mesh) -> None:
     teacher.requires_grad_(False)
     for layer in decoder_layers(teacher, "teacher"):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    if inp is not None and any(True for _ in inp.parameters()):  # a unit of its own: not held for the whole body
+        fully_shard(inp, mesh=mesh, reshard_after_forward=True)
     fully_shard(body(teacher, "teacher"), mesh=mesh, reshard_after_forward=True)
     fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
 
