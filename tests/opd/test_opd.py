@@ -290,6 +290,8 @@ def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
                                     "--prompts", str(prompts)])
     assert "does not exist" in err(["opd", "--student", str(s_dir), "--teacher", str(t_dir),
                                     "--prompts", str(tmp_path / "none.jsonl")])
+    # one process: a sharded teacher has nothing to be sharded across
+    assert "teacher_parallel='fsdp' needs data parallelism" in err(argv + ["--teacher-parallel", "fsdp"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     assert "bad.jsonl:1" in err(["opd", "--student", str(s_dir), "--teacher", str(t_dir), "--prompts", str(bad)])
