@@ -9,16 +9,14 @@ hidden states and lm_head weights into a loss): TRL's own ``_get_last_hidden_sta
 derives ``num_items_in_batch`` from the generated completions and logs the entropy. The chunked JSD
 (``trl.kernels.chunked_divergence``) is replaced by the TIP loss over the same hidden states and mask.
 
-For ``TIPGKDTrainer``:
-
-What changes is ``compute_loss``: instead of both models' full logits and TRL's generalised JSD over every
+``TIPGKDTrainer`` replaces ``compute_loss``: instead of both models' full logits and TRL's generalised JSD over every
 completion token, the student and teacher bodies give final hidden states, and the TIP loss scores every
 completion token once (fused, logits-free), selects the informative ones and differentiates only those.
 Completion tokens are TRL's ``labels != -100``; token ``j`` is scored by the hidden state at ``j - 1``, as in
 TRL's own shift. The default loss is TRL's: ``divergence="jsd"`` with the trainer's ``beta`` (β=0 forward KL,
 β=1 reverse KL), temperature 1; pass ``tip_loss=`` to choose the rule, ratio and divergence.
 
-``pip install 'tipkernels[trl]'``. The loss logic itself is :func:`tip_gkd_loss`, usable without TRL.
+``pip install 'tipkernels[trl]'``. The GKD loss logic itself is :func:`tip_gkd_loss`, usable without TRL.
 """
 
 from __future__ import annotations
@@ -159,6 +157,10 @@ if DistillationTrainer is not None:
         generation batch, divided by the process count), or ``/ #valid local tokens`` when TRL passes none
         (evaluation). So a selected token weighs exactly what it weighs in TRL and unselected ones weigh 0; with
         ratio ρ the loss is about ρ times TRL's, and gradient accumulation stays exact.
+
+        Under several processes the selection statistics (Soft-OR's ranges, per-batch budgets) are this
+        process's micro-batch's, as TRL's loss is per process; ``tip_loss=TIPDistillationLoss(...,
+        data_process_group=group)`` makes them global (a collective inside the loss: every rank must call it).
 
         TIP metrics (this process's micro-batches, averaged over the logging window) go to TRL's metric store
         and appear in its logs as ``tip/selected_fraction``, ``tip/q1_selected`` .. ``tip/q4_selected``,
