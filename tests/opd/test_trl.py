@@ -126,6 +126,26 @@ def test_normalises_the_selected_sum_by_num_items_in_batch(pair):
     assert 0 < got < everything  # a subset of the same non-negative terms over the same denominator
 
 
+def test_no_lm_head_forward_no_full_logits(pair):
+    """The loss takes hidden states and lm_head weights: neither model's lm_head module ever runs, so no
+    [tokens, vocab] logits tensor is formed by a model forward (the torch backend works in vocabulary chunks)."""
+    tok, student, trl, tip = pair
+    tip.tip_loss = tk.TIPDistillationLoss(rule="soft_or", ratio=0.5, divergence="jsd", beta=0.5, backend="torch")
+
+    def refuse(mod, args):
+        raise AssertionError("an lm_head forward ran: full logits were materialised")
+
+    hooks = [m.get_output_embeddings().register_forward_pre_hook(refuse) for m in (student, trl.teacher_model)]
+    try:
+        loss = tip.compute_loss(student, dict(_batch(tok, tool_mask=True)))
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert loss > 0 and student.get_output_embeddings().weight.grad is not None
+    student.zero_grad(set_to_none=True)
+
+
 def test_tip_metrics_reach_trl_logs(pair):
     tok, student, _, tip = pair
     student.train()
