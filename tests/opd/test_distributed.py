@@ -124,6 +124,77 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
             torch.testing.assert_close(got["params"][n], p, rtol=0, atol=1e-6, msg=f"{mode} param {n}")
 
 
+# ------------------------------------------------------------------------------------ the sharded teacher
+
+
+def _teacher_worker(rank: int, port: int, tmp: str):
+    _init(rank, port)
+    try:
+        from torch.distributed.tensor import DTensor
+
+        tmp = Path(tmp)
+        tok = _tok()
+        roll = torch.load(tmp / "rollouts.pt", weights_only=False)
+        per = roll.input_ids.shape[0] // WORLD
+        mine = _rows(roll, rank * per, (rank + 1) * per)
+        out = {}
+        for mode in MODES:
+            for tp in ("replicate", "fsdp"):
+                student, teacher = models(tok)
+                numel = sum(p.numel() for p in teacher.parameters())
+                trainer = OPDTrainer(student, teacher, tok, PROMPTS,
+                                     _cfg(tmp, f"{mode}-{tp}-{rank}", batch_size=per, parallel=mode,
+                                          teacher_parallel=tp))
+                recs = [trainer.train_step([mine]) for _ in range(3)]
+                local = [p.to_local() if isinstance(p, DTensor) else p for p in teacher.parameters()]
+                out[(mode, tp)] = {
+                    "recs": recs, "params": _full_params(trainer, mode),
+                    # after the steps: every teacher parameter is a shard again (gathered per unit, then freed)
+                    "all_dtensor": all(isinstance(p, DTensor) for p in teacher.parameters()),
+                    "local_fraction": sum(t.numel() for t in local) / numel,
+                    "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+                }
+                del trainer, student, teacher
+        torch.save(out, tmp / f"teacher-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_teacher_gives_the_replicated_teachers_losses(tmp_path):
+    """teacher_parallel="fsdp": each rank holds half the teacher; 3 steps' losses, selections, gradient norms and
+    the student's weights are those of the replicated teacher, under DDP and FSDP2 students."""
+    tok = _tok()
+    student, _ = models(tok)
+    torch.manual_seed(3)
+    roll = generate(student, tok, PROMPTS[:4], max_new_tokens=6, temperature=1.0)
+    torch.save(roll, tmp_path / "rollouts.pt")
+    spawn(_teacher_worker, (free_port(), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"teacher-{rank}.pt", weights_only=False)
+        for mode in MODES:
+            rep, sh = got[(mode, "replicate")], got[(mode, "fsdp")]
+            assert not rep["all_dtensor"] and rep["local_fraction"] == 1.0
+            assert sh["all_dtensor"] and not sh["requires_grad"]
+            assert 0.45 < sh["local_fraction"] <= 0.55, sh["local_fraction"]  # 1/P of the teacher per rank
+            assert len(sh["recs"]) == 3
+            for a, b in zip(rep["recs"], sh["recs"]):
+                assert a["loss"] > 0
+                assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (mode, a["loss"], b["loss"])
+                for k in ("valid_tokens", "selected_tokens", "reverse_kl"):
+                    assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (mode, k, a[k], b[k])
+                assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * a["grad_norm"]
+            for n, p in rep["params"].items():
+                torch.testing.assert_close(sh["params"][n], p, rtol=0, atol=1e-6, msg=f"{mode} param {n}")
+
+
+def test_sharded_teacher_needs_data_parallelism(tmp_path):
+    from tipkernels.opd import distributed
+
+    cfg = _cfg(tmp_path, "x", parallel="auto", teacher_parallel="fsdp")  # auto: no process group here → none
+    with pytest.raises(ValueError, match="teacher_parallel='fsdp' needs data parallelism"):
+        distributed.setup(cfg)
+
+
 # ------------------------------------------------------------------------------- checkpoint and resume
 
 

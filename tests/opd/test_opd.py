@@ -192,6 +192,12 @@ def test_config_rejects_bad_values():
         OPDConfig(steps=2.5)
     with pytest.raises(ValueError, match="importance_weights"):
         OPDConfig(rule="soft_or", importance_weights=True)
+    with pytest.raises(ValueError, match="teacher_parallel"):
+        OPDConfig(parallel="ddp", teacher_parallel="tensor")
+    with pytest.raises(ValueError, match="teacher_parallel='fsdp'.*parallel='none'"):
+        OPDConfig(parallel="none", teacher_parallel="fsdp")
+    assert OPDConfig().teacher_parallel == "replicate"
+    assert OPDConfig(parallel="auto", teacher_parallel="fsdp").teacher_parallel == "fsdp"
 
 
 def test_prompt_files(tmp_path):
@@ -284,6 +290,8 @@ def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
                                     "--prompts", str(prompts)])
     assert "does not exist" in err(["opd", "--student", str(s_dir), "--teacher", str(t_dir),
                                     "--prompts", str(tmp_path / "none.jsonl")])
+    # one process: a sharded teacher has nothing to be sharded across
+    assert "teacher_parallel='fsdp' needs data parallelism" in err(argv + ["--teacher-parallel", "fsdp"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     assert "bad.jsonl:1" in err(["opd", "--student", str(s_dir), "--teacher", str(t_dir), "--prompts", str(bad)])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES
-from .config import PARALLEL, SCHEDULES, OPDConfig
+from .config import PARALLEL, SCHEDULES, TEACHER_PARALLEL, OPDConfig
 from .tasks import TASKS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data parallelism under torchrun: ddp, fsdp (FSDP2, the student sharded) or none; auto "
                         "(default): ddp when launched by torchrun with more than one process, else none. "
                         "--batch-size is per process")
+    o.add_argument("--teacher-parallel", default="replicate", choices=TEACHER_PARALLEL,
+                   help="replicate (default): every process holds the whole teacher; fsdp: the teacher's weights "
+                        "sharded across the processes (FSDP2), one layer gathered at a time, for teachers larger "
+                        "than one GPU")
     return p
 
 
@@ -137,7 +141,7 @@ def _run_opd(args) -> int:
                            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
                            grad_clip=args.grad_clip, seed=args.seed, save_interval=args.save_interval,
                            output_dir=args.output_dir, progress=not args.no_progress, device=device,
-                           parallel=args.parallel)
+                           parallel=args.parallel, teacher_parallel=args.teacher_parallel)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

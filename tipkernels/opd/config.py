@@ -12,6 +12,7 @@ from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, SAMPLING_RULES, chec
 #: OPD-only choices (the library-wide ones are in :mod:`tipkernels.inputs`).
 SCHEDULES = ("cosine", "constant")
 PARALLEL = ("none", "auto", "ddp", "fsdp")
+TEACHER_PARALLEL = ("replicate", "fsdp")
 
 
 @dataclass
@@ -45,9 +46,14 @@ class OPDConfig:
     Data parallelism (:mod:`tipkernels.opd.distributed`; launch with ``torchrun``):
         parallel: "none" (one process), "ddp" (student under DistributedDataParallel), "fsdp" (student sharded
         with FSDP2 ``fully_shard``, per decoder layer plus the root) or "auto" (ddp when a process group of more
-        than one rank is initialised or torchrun's environment describes one, else none). The teacher is
-        replicated. ``batch_size`` is then per rank: a micro-batch holds ``world_size · batch_size`` prompts,
-        each rank its own slice; selection statistics are global and the loss is the global weighted mean.
+        than one rank is initialised or torchrun's environment describes one, else none). ``batch_size`` is
+        then per rank: a micro-batch holds ``world_size · batch_size`` prompts, each rank its own slice;
+        selection statistics are global and the loss is the global weighted mean.
+        teacher_parallel: "replicate" (every rank holds the whole teacher) or "fsdp" (the teacher's parameters
+        sharded with FSDP2 across the data-parallel ranks, per decoder layer plus its body and lm_head; each
+        layer's parameters are gathered for its forward and freed after; inference only, the loss unchanged).
+        "fsdp" needs ``parallel`` "ddp", "fsdp" or "auto" under a process group; pass the teacher on the CPU
+        (it is moved to the device shard by shard).
     """
 
     rule: str = "soft_or"
@@ -87,6 +93,7 @@ class OPDConfig:
     plot: bool = True
     device: Optional[str] = None
     parallel: str = "none"
+    teacher_parallel: str = "replicate"
 
     def __post_init__(self) -> None:
         def choice(name, options):
@@ -101,6 +108,10 @@ class OPDConfig:
         choice("backend", BACKENDS)
         choice("schedule", SCHEDULES)
         choice("parallel", PARALLEL)
+        choice("teacher_parallel", TEACHER_PARALLEL)
+        if self.teacher_parallel == "fsdp" and self.parallel == "none":
+            raise ValueError("OPDConfig.teacher_parallel='fsdp' shards the teacher across data-parallel ranks: it "
+                             "needs parallel='ddp', 'fsdp' or 'auto' (under torchrun), got parallel='none'")
         number("ratio", 0, 1, lo_open=True)
         number("beta", 0, 1)
         number("temperature", 0, math.inf, lo_open=True)

@@ -1,4 +1,4 @@
-"""Multi-process OPD on ``torch.distributed``: the student under DDP or FSDP2, the teacher replicated.
+"""Multi-process OPD on ``torch.distributed``: the student under DDP or FSDP2, the teacher replicated or sharded.
 
 What a step does on each of the ``P`` ranks (``OPDConfig.parallel = "ddp" | "fsdp"``)::
 
@@ -9,6 +9,14 @@ What a step does on each of the ``P`` ranks (``OPDConfig.parallel = "ddp" | "fsd
               it unsharded and reduce-scatters its gradient); selection statistics over the global batch
               (``TIPDistillationLoss(data_process_group=WORLD)``)
     backward: gradients averaged over ranks by DDP (all-reduce) or FSDP2 (reduce-scatter)
+
+**Sharded teacher** (``OPDConfig.teacher_parallel = "fsdp"``). Each rank holds ``1/P`` of the teacher's parameters
+(FSDP2 ``fully_shard`` per decoder layer, the embeddings, the body and the root, all with
+``reshard_after_forward=True``). The
+teacher's forward (under ``no_grad``, inside the loss call) all-gathers one layer's parameters, runs it and frees
+them; the lm_head is all-gathered for the loss and freed after it. Nothing else changes: the hidden states and
+weights the loss sees are the replicated teacher's, so are the loss and the gradients. The teacher is never
+trained, so there is no backward through it and no gradient communication.
 
 **Loss normalisation.** ``TIPDistillationLoss`` returns this rank's weighted mean ``ℓ_r = S_r / W_r`` (``S_r`` the
 weighted divergence sum over its selected tokens, ``W_r`` their total weight). DDP and FSDP2 *average* gradients over
@@ -101,7 +109,7 @@ class Distributed(ProcessContext):
     """Data parallelism over a ``torch.distributed`` process group: the :class:`ProcessContext` of DDP and FSDP2
     (``trainer.process``)."""
 
-    def __init__(self, mode: str, device_type: str):
+    def __init__(self, mode: str, device_type: str, teacher_parallel: str = "replicate"):
         if not dist.is_available():
             raise RuntimeError("OPDConfig.parallel needs torch.distributed, which this torch build lacks")
         if not dist.is_initialized():
@@ -114,6 +122,7 @@ class Distributed(ProcessContext):
             # interpreter's finalisation can abort the process after training has finished)
             atexit.register(_destroy_if_initialized)
         self.mode = mode
+        self.teacher_parallel = teacher_parallel
         self.group = dist.group.WORLD
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -128,7 +137,14 @@ class Distributed(ProcessContext):
         optimizer is built."""
         if dist.get_backend(self.group) == "nccl":
             self.comm_device = device
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
         student = unwrap(student)
+        mesh = init_device_mesh(device.type, (self.world,)) if "fsdp" in (self.mode, self.teacher_parallel) \
+            else None
+        if self.teacher_parallel == "fsdp":
+            shard_teacher(unwrap(teacher), mesh)
         self.wrapper = StudentLoss(student, teacher, loss_fn, synced_generate=self.mode == "fsdp")
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -136,13 +152,9 @@ class Distributed(ProcessContext):
             ids = [device.index] if device.type == "cuda" else None
             self.module = DDP(self.wrapper, device_ids=ids)  # broadcasts rank 0's weights
             return
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
         with torch.no_grad():  # every rank shards the same weights: rank 0's
             for t in list(student.parameters()) + list(student.buffers()):
                 dist.broadcast(t.data, 0, group=self.group)
-        mesh = init_device_mesh(device.type, (self.world,))
         for layer in decoder_layers(student):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.wrapper, mesh=mesh)  # the root: embeddings, final norm, lm_head
@@ -292,14 +304,42 @@ def _keyed_by_name(optim: Dict[str, Any], model: nn.Module, optimizer) -> Dict[s
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
 
 
-def decoder_layers(model: nn.Module) -> List[nn.Module]:
+def decoder_layers(model: nn.Module, who: str = "student") -> List[nn.Module]:
     """The repeated blocks FSDP2 shards one by one: modules of the classes named in the HF model's
     ``_no_split_modules``, else the members of the decoder body's ``nn.ModuleList``s."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names] if names else []
     if not layers:
-        layers = [m for ml in body(model, "student").modules() if isinstance(ml, nn.ModuleList) for m in ml]
+        layers = [m for ml in body(model, who).modules() if isinstance(ml, nn.ModuleList) for m in ml]
     return layers
+
+
+def shard_teacher(teacher: nn.Module, mesh) -> None:
+    """Shard a frozen teacher's parameters over ``mesh`` with FSDP2, in place, for inference.
+
+    Units: each decoder layer, the input embeddings, then the decoder body (the final norm: the loss calls the
+    body directly, so it must be an FSDP unit of its own), then the root (the lm_head and anything left). Every unit reshards
+    after its forward, the body too (an explicit ``reshard_after_forward=True`` overrides FSDP2's keep-the-root-
+    unsharded default, which suits training only). Parameters move to the mesh's device unit by unit, so a
+    teacher on the CPU never has more than one unit's full weights on the device.
+
+    Every rank must hold the same weights (load the same checkpoint on each): each keeps its own slice.
+    Tied input/output embeddings are refused (ValueError): one parameter cannot live in two units.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    inp = teacher.get_input_embeddings() if hasattr(teacher, "get_input_embeddings") else None
+    if head is not None and inp is not None and getattr(head, "weight", None) is getattr(inp, "weight", 0):
+        raise ValueError("teacher_parallel='fsdp' needs a teacher with untied input and output embeddings "
+                         "(tie_word_embeddings=False); use teacher_parallel='replicate' for this teacher")
+    teacher.requires_grad_(False)
+    for layer in decoder_layers(teacher, "teacher"):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    if inp is not None and any(True for _ in inp.parameters()):  # a unit of its own: not held for the whole body
+        fully_shard(inp, mesh=mesh, reshard_after_forward=True)
+    fully_shard(body(teacher, "teacher"), mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
 
 
 def _destroy_if_initialized() -> None:
@@ -311,6 +351,10 @@ def setup(config, eval_fn=None) -> ProcessContext:
     """The trainer's :class:`ProcessContext` for ``config.parallel``: the single-process one, or
     :class:`Distributed` for DDP/FSDP2."""
     mode = resolve_mode(config.parallel)
+    teacher_parallel = getattr(config, "teacher_parallel", "replicate")
+    if mode == "none" and teacher_parallel == "fsdp":
+        raise ValueError("OPDConfig.teacher_parallel='fsdp' needs data parallelism: launch with torchrun (or "
+                         "initialise a process group of more than one rank) and set parallel='ddp' or 'fsdp'")
     if mode == "none":
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             warnings.warn("a torch.distributed process group is initialised but OPDConfig.parallel='none': every "
@@ -320,4 +364,5 @@ def setup(config, eval_fn=None) -> ProcessContext:
     if mode == "fsdp" and eval_fn is not None:
         raise ValueError("eval_fn is not supported with OPDConfig.parallel='fsdp' (the student's weights are "
                          "sharded); evaluate a saved checkpoint instead, or use parallel='ddp'")
-    return Distributed(mode, dev.type if dev is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Distributed(mode, dev.type if dev is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
+                       teacher_parallel)

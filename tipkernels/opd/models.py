@@ -22,7 +22,8 @@ from ..types import TIPLossOutput
 Tensor = torch.Tensor
 
 # Config attributes that change logits beyond ``h · Wᵀ + b`` (the fused kernels would silently ignore them).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "output_multiplier", "lm_head_multiplier")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -66,6 +67,15 @@ def lm_head(model: nn.Module, who: str = "model") -> Tuple[Tensor, Optional[Tens
                 raise ValueError(f"{who} transforms its logits ({name}={value!r}); tipkernels computes logits as "
                                  f"h·Wᵀ+b from the final hidden states and would not match it")
     return weight, getattr(head, "bias", None)
+
+
+def full_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` as a plain tensor: a DTensor (an FSDP2 shard outside its module's forward) is all-gathered, which
+    is a collective every rank must call; anything else is returned as is. Differentiable."""
+    DTensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
 
 
 def body(model: nn.Module, who: str = "model") -> nn.Module:
@@ -167,6 +177,7 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     wt, bt = lm_head(teacher, "teacher")
     with torch.no_grad():
         h_t = final_hidden_states(teacher, ids, attn, who="teacher")
+        wt, bt = full_tensor(wt), full_tensor(bt)  # a sharded teacher's lm_head, gathered for the loss
     h_s = final_hidden_states(student, ids, attn, who="student")
     # The fused ops take one dtype: the student's lm_head dtype (hidden states may come out of autocast in bf16).
     dt = ws.dtype

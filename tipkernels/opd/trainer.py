@@ -130,11 +130,13 @@ class OPDTrainer:
         check_vocab(student, teacher, tokenizer, teacher_tokenizer)
         self.process = distributed.setup(config, eval_fn)
         device = distributed.device_for(config.device) if config.device else next(student.parameters()).device
+        sharded_teacher = config.teacher_parallel == "fsdp"  # moved to the device shard by shard, in wrap()
         if config.device:
             student.to(device)
-            teacher.to(device)
+            if not sharded_teacher:
+                teacher.to(device)
         t_dev = next(teacher.parameters()).device
-        if t_dev != device:
+        if t_dev != device and not (sharded_teacher and t_dev.type == "cpu"):
             raise ValueError(f"student is on {device} but teacher on {t_dev}: put both on one device "
                              f"(or set OPDConfig.device)")
         self.device = device
@@ -148,6 +150,9 @@ class OPDTrainer:
                                            importance_weights=config.importance_weights,
                                            data_process_group=self.process.group)
         self.process.wrap(student, teacher, self.loss_fn, device)  # before the optimizer: FSDP2 shards the student
+        t_dev = next(teacher.parameters()).device
+        if t_dev != device:  # pragma: no cover - wrap() places a sharded teacher's shards on the device
+            raise ValueError(f"the teacher's shards are on {t_dev}, the student on {device}")
         params = [p for p in student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the student has no trainable parameters")
