@@ -73,14 +73,19 @@ def _init(rank: int, port: int) -> None:
 # --------------------------------------------------------------------------------- 2 processes == 1 process
 
 
+def _my_rollouts(tmp: Path, rank: int):
+    """This rank's contiguous share of the rollouts the test saved in ``tmp``: ``(rows per rank, Rollouts)``."""
+    roll = torch.load(tmp / "rollouts.pt", weights_only=False)
+    per = roll.input_ids.shape[0] // WORLD
+    return per, _rows(roll, rank * per, (rank + 1) * per)
+
+
 def _equality_worker(rank: int, port: int, tmp: str):
     _init(rank, port)
     try:
         tmp = Path(tmp)
         tok = _tok()
-        roll = torch.load(tmp / "rollouts.pt", weights_only=False)
-        per = roll.input_ids.shape[0] // WORLD
-        mine = _rows(roll, rank * per, (rank + 1) * per)
+        per, mine = _my_rollouts(tmp, rank)
         for mode in MODES:
             student, teacher = models(tok)
             trainer = OPDTrainer(student, teacher, tok, PROMPTS,
@@ -134,9 +139,7 @@ def _teacher_worker(rank: int, port: int, tmp: str):
 
         tmp = Path(tmp)
         tok = _tok()
-        roll = torch.load(tmp / "rollouts.pt", weights_only=False)
-        per = roll.input_ids.shape[0] // WORLD
-        mine = _rows(roll, rank * per, (rank + 1) * per)
+        per, mine = _my_rollouts(tmp, rank)
         out = {}
         for mode in MODES:
             for tp in ("replicate", "fsdp"):
