@@ -365,7 +365,7 @@ def parse_args(argv=None):
                    "on the CPU)")
     p.add_argument("--score-budget-mib", type=int, default=None,
                    help="fp32 temporaries of a materialised variant's no-grad scoring chunk (default: the torch "
-                   "torch backend's tile budget, CHUNK_BUDGET_BYTES)")
+                   "torch backend's tile budget, backends.chunked.tile_budget_bytes())")
     p.add_argument("--threads", type=int, default=0, help="torch threads per CPU cell (0: torch's default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     p.add_argument("--out-dir", default=None, help="where the Markdown table and the PNG go "
@@ -386,7 +386,7 @@ def parse_args(argv=None):
             p.error(f"unknown impl {impl!r}; expected some of {','.join(IMPLS)}")
     a.ratios = parse_csv(a.ratios, float)
     if a.score_budget_mib is None:
-        a.score_budget_mib = max(1, lib.CHUNK_BUDGET_BYTES // MIB)
+        a.score_budget_mib = max(1, lib.tile_budget_bytes() // MIB)
     if a.warmup is None:
         a.warmup = 1 if a.device == "cuda" else 0
     if a.out_dir is None:

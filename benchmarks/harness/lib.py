@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tipkernels.backends import chunked  # noqa: F401 - the chunked PyTorch backend ("torch")
 from tipkernels.backends import reference  # noqa: F401 - the materialised formulas (entropy, reverse_kl, forward_kl, …)
-from tipkernels.backends.chunked import CHUNK_BUDGET_BYTES  # noqa: F401
+from tipkernels.backends.chunked import tile_budget_bytes  # noqa: F401 - the torch backend's tile budget (bytes)
 from tipkernels.inputs import build_problem  # noqa: F401
 
 
