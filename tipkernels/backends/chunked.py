@@ -53,11 +53,31 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class _Side:
-    """One model's logits, tile by tile: ``(hidden @ weight[v0:v1].T + bias[v0:v1]) / T`` or a logits slice."""
+def transform_logits(z: Tensor, scale: float, cap: Optional[float], temperature: float) -> Tensor:
+    """The logit transform (docs/design.md §1) on a tile of raw logits ``z`` (overwritten): ``c·tanh(a·z/c)/T``,
+    or ``a·z/T`` without a cap (then exactly today's ``z / T`` when ``a = 1``)."""
+    if cap is None:
+        return z.mul_(scale / temperature)
+    return torch.tanh_(z.mul_(scale / cap)).mul_(cap / temperature)
 
-    def __init__(self, hidden, weight, bias, logits, temperature: float):
-        self.weight, self.bias, self.logits, self.inv_t = weight, bias, logits, 1.0 / temperature
+
+def transform_grad_factor(s: Tensor, scale: float, cap: Optional[float], temperature: float):
+    """``∂s/∂z`` of :func:`transform_logits` from its output ``s``: ``a·(1 − tanh²)/T`` with ``tanh = s·T/c``
+    (a ``[n, c]`` tensor), or the number ``a/T`` without a cap. Multiply ``∂value/∂s`` by it for ``∂value/∂z``."""
+    if cap is None:
+        return scale / temperature
+    t = s * (temperature / cap)
+    return (1.0 - t * t).mul_(scale / temperature)
+
+
+class _Side:
+    """One model's logits, tile by tile: :func:`transform_logits` of ``hidden @ weight[v0:v1].T + bias[v0:v1]``
+    or of a logits slice."""
+
+    def __init__(self, hidden, weight, bias, logits, temperature: float, scale: float = 1.0,
+                 cap: Optional[float] = None):
+        self.weight, self.bias, self.logits = weight, bias, logits
+        self.temperature, self.scale, self.cap = temperature, scale, cap
         self.hidden = hidden
         self.dtype = _compute_dtype(hidden if hidden is not None else logits)
         # On the CPU half-precision matmuls are slow and lossy: upcast once per row chunk. On GPUs keep the
@@ -72,22 +92,28 @@ class _Side:
 
     def tile(self, h: Optional[Tensor], r0: int, r1: int, v0: int, v1: int) -> Tensor:
         if self.hidden is None:
-            return self.logits[r0:r1, v0:v1].to(self.dtype) * self.inv_t
-        w = self.weight[v0:v1]
-        if self.upcast_inputs:
-            w = w.to(self.dtype)
-        out = (h @ w.t()).to(self.dtype)
-        if self.bias is not None:
-            out = out + self.bias[v0:v1].to(self.dtype)
-        return out.mul_(self.inv_t)
+            out = self.logits[r0:r1, v0:v1].to(self.dtype, copy=True)
+        else:
+            w = self.weight[v0:v1]
+            if self.upcast_inputs:
+                w = w.to(self.dtype)
+            out = (h @ w.t()).to(self.dtype)
+            if self.bias is not None:
+                out = out + self.bias[v0:v1].to(self.dtype)
+        return transform_logits(out, self.scale, self.cap, self.temperature)
+
+    def grad_factor(self, s: Tensor):
+        """``∂s/∂z`` on a tile ``s`` this side formed (:func:`transform_grad_factor`)."""
+        return transform_grad_factor(s, self.scale, self.cap, self.temperature)
 
 
 def _sides(prob: Problem):
-    student = _Side(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, prob.temperature)
+    student = _Side(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, prob.temperature,
+                    prob.student_scale, prob.student_cap)
     teacher = None
     if prob.has_teacher:
         teacher = _Side(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,
-                        prob.temperature)
+                        prob.temperature, prob.teacher_scale, prob.teacher_cap)
     return student, teacher
 
 
@@ -280,7 +306,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     sel = (lambda t: t.index_select(0, keep)) if keep.numel() < n else (lambda t: t)
     student, teacher = _sides(sub)
     dtype = student.dtype
-    g_all = sel(grad_rows).to(dtype) / prob.temperature
+    g_all = sel(grad_rows).to(dtype)
     ls_all = sel(saved["student_lse"]).to(dtype)
     lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and kind != "entropy" else None
     value_name = None if formula == "forward_kl" else SAVED_VALUE[kind]
@@ -299,7 +325,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
             for v0, v1 in _chunks(vocab, cols):
                 s = student.tile(hs, r0, r1, v0, v1)
                 u = teacher.tile(ht, r0, r1, v0, v1) if lt is not None else None
-                ds = grad_logits_tile(formula, s, u, ls, lt, val, beta).mul_(g)
+                ds = grad_logits_tile(formula, s, u, ls, lt, val, beta).mul_(g).mul_(student.grad_factor(s))
                 if not lin:
                     d_student[keep[r0:r1], v0:v1] = ds.to(d_student.dtype)
                     continue
