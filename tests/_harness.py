@@ -489,7 +489,7 @@ def problem_to(prob: Problem, dtype=None, device=None) -> Problem:
               "teacher_weight", "teacher_bias", "teacher_logits")
     kw = {f: conv(getattr(prob, f)) for f in fields}
     labels = None if prob.labels is None else prob.labels.to(device or prob.labels.device)
-    return Problem(**kw, labels=labels, temperature=prob.temperature)
+    return Problem(**kw, labels=labels, temperature=prob.temperature, **prob.transforms())
 
 
 def f64(prob):

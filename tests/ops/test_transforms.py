@@ -12,9 +12,12 @@ import torch
 
 import tipkernels as tk
 
-from tests._harness import (BACKENDS, DEVICE, DIV_IDS, DIVS, DTYPES, TOL, assert_rule, axis, grid, make_case,
-                            reference, run_divergence, run_entropy, scaled_err, shape_for, transform64,
-                            truth_divergence, truth_entropy, truth_student, truth_teacher, upstream)
+from dataclasses import replace
+
+from tests._harness import (BACKENDS, DEVICE, DIV_IDS, DIVS, DTYPES, HAS_TRITON_BACKEND, TOL, assert_rule, axis, f64,
+                            grid, make_case, make_problem, reference, run_divergence, run_entropy, scaled_err,
+                            shape_for, transform64, truth_divergence, truth_entropy, truth_student, truth_teacher,
+                            triton_backend, upstream)
 
 # Logits of std ~8 (make_case scale 2): times 2.5 they reach ~±20 and more, so a cap of 5 saturates (tanh ≈ ±1).
 CAPPED = dict(student_logit_scale=2.5, student_softcap=5.0, teacher_logit_scale=1.5, teacher_softcap=4.0)
@@ -192,3 +195,37 @@ def test_equals_trl_chunked_divergence(backend, beta, seed):
         e_ours, e_trl = scaled_err(a.detach(), truth[name], floor), scaled_err(b.detach(), truth[name], floor)
         assert e_ours <= e_trl + TOL[torch.float32], f"{name}: ours {e_ours:.3g} vs TRL {e_trl:.3g}"
         assert scaled_err(a.detach(), b.detach(), floor) <= 2 * TOL[torch.float32], name
+
+
+# Small Triton blocks: several vocabulary tiles, hidden chunks and vocabulary splits at the interpreter's sizes.
+_SMALL = dict(block_n=16, block_v=16, block_d=16, block_dh=16, split_v=2, bwd_block_n=16, bwd_block_v=16,
+              bwd_chunk_mib=2**-11)
+
+
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
+@pytest.mark.parametrize("strategy", ["matmul", "tiles"])
+@pytest.mark.parametrize("variant,kind,beta", [
+    (variant, kind, beta) for variant in ("linear", "teacher_logits", "student_logits")
+    for kind, beta in (("entropy", 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 1.0))
+] + [("student_only", "entropy", 0.5)])
+def test_triton_backward_strategies(strategy, variant, kind, beta):
+    """Both backward strategies of the Triton backend (per-tile kernels, and gradient logits + cuBLAS), every
+    student/teacher form, capped and scaled on both models, against the float64 reference's autograd."""
+    prob = replace(make_problem(variant, seed=6, scale=3.0), **tk.inputs.check_transforms(**CAPPED))
+    config = dict(_SMALL, bwd_strategy=strategy)
+    saved = triton_backend.forward_stats(prob, config=config)
+    if prob.has_teacher:
+        saved["kl_pm"] = triton_backend.jsd_forward(prob, saved["student_lse"], saved["teacher_lse"], beta,
+                                                    config=config)[1]
+    grad = torch.randn(prob.num_rows, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad[::3] = 0.0
+    got = triton_backend.backward(prob, kind, grad, saved, beta, config=config)
+    truth = reference.backward(f64(prob), kind, grad.double(), {}, beta)
+    same = reference.backward(prob, kind, grad, {}, beta)
+    for name, g, t, r in zip(("d_student", "d_weight", "d_bias"), got, truth, same):
+        if t is None:
+            assert g is None, name
+            continue
+        e, e_ref = scaled_err(g, t, 0.0), scaled_err(r, t, 0.0)
+        assert e <= e_ref + TOL[torch.float32], f"{name}: {e:.3g} > {e_ref:.3g} + {TOL[torch.float32]}"
