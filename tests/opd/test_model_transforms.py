@@ -129,3 +129,20 @@ def test_loss_with_other_transforms_is_refused():
     assert tip_loss_for(adapted, student, teacher) is adapted
     with pytest.raises(ValueError, match="logit transforms"):
         tip_loss_for(tk.TIPDistillationLoss(student_softcap=30.0), student, teacher)
+
+
+def test_trainer_loss_carries_the_models_transforms(tmp_path):
+    """OPDTrainer builds its loss with each model's scale and cap, read from the configs."""
+    from tipkernels.opd import OPDTrainer
+    from tipkernels.opd.demo import build_tokenizer
+
+    from tests._harness import PROMPTS, opd_config, opd_models
+
+    tok = build_tokenizer()
+    student, teacher = opd_models(tok)
+    student.config.final_logit_softcapping = 12.0
+    teacher.config.logit_scale = 0.5
+    trainer = OPDTrainer(student, teacher, tok, PROMPTS, opd_config(tmp_path, rule="all", steps=1))
+    fn = trainer.loss_fn
+    assert (fn.student_logit_scale, fn.student_softcap, fn.teacher_logit_scale, fn.teacher_softcap) == \
+        (1.0, 12.0, 0.5, None)
