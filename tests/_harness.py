@@ -27,7 +27,7 @@ import os
 import pickle
 import shlex
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -136,6 +136,9 @@ class Case:
     bt: Optional[Tensor] = None
     tl: Optional[Tensor] = None  # teacher logits instead of ht/wt/bt
     labels: Optional[Tensor] = None
+    #: logit-transform keywords of the ops (student_logit_scale, student_softcap, teacher_logit_scale,
+    #: teacher_softcap); empty: the identity.
+    transforms: dict = field(default_factory=dict)
 
     def cast(self, dtype: torch.dtype) -> "Case":
         c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -144,12 +147,24 @@ class Case:
 
     @property
     def teacher_kwargs(self) -> dict:
-        return dict(teacher_logits=self.tl, teacher_bias=self.bt)
+        return dict(teacher_logits=self.tl, teacher_bias=self.bt, **self.transforms)
+
+    def transform(self, side: str):
+        """(scale, cap) of ``side`` ("student" or "teacher")."""
+        return (self.transforms.get(f"{side}_logit_scale", 1.0), self.transforms.get(f"{side}_softcap"))
+
+    @property
+    def entropy_kwargs(self) -> dict:
+        """The student's transform under fused_linear_entropy's keyword names."""
+        scale, cap = self.transform("student")
+        return dict(logit_scale=scale, softcap=cap)
 
 
 def make_case(n, vocab, ds, dt, *, seed=0, lead=None, pad=PAD, student_bias=True, teacher="linear",
-              teacher_bias=True, labels=False, scale=1.0, dtype=torch.float32) -> Case:
-    """Random inputs with logits of std ~2 (times ``scale**2``); padding rows/columns hold huge values."""
+              teacher_bias=True, labels=False, scale=1.0, dtype=torch.float32, transforms=None) -> Case:
+    """Random inputs with logits of std ~2 (times ``scale**2``); padding rows/columns hold huge values.
+
+    ``transforms``: the ops' logit-transform keywords (see :attr:`Case.transforms`), carried by the case."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     lead = (n,) if lead is None else tuple(lead)
@@ -157,7 +172,7 @@ def make_case(n, vocab, ds, dt, *, seed=0, lead=None, pad=PAD, student_bias=True
     hs = randn(*lead, ds) * scale
     ws = randn(vocab, ds) * (2.0 / math.sqrt(ds)) * scale
     bs = randn(vocab) * 0.5 if student_bias else None
-    case = Case(lead=lead, vocab=vocab, hs=hs, ws=ws, bs=bs)
+    case = Case(lead=lead, vocab=vocab, hs=hs, ws=ws, bs=bs, transforms=dict(transforms or {}))
     vt = vocab + pad
     if teacher == "linear":
         wt = randn(vt, dt) * (2.0 / math.sqrt(dt)) * scale
@@ -216,13 +231,21 @@ def leaf(t: Optional[Tensor], layout=None) -> Optional[Tensor]:
 # ------------------------------------------------------------------------------------------- the truth
 
 
-def _logits64(hidden, weight, bias, temperature, vocab):
-    """Float64 logits over the first ``vocab`` entries (a padded teacher is cut there)."""
+def transform64(z: Tensor, temperature: float, scale: float = 1.0, cap: Optional[float] = None) -> Tensor:
+    """``c·tanh(a·z/c)/T`` (``a·z/T`` without a cap) in float64: scale, soft-cap, temperature (TRL's order)."""
+    z = z.double() * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    return z / temperature
+
+
+def _logits64(hidden, weight, bias, temperature, vocab, scale=1.0, cap=None):
+    """Float64 logits over the first ``vocab`` entries (a padded teacher is cut there), transformed."""
     d = hidden.shape[-1]
     s = hidden.double().reshape(-1, d) @ weight[:vocab].double().t()
     if bias is not None:
         s = s + bias[:vocab].double()
-    return s / temperature
+    return transform64(s, temperature, scale, cap)
 
 
 def truth_student(case: Case, temperature: float):
@@ -230,13 +253,14 @@ def truth_student(case: Case, temperature: float):
     hs = case.hs.detach().double().requires_grad_(True)
     ws = case.ws.detach().double().requires_grad_(True)
     bs = None if case.bs is None else case.bs.detach().double().requires_grad_(True)
-    return (hs, ws, bs), _logits64(hs, ws, bs, temperature, case.vocab)
+    return (hs, ws, bs), _logits64(hs, ws, bs, temperature, case.vocab, *case.transform("student"))
 
 
 def truth_teacher(case: Case, temperature: float) -> Tensor:
     if case.tl is not None:
-        return case.tl.double().reshape(-1, case.tl.shape[-1])[:, : case.vocab] / temperature
-    return _logits64(case.ht, case.wt, case.bt, temperature, case.vocab)
+        return transform64(case.tl.reshape(-1, case.tl.shape[-1])[:, : case.vocab], temperature,
+                           *case.transform("teacher"))
+    return _logits64(case.ht, case.wt, case.bt, temperature, case.vocab, *case.transform("teacher"))
 
 
 def reduce_truth(values: Tensor, lead, reduction: str, weights: Optional[Tensor]) -> Tensor:
@@ -297,7 +321,8 @@ def truth_entropy(case, temperature, reduction, go):
 
 def run_entropy(case, backend, temperature, reduction, go, layout=None):
     hs, ws, bs = leaf(case.hs, layout), leaf(case.ws, layout), leaf(case.bs, layout)
-    out = tk.fused_linear_entropy(hs, ws, bias=bs, temperature=temperature, reduction=reduction, backend=backend)
+    out = tk.fused_linear_entropy(hs, ws, bias=bs, temperature=temperature, reduction=reduction, backend=backend,
+                                  **case.entropy_kwargs)
     backprop(out, go)
     return {"value": out.detach(), **grads_of(hs, ws, bs)}
 
@@ -464,7 +489,7 @@ def problem_to(prob: Problem, dtype=None, device=None) -> Problem:
               "teacher_weight", "teacher_bias", "teacher_logits")
     kw = {f: conv(getattr(prob, f)) for f in fields}
     labels = None if prob.labels is None else prob.labels.to(device or prob.labels.device)
-    return Problem(**kw, labels=labels, temperature=prob.temperature)
+    return Problem(**kw, labels=labels, temperature=prob.temperature, **prob.transforms())
 
 
 def f64(prob):

@@ -60,7 +60,9 @@ class Problem:
     ``student_bias [V]``) or given as ``student_logits [N, V]``. The teacher, if any, is linear
     (``teacher_hidden [N, Dt]``, ``teacher_weight [V, Dt]``, ``teacher_bias [V]``) or ``teacher_logits [N, V]``;
     a padded teacher vocabulary has already been cut to the first V entries (views, no copy).
-    Logits of both models are divided by ``temperature``. ``backend_config`` is what a backend resolved for this op
+    Each model's logits are ``c · tanh(a · z / c) / T`` of its raw logits ``z`` (``h·Wᵀ + b``, or the given logits):
+    scale ``a`` (``student_scale`` / ``teacher_scale``), soft-cap ``c`` (``student_cap`` / ``teacher_cap``; None: no
+    tanh, ``a · z / T``), then the shared ``temperature`` (docs/design.md §1). ``backend_config`` is what a backend resolved for this op
     call (:meth:`tipkernels.backends.Backend.plan`; None until then).
     """
 
@@ -74,6 +76,10 @@ class Problem:
     teacher_logits: Optional[Tensor] = None
     labels: Optional[Tensor] = None
     temperature: float = 1.0
+    student_scale: float = 1.0
+    student_cap: Optional[float] = None
+    teacher_scale: float = 1.0
+    teacher_cap: Optional[float] = None
     backend_config: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
@@ -112,8 +118,14 @@ class Problem:
             teacher_logits=take(self.teacher_logits),
             labels=take(self.labels),
             temperature=self.temperature,
+            **self.transforms(),
             backend_config=self.backend_config,
         )
+
+    def transforms(self) -> dict:
+        """The logit transforms as keyword arguments of :class:`Problem`."""
+        return dict(student_scale=self.student_scale, student_cap=self.student_cap,
+                    teacher_scale=self.teacher_scale, teacher_cap=self.teacher_cap)
 
 
 def combine_jsd(kl_qm: Tensor, kl_pm: Tensor, beta: float):
@@ -159,6 +171,37 @@ def check_temperature(temperature) -> float:
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     return t
+
+
+def check_logit_scale(name: str, value) -> float:
+    """A logit scale ``a``: a finite number > 0 (bools and strings are TypeErrors naming ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    a = float(value)
+    if not math.isfinite(a) or a <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return a
+
+
+def check_softcap(name: str, value) -> Optional[float]:
+    """A logit soft-cap ``c``: None (no cap) or a finite number > 0 (bools and strings are TypeErrors)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be None or a positive finite number, got {type(value).__name__} {value!r}")
+    c = float(value)
+    if not math.isfinite(c) or c <= 0:
+        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
+    return c
+
+
+def check_transforms(student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
+                     teacher_softcap=None) -> dict:
+    """The four transform keywords of the ops, checked, as :class:`Problem` keyword arguments."""
+    return dict(student_scale=check_logit_scale("student_logit_scale", student_logit_scale),
+                student_cap=check_softcap("student_softcap", student_softcap),
+                teacher_scale=check_logit_scale("teacher_logit_scale", teacher_logit_scale),
+                teacher_cap=check_softcap("teacher_softcap", teacher_softcap))
 
 
 def check_beta(beta) -> float:
@@ -269,10 +312,18 @@ def build_problem(
     teacher_bias: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
     temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
     require_teacher: bool = False,
 ) -> tuple:
-    """Validate user inputs; return ``(Problem, lead_shape)`` where ``lead_shape`` is the token dims."""
+    """Validate user inputs; return ``(Problem, lead_shape)`` where ``lead_shape`` is the token dims.
+
+    The transform keywords are the public ops' (:func:`check_transforms`); the teacher's are checked even without
+    a teacher (they then have no effect)."""
     temperature = check_temperature(temperature)
+    transforms = check_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)
     if student_logits is None:
         check_tensor("student_hidden", student_hidden, ndims=(2, 3))
         check_tensor("student_weight", student_weight, ndims=(2,))
@@ -392,6 +443,7 @@ def build_problem(
         teacher_logits=None if teacher_logits is None else flat("teacher_logits", teacher_logits)[:, :vocab],
         labels=labels,
         temperature=temperature,
+        **transforms,
     )
     return prob, lead
 

@@ -20,7 +20,7 @@ from torch import nn
 from .backends import get_backend
 from .backends.vocab_parallel import global_vocab
 from .inputs import (BACKENDS, BUDGETS, DIVERGENCES, RULES, build_problem, check_beta, check_choice, check_fraction,
-                     check_mask, check_temperature, detach)
+                     check_mask, check_temperature, check_transforms, detach)
 from .ops.core import detached, row_values, saved_from_stats
 from .selection import quadrant_shares, quadrants, select_tokens
 from .types import TIPLossOutput, TokenStats
@@ -29,6 +29,10 @@ Tensor = torch.Tensor
 
 _STAT_ROW_FIELDS = ("student_lse", "teacher_lse", "entropy", "teacher_entropy", "reverse_kl", "forward_kl",
                     "student_argmax", "teacher_argmax")
+
+
+_TRANSFORM_KEYS = ("student_logit_scale", "student_softcap", "teacher_logit_scale", "teacher_softcap")
+_DEFAULT = {"student_logit_scale": 1.0, "student_softcap": None, "teacher_logit_scale": 1.0, "teacher_softcap": None}
 
 
 class TIPDistillationLoss(nn.Module):
@@ -41,6 +45,8 @@ class TIPDistillationLoss(nn.Module):
         divergence: the per-token loss: "reverse_kl" (OPD's), "forward_kl" or "jsd".
         beta: JSD's β in [0, 1] (TRL's convention).
         temperature: divides both models' logits (scoring and loss).
+        student_logit_scale / student_softcap / teacher_logit_scale / teacher_softcap: per-model logit transforms,
+            ``c · tanh(a · (h·Wᵀ + b) / c) / T`` (see :func:`tipkernels.fused_linear_divergence`).
         budget: "per_sequence" (⌊ρ·m⌋ of each sequence's m valid tokens) or "per_batch" (⌊ρ·M⌋ overall).
         backend: "auto", "torch", "triton" or "reference".
         importance_weights: for "entropy_sample", weight selected tokens for an unbiased estimate.
@@ -62,13 +68,17 @@ class TIPDistillationLoss(nn.Module):
     def __init__(self, rule: str = "soft_or", ratio: float = 0.5, divergence: str = "reverse_kl", beta: float = 0.5,
                  temperature: float = 1.0, budget: str = "per_sequence", backend: str = "auto", *,
                  importance_weights: bool = False, compute_metrics: bool = True, process_group=None,
-                 data_process_group=None):
+                 data_process_group=None, student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                 teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None):
         super().__init__()
         self.rule = check_choice("rule", rule, RULES)
         self.ratio = check_fraction("ratio", ratio)
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.beta = check_beta(beta)
         self.temperature = check_temperature(temperature)
+        t = check_transforms(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)
+        self.student_logit_scale, self.student_softcap = t["student_scale"], t["student_cap"]
+        self.teacher_logit_scale, self.teacher_softcap = t["teacher_scale"], t["teacher_cap"]
         self.budget = check_choice("budget", budget, BUDGETS)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.importance_weights = bool(importance_weights)
@@ -78,7 +88,8 @@ class TIPDistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rule={self.rule!r}, ratio={self.ratio}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"temperature={self.temperature}, budget={self.budget!r}, backend={self.backend!r}")
+                f"temperature={self.temperature}, budget={self.budget!r}, backend={self.backend!r}"
+                + "".join(f", {k}={getattr(self, k)}" for k in _TRANSFORM_KEYS if getattr(self, k) != _DEFAULT[k]))
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
@@ -88,7 +99,7 @@ class TIPDistillationLoss(nn.Module):
         prob, lead = build_problem(
             student_hidden, student_weight, detach(teacher_hidden), detach(teacher_weight),
             teacher_logits=detach(teacher_logits), student_bias=student_bias, teacher_bias=detach(teacher_bias),
-            temperature=self.temperature, require_teacher=True,
+            temperature=self.temperature, require_teacher=True, **{k: getattr(self, k) for k in _TRANSFORM_KEYS},
         )
         if mask is None:
             mask = torch.ones(lead if len(lead) == 2 else (1, lead.numel()), dtype=torch.bool, device=prob.device)

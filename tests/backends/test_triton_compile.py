@@ -19,7 +19,9 @@ Checked with Triton 3.9 (this venv; ~35-60 s on 2 cores idle, ~4 min loaded) and
 ~25 s) when the kernels took flat arguments: 71 distinct kernels then. Since the kernels take one argument tuple per
 model (tuples as ``@triton.jit`` arguments: Triton >= 3.2, the interpreter >= 3.3), checked with 3.9: 89 distinct
 kernels (the same count as with flat arguments just before the change),
-all compile, none spills; 3.6 not re-run yet.
+all compile, none spills; 3.6 not re-run yet. The logit soft-cap specialisations (S_CAP / T_CAP, the ``caps`` cases)
+compile without spills with 3.9 given two capped defaults of ``config.default_config`` (fp32: block_v 32; a capped
+16-bit student: block_dh 128); 3.6 not run on them yet.
 
 Left out, on purpose:
 - float64 inputs: the backend casts them to fp32 before launching, so they are the fp32 cases.
@@ -58,9 +60,11 @@ ALL_KINDS = (("backward", "entropy"), ("backward", "reverse_kl"), ("backward", "
              ("backward", "jsd", 0.3))
 
 
-def _case(cid, dtype, student, teacher, labels, calls, config="default", fp32_dot=None, strided=False):
+def _case(cid, dtype, student, teacher, labels, calls, config="default", fp32_dot=None, strided=False, caps=""):
+    """``caps``: the models with a logit soft-cap ("", "student", "teacher", "both"; the HAS_CAP specialisations),
+    scales != 1 on both whenever a cap is set."""
     return dict(id=cid, dtype=dtype, student=student, teacher=teacher, labels=labels, calls=calls, config=config,
-                fp32_dot=fp32_dot, strided=strided)
+                fp32_dot=fp32_dot, strided=strided, caps=caps)
 
 
 CASES = [
@@ -92,6 +96,14 @@ CASES = [
     _case("small-fp32-Lb+Lb-labels", "float32", "Lb", "Lb", "i64",
           [("stats",), ("jsd", 0.3), ("backward", "entropy")], config="small"),
     _case("small-fp16-Z+L", "float16", "Z", "L", None, [("stats",), ("backward", "reverse_kl")], config="small"),
+    # logit soft-caps (S_CAP / T_CAP): bf16 default blocks, and an fp32 one
+    _case("bf16-Lb+Lb-labels-capped", "bfloat16", "Lb", "Lb", "i64", [("stats",), ("jsd", 0.3), *ALL_KINDS],
+          caps="both"),
+    _case("bf16-Z+L-student-capped", "bfloat16", "Z", "L", None,
+          [("stats",), ("jsd", 0.3), ("backward", "reverse_kl")], caps="student"),
+    _case("bf16-L+Lb-teacher-capped", "bfloat16", "L", "Lb", None, [("stats",), ("backward", "jsd", 0.3)],
+          caps="teacher"),
+    _case("fp32-Lb+Lb-capped", "float32", "Lb", "Lb", None, [("stats",), ("backward", "reverse_kl")], caps="both"),
 ]
 CASE_IDS = [c["id"] for c in CASES]
 
@@ -128,7 +140,10 @@ def _problem(case):
         labels = torch.zeros(n, dtype=getattr(torch, {"i64": "int64", "i32": "int32"}[case["labels"]]))
     return Problem(student_hidden=s.get("hidden"), student_weight=s.get("weight"), student_bias=s.get("bias"),
                    student_logits=s.get("logits"), teacher_hidden=t.get("hidden"), teacher_weight=t.get("weight"),
-                   teacher_bias=t.get("bias"), teacher_logits=t.get("logits"), labels=labels, temperature=0.7)
+                   teacher_bias=t.get("bias"), teacher_logits=t.get("logits"), labels=labels, temperature=0.7,
+                   student_scale=0.5 if case["caps"] else 1.0, teacher_scale=2.0 if case["caps"] else 1.0,
+                   student_cap=30.0 if case["caps"] in ("student", "both") else None,
+                   teacher_cap=50.0 if case["caps"] in ("teacher", "both") else None)
 
 
 def _record(case):
@@ -376,16 +391,17 @@ def test_cases_cover_every_specialisation_axis(report):
     def values(kernels, name):
         return {sp["constexprs"][name] for k in kernels for sp in seen[k] if name in sp["constexprs"]}
 
-    for flag in ("S_LINEAR", "S_BIAS", "HAS_TEACHER", "T_LINEAR", "T_BIAS", "HAS_LABELS"):
+    for flag in ("S_LINEAR", "S_BIAS", "S_CAP", "HAS_TEACHER", "T_LINEAR", "T_BIAS", "T_CAP", "HAS_LABELS"):
         assert values(["stats_kernel"], flag) == {False, True}, flag
-    for flag in ("S_LINEAR", "S_BIAS", "T_LINEAR", "T_BIAS"):
+    for flag in ("S_LINEAR", "S_BIAS", "S_CAP", "T_LINEAR", "T_BIAS", "T_CAP"):
         assert values(["jsd_kernel"], flag) == {False, True}, flag
     assert values(["jsd_kernel"], "MODE") == {0, 1, 2}
     for kernel in ("dhidden_kernel", "dweight_kernel", "dlogits_kernel"):
         assert values([kernel], "KIND") == {0, 1, 2, 3}, kernel
         assert values([kernel], "HAS_TEACHER") == {False, True}, kernel
         assert values([kernel], "T_LINEAR") == {False, True}, kernel
-    assert values(["dhidden_kernel", "dweight_kernel", "dlogits_kernel"], "S_BIAS") == {False, True}
+    for flag in ("S_BIAS", "S_CAP"):
+        assert values(["dhidden_kernel", "dweight_kernel", "dlogits_kernel"], flag) == {False, True}, flag
     assert values(["dlogits_kernel"], "S_LINEAR") == {False, True}
     assert values(["dlogits_kernel"], "COMPACT_OUT") == {False, True}
     all_kernels = list(seen)

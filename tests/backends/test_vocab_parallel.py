@@ -50,8 +50,13 @@ def _close(a, b, what, backend="torch"):
         torch.testing.assert_close(a, b.to(a.dtype), **TOL[backend], msg=what)
 
 
-def _worker(rank: int, world: int, port: int, backend: str):
-    """The parallel run on ``backend`` against the single-process run on the same backend."""
+#: logit transforms: scales != 1 on both models, caps small enough that tanh saturates for the largest logits.
+TRANSFORMS = dict(student_logit_scale=4.0, student_softcap=3.0, teacher_logit_scale=0.5, teacher_softcap=2.0)
+
+
+def _worker(rank: int, world: int, port: int, backend: str, tf: dict):
+    """The parallel run on ``backend`` against the single-process run on the same backend; ``tf``: the logit
+    transform keywords, given to every op."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -62,9 +67,10 @@ def _worker(rank: int, world: int, port: int, backend: str):
 
         # token_stats: every field, labels as global ids
         full = tk.token_stats(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, labels=labels, temperature=1.3,
-                              backend=backend)
+                              backend=backend, **tf)
         part = tk.token_stats(hs, ws_r, ht, wt_r, student_bias=bs_r, teacher_bias=bt_r, labels=labels,
-                              temperature=1.3, backend=backend, process_group=group)
+                              temperature=1.3, backend=backend, process_group=group, **tf)
+        ent_tf = dict(logit_scale=tf.get("student_logit_scale", 1.0), softcap=tf.get("student_softcap"))
         for name in STAT_NAMES:
             _close(getattr(part, name), getattr(full, name), name, backend)
 
@@ -74,11 +80,12 @@ def _worker(rank: int, world: int, port: int, backend: str):
             leaves_full = [t.clone().requires_grad_() for t in (hs, ws, bs)]
             leaves_part = [t.clone().requires_grad_() for t in (hs, ws_r, bs_r)]
             if kind == "entropy":
-                a = tk.fused_linear_entropy(leaves_full[0], leaves_full[1], bias=leaves_full[2], backend=backend)
+                a = tk.fused_linear_entropy(leaves_full[0], leaves_full[1], bias=leaves_full[2], backend=backend,
+                                            **ent_tf)
                 b = tk.fused_linear_entropy(leaves_part[0], leaves_part[1], bias=leaves_part[2], backend=backend,
-                                            process_group=group)
+                                            process_group=group, **ent_tf)
             else:
-                kw = dict(teacher_bias=bt, divergence=kind, beta=0.3, temperature=0.8)
+                kw = dict(teacher_bias=bt, divergence=kind, beta=0.3, temperature=0.8, **tf)
                 a = tk.fused_linear_divergence(leaves_full[0], leaves_full[1], ht, wt, student_bias=leaves_full[2],
                                                backend=backend, **kw)
                 kw["teacher_bias"] = bt_r
@@ -96,7 +103,7 @@ def _worker(rank: int, world: int, port: int, backend: str):
         for rule, divergence in (("soft_or", "reverse_kl"), ("q3", "jsd")):
             hf, wf = hs.clone().requires_grad_(), ws.clone().requires_grad_()
             hp, wp = hs.clone().requires_grad_(), ws_r.clone().requires_grad_()
-            kw = dict(rule=rule, ratio=0.3, divergence=divergence, beta=0.6, backend=backend)
+            kw = dict(rule=rule, ratio=0.3, divergence=divergence, beta=0.6, backend=backend, **tf)
             ref = tk.TIPDistillationLoss(**kw)(hf, wf, ht, wt, mask)
             got = tk.TIPDistillationLoss(**kw, process_group=group)(hp, wp, ht, wt_r, mask)
             assert torch.equal(got.selection.mask, ref.selection.mask), rule
@@ -110,9 +117,11 @@ def _worker(rank: int, world: int, port: int, backend: str):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,backend", [(2, "torch"), (3, "torch"), (2, "triton")])
-def test_vocab_parallel_equals_single_process(world, backend):
-    spawn(_worker, (world, free_port(), backend), nprocs=world)
+@pytest.mark.parametrize("world,backend,tf", [(2, "torch", {}), (3, "torch", {}), (2, "triton", {}),
+                                              (2, "torch", TRANSFORMS), (2, "triton", TRANSFORMS)],
+                         ids=["2-torch", "3-torch", "2-triton", "2-torch-transforms", "2-triton-transforms"])
+def test_vocab_parallel_equals_single_process(world, backend, tf):
+    spawn(_worker, (world, free_port(), backend, tf), nprocs=world)
 
 
 def _limits_worker(rank: int, world: int, port: int):

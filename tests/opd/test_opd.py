@@ -238,10 +238,18 @@ def test_trainer_rejects_bad_models_and_prompts(tok, tmp_path):
         check_vocab(student, teacher, tok, other)
 
 
-def test_logit_transforms_are_refused(tok):
+def test_logit_transforms_supported_or_refused(tok):
+    """A soft-cap is now supported (the trainer's loss carries it: tests/opd/test_model_transforms.py checks the
+    values); a transform the kernels cannot express, or an invalid cap, is still refused, naming it."""
     student, teacher = models(tok)
     teacher.config.final_logit_softcapping = 30.0
+    check_vocab(student, teacher)
+    teacher.config.final_logit_softcapping = -1.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_vocab(student, teacher)
+    teacher.config.final_logit_softcapping = None
+    teacher.config.output_multiplier_scale = 2.0
+    with pytest.raises(ValueError, match="output_multiplier_scale"):
         check_vocab(student, teacher)
 
 

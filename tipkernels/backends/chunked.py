@@ -158,11 +158,31 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class _Side:
-    """One model's logits, tile by tile: ``(hidden @ weight[v0:v1].T + bias[v0:v1]) / T`` or a logits slice."""
+def transform_logits(z: Tensor, scale: float, cap: Optional[float], temperature: float) -> Tensor:
+    """The logit transform (docs/design.md §1) on a tile of raw logits ``z`` (overwritten): ``c·tanh(a·z/c)/T``,
+    or ``a·z/T`` without a cap (then exactly today's ``z / T`` when ``a = 1``)."""
+    if cap is None:
+        return z.mul_(scale / temperature)
+    return torch.tanh_(z.mul_(scale / cap)).mul_(cap / temperature)
 
-    def __init__(self, hidden, weight, bias, logits, temperature: float):
-        self.weight, self.bias, self.logits, self.inv_t = weight, bias, logits, 1.0 / temperature
+
+def transform_grad_factor(s: Tensor, scale: float, cap: Optional[float], temperature: float):
+    """``∂s/∂z`` of :func:`transform_logits` from its output ``s``: ``a·(1 − tanh²)/T`` with ``tanh = s·T/c``
+    (a ``[n, c]`` tensor), or the number ``a/T`` without a cap. Multiply ``∂value/∂s`` by it for ``∂value/∂z``."""
+    if cap is None:
+        return scale / temperature
+    t = s * (temperature / cap)
+    return (1.0 - t * t).mul_(scale / temperature)
+
+
+class _Side:
+    """One model's logits, tile by tile: :func:`transform_logits` of ``hidden @ weight[v0:v1].T + bias[v0:v1]``
+    or of a logits slice."""
+
+    def __init__(self, hidden, weight, bias, logits, temperature: float, scale: float = 1.0,
+                 cap: Optional[float] = None):
+        self.weight, self.bias, self.logits = weight, bias, logits
+        self.temperature, self.scale, self.cap = temperature, scale, cap
         self.hidden = hidden
         self.dtype = _compute_dtype(hidden if hidden is not None else logits)
         # On the CPU half-precision matmuls are slow and lossy: upcast once per row chunk. On GPUs keep the
@@ -177,22 +197,28 @@ class _Side:
 
     def tile(self, h: Optional[Tensor], r0: int, r1: int, v0: int, v1: int) -> Tensor:
         if self.hidden is None:
-            return self.logits[r0:r1, v0:v1].to(self.dtype) * self.inv_t
-        w = self.weight[v0:v1]
-        if self.upcast_inputs:
-            w = w.to(self.dtype)
-        out = (h @ w.t()).to(self.dtype)
-        if self.bias is not None:
-            out = out + self.bias[v0:v1].to(self.dtype)
-        return out.mul_(self.inv_t)
+            out = self.logits[r0:r1, v0:v1].to(self.dtype, copy=True)
+        else:
+            w = self.weight[v0:v1]
+            if self.upcast_inputs:
+                w = w.to(self.dtype)
+            out = (h @ w.t()).to(self.dtype)
+            if self.bias is not None:
+                out = out + self.bias[v0:v1].to(self.dtype)
+        return transform_logits(out, self.scale, self.cap, self.temperature)
+
+    def grad_factor(self, s: Tensor):
+        """``∂s/∂z`` on a tile ``s`` this side formed (:func:`transform_grad_factor`)."""
+        return transform_grad_factor(s, self.scale, self.cap, self.temperature)
 
 
 def _sides(prob: Problem):
-    student = _Side(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, prob.temperature)
+    student = _Side(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, prob.temperature,
+                    prob.student_scale, prob.student_cap)
     teacher = None
     if prob.has_teacher:
         teacher = _Side(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,
-                        prob.temperature)
+                        prob.temperature, prob.teacher_scale, prob.teacher_cap)
     return student, teacher
 
 
@@ -385,7 +411,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     sel = (lambda t: t.index_select(0, keep)) if keep.numel() < n else (lambda t: t)
     student, teacher = _sides(sub)
     dtype = student.dtype
-    g_all = sel(grad_rows).to(dtype) / prob.temperature
+    g_all = sel(grad_rows).to(dtype)
     ls_all = sel(saved["student_lse"]).to(dtype)
     lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and kind != "entropy" else None
     value_name = None if formula == "forward_kl" else SAVED_VALUE[kind]
@@ -404,7 +430,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
             for v0, v1 in _chunks(vocab, cols):
                 s = student.tile(hs, r0, r1, v0, v1)
                 u = teacher.tile(ht, r0, r1, v0, v1) if lt is not None else None
-                ds = grad_logits_tile(formula, s, u, ls, lt, val, beta).mul_(g)
+                ds = grad_logits_tile(formula, s, u, ls, lt, val, beta).mul_(g).mul_(student.grad_factor(s))
                 if not lin:
                     d_student[keep[r0:r1], v0:v1] = ds.to(d_student.dtype)
                     continue
@@ -432,11 +458,14 @@ def plan(prob: Problem) -> Problem:
 
 def grad_strategy(prob: Problem, upstream_known: bool) -> str:
     """The one place the gradient strategy is chosen: "fused_grad" when the upstream gradient of every row is
-    known in the forward (``upstream_known``: reduction "sum"/"mean") and the student is linear, else
-    "recompute". :data:`STRATEGY` = "recompute" forces the recompute path everywhere."""
+    known in the forward (``upstream_known``: reduction "sum"/"mean") and the student is linear without a
+    soft-cap, else "recompute". (A student soft-cap's derivative ``1 − tanh²`` needs the capped logits, which the
+    fused sweep overwrites with ``dS``; a logit scale is a constant factor and is folded in.) :data:`STRATEGY` =
+    "recompute" forces the recompute path everywhere."""
     if STRATEGY not in ("auto", "fused_grad", "recompute"):
         raise ValueError(f"torch_backend.STRATEGY must be 'auto', 'fused_grad' or 'recompute', got {STRATEGY!r}")
-    if STRATEGY == "recompute" or not upstream_known or not prob.student_is_linear:
+    if (STRATEGY == "recompute" or not upstream_known or not prob.student_is_linear
+            or prob.student_cap is not None):
         return "recompute"
     return "fused_grad"
 
@@ -450,23 +479,28 @@ def _dense(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 
 class _BlockSide:
-    """One model's scaled logits ``(h · Wᵀ + b) / T`` of a row block, written into a preallocated buffer: the
-    1/T is folded into the hidden rows and the bias (a ``[rows, D]`` and a ``[V]`` scaling instead of a
-    ``[rows, V]`` pass) and the bias is added by the matmul itself (addmm's beta)."""
+    """One model's transformed logits ``c·tanh(a·(h · Wᵀ + b)/c)/T`` (:func:`transform_logits`) of a row block,
+    written into a preallocated buffer: the factor before the tanh (``a/c``, or ``a/T`` without a cap) is folded
+    into the hidden rows and the bias (a ``[rows, D]`` and a ``[V]`` scaling instead of a ``[rows, V]`` pass) and
+    the bias is added by the matmul itself (addmm's beta)."""
 
-    def __init__(self, hidden, weight, bias, logits, temperature: float, dtype: torch.dtype, vocab: int):
-        self.inv_t, self.dtype, self.vocab = 1.0 / temperature, dtype, vocab
+    def __init__(self, hidden, weight, bias, logits, temperature: float, dtype: torch.dtype, vocab: int,
+                 scale: float = 1.0, cap: Optional[float] = None):
+        self.pre = scale / (temperature if cap is None else cap)
+        self.post = None if cap is None else cap / temperature
+        self.dtype, self.vocab = dtype, vocab
         self.hidden, self.logits = hidden, logits
         self.weight_t = _dense(weight, dtype).t() if weight is not None else None
-        self.bias = None if bias is None else (bias.to(dtype) * self.inv_t)
+        self.bias = None if bias is None else (bias.to(dtype) * self.pre)
 
     def fill(self, out: Tensor, r0: int, r1: int) -> Tensor:
         if self.hidden is None:
-            return torch.mul(self.logits[r0:r1, : self.vocab], self.inv_t, out=out)
-        h = self.hidden[r0:r1].to(self.dtype) * self.inv_t
-        if self.bias is None:
-            return torch.mm(h, self.weight_t, out=out)
-        return torch.addmm(self.bias, h, self.weight_t, out=out)
+            out = torch.mul(self.logits[r0:r1, : self.vocab], self.pre, out=out)
+        else:
+            h = self.hidden[r0:r1].to(self.dtype) * self.pre
+            out = (torch.mm(h, self.weight_t, out=out) if self.bias is None
+                   else torch.addmm(self.bias, h, self.weight_t, out=out))
+        return out if self.post is None else torch.tanh_(out).mul_(self.post)
 
 
 def _rkl_rows(s: Tensor, u: Tensor, scratch: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
@@ -641,18 +675,20 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     n, vocab = prob.num_rows, prob.vocab_size
     dtype = _compute_dtype(prob.student_hidden)
     device = prob.device
+    if prob.student_cap is not None:
+        raise ValueError("fused_value_and_grad does not take a soft-capped student (grad_strategy picks recompute)")
     student = _BlockSide(prob.student_hidden, prob.student_weight, prob.student_bias, None, prob.temperature,
-                         dtype, vocab)
+                         dtype, vocab, prob.student_scale)
     teacher = None
     if kind != "entropy":
         teacher = _BlockSide(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,
-                             prob.temperature, dtype, vocab)
+                             prob.temperature, dtype, vocab, prob.teacher_scale, prob.teacher_cap)
     weight = student.weight_t.t()
     d_hidden = torch.empty(n, prob.student_hidden.shape[1], dtype=dtype, device=device)
     d_weight = torch.zeros(vocab, weight.shape[1], dtype=dtype, device=device)
     d_bias = torch.zeros(vocab, dtype=dtype, device=device) if prob.student_bias is not None else None
     values = torch.empty(n, dtype=dtype, device=device)
-    g_all = (row_grad.to(dtype) / prob.temperature)[:, None]
+    g_all = (row_grad.to(dtype) * transform_grad_factor(None, prob.student_scale, None, prob.temperature))[:, None]
     rows, sub = fused_rows(n, vocab, torch.finfo(dtype).bits // 8)
     s_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
     u_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if teacher is not None else None

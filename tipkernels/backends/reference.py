@@ -33,25 +33,39 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _linear_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
+def transform(z: Tensor, scale: float, cap: Optional[float], temperature: float) -> Tensor:
+    """The logit transform of docs/design.md §1: ``c · tanh(a · z / c) / T`` (``a · z / T`` when ``cap`` is None),
+    in this order: scale, soft-cap, temperature."""
+    z = _upcast(z)
+    if cap is None:
+        return scale * z / temperature
+    return cap * torch.tanh(scale * z / cap) / temperature
+
+
+def _raw_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return _upcast(logits) / temperature
+    return logits
 
 
 def student_logits(prob: Problem) -> Tensor:
-    """Materialised student logits ``[N, V]`` (fp32 or fp64), divided by the temperature."""
+    """Materialised student logits ``[N, V]`` (fp32 or fp64), transformed and divided by the temperature."""
     if prob.student_is_linear:
-        return _linear_logits(prob.student_hidden, prob.student_weight, prob.student_bias, prob.temperature)
-    return _upcast(prob.student_logits) / prob.temperature
+        z = _raw_logits(prob.student_hidden, prob.student_weight, prob.student_bias)
+    else:
+        z = prob.student_logits
+    return transform(z, prob.student_scale, prob.student_cap, prob.temperature)
 
 
 def teacher_logits(prob: Problem) -> Tensor:
-    """Materialised teacher logits ``[N, V]`` over the shared vocabulary, divided by the temperature."""
+    """Materialised teacher logits ``[N, V]`` over the shared vocabulary, transformed and divided by the
+    temperature."""
     if prob.teacher_hidden is not None:
-        return _linear_logits(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.temperature)
-    return _upcast(prob.teacher_logits) / prob.temperature
+        z = _raw_logits(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias)
+    else:
+        z = prob.teacher_logits
+    return transform(z, prob.teacher_scale, prob.teacher_cap, prob.temperature)
 
 
 # -------------------------------------------------------------------------- per-row formulas on logits
@@ -185,6 +199,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
         teacher_bias=prob.teacher_bias,
         teacher_logits=prob.teacher_logits,
         temperature=prob.temperature,
+        **prob.transforms(),
     )
     with torch.enable_grad():
         val = value(sub, kind, beta)

@@ -28,6 +28,7 @@ from typing import Dict, Optional
 import torch
 
 from ..inputs import IGNORE_INDEX, Problem, combine_jsd
+from .chunked import transform_logits
 
 Tensor = torch.Tensor
 
@@ -147,7 +148,7 @@ class VocabParallelBackend:
 
 
 def _logit_at(prob: Problem, side: str, index: Tensor) -> Tensor:
-    """The (temperature-scaled) logit of each row at column ``index[row]``: O(N·D), no [N, V] tile."""
+    """The (transformed, temperature-scaled) logit of each row at column ``index[row]``: O(N·D), no [N, V] tile."""
     hidden, weight, bias, logits = (
         (prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits) if side == "student"
         else (prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits))
@@ -158,7 +159,8 @@ def _logit_at(prob: Problem, side: str, index: Tensor) -> Tensor:
             z = z + bias.index_select(0, index).to(dtype)
     else:
         z = logits.gather(1, index[:, None])[:, 0].float()
-    return z / prob.temperature
+    scale, cap = (prob.student_scale, prob.student_cap) if side == "student" else (prob.teacher_scale, prob.teacher_cap)
+    return transform_logits(z, scale, cap, prob.temperature)
 
 
 def shard_labels(labels: Optional[Tensor], backend: VocabParallelBackend) -> Optional[Tensor]:

@@ -9,10 +9,10 @@
 
 from .config import OPDConfig
 from .demo import run_demo
-from .models import check_vocab, final_hidden_states, lm_head, sequence_tip_loss
+from .models import check_vocab, final_hidden_states, lm_head, logit_transform, sequence_tip_loss
 from .prompts import load_prompts
 from .rollout import Rollouts, generate
 from .trainer import OPDTrainer
 
-__all__ = ["OPDConfig", "OPDTrainer", "run_demo", "sequence_tip_loss", "final_hidden_states", "lm_head",
+__all__ = ["OPDConfig", "OPDTrainer", "run_demo", "sequence_tip_loss", "final_hidden_states", "lm_head", "logit_transform",
            "check_vocab", "load_prompts", "generate", "Rollouts"]

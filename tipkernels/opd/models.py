@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
+import copy
+import math
+
 import torch
 from torch import nn
 
@@ -21,9 +24,9 @@ from ..types import TIPLossOutput
 
 Tensor = torch.Tensor
 
-# Config attributes that change logits beyond ``h · Wᵀ + b`` (the fused kernels would silently ignore them).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
-                     "output_multiplier", "lm_head_multiplier")
+# Config attributes that change logits beyond ``c·tanh(a·(h·Wᵀ + b)/c)`` (the scale ``a`` and soft-cap ``c`` are read
+# by :func:`logit_transform`); the fused kernels cannot reproduce these.
+_UNSUPPORTED_TRANSFORMS = ("output_multiplier_scale",)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -48,7 +51,7 @@ def lm_head(model: nn.Module, who: str = "model") -> Tuple[Tensor, Optional[Tens
     """``(weight [V, D], bias [V] or None)`` of a causal LM's output projection (tied weights included).
 
     Raises ValueError if the model has no linear output embedding or transforms its logits in a way the fused
-    kernels cannot reproduce (soft-capping, logit scales).
+    kernels cannot reproduce (a scale and a soft-cap they can: :func:`logit_transform`).
     """
     model = unwrap(model)
     if not hasattr(model, "get_output_embeddings"):
@@ -58,14 +61,14 @@ def lm_head(model: nn.Module, who: str = "model") -> Tuple[Tensor, Optional[Tens
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"{who}.get_output_embeddings() must be a linear layer with a 2-D weight, got {head!r}")
-    config = getattr(model, "config", None)
-    if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for name in _LOGIT_TRANSFORMS:
+    text = _text_config(model)
+    if text is not None:
+        for name in _UNSUPPORTED_TRANSFORMS:
             value = getattr(text, name, None)
             if value not in (None, 1, 1.0, 0, 0.0, False):
                 raise ValueError(f"{who} transforms its logits ({name}={value!r}); tipkernels computes logits as "
-                                 f"h·Wᵀ+b from the final hidden states and would not match it")
+                                 f"c·tanh(a·(h·Wᵀ+b)/c) from the final hidden states and would not match it")
+    logit_transform(model, who)  # its errors too
     return weight, getattr(head, "bias", None)
 
 
@@ -76,6 +79,64 @@ def full_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
     if DTensor is not None and isinstance(t, DTensor):
         return t.full_tensor()
     return t
+
+
+def _text_config(model: nn.Module):
+    config = getattr(unwrap(model), "config", None)
+    if config is None:
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_transform(model: nn.Module, who: str = "model") -> Tuple[float, Optional[float]]:
+    """``(scale a, soft-cap c or None)`` of a causal LM whose logits are ``c·tanh(a·(h·Wᵀ+b)/c)``, read from its
+    (text) config as TRL's distillation trainer reads it: ``a`` is the first of ``logit_scale`` (Cohere),
+    ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1) that is not None, else ``1 / logits_scaling``
+    (Granite, MiniCPM3; HyperCLOVA X multiplies: ``logits_scaling``), else 1; ``c`` is
+    ``final_logit_softcapping`` (Gemma 2/3), None for no cap. Raises ValueError naming the attribute for a scale or
+    cap that is not a positive finite number."""
+    text = _text_config(model)
+    if text is None:
+        return 1.0, None
+    scale, source = None, None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text, name, None) is not None:
+            scale, source = getattr(text, name), name
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        source, raw = "logits_scaling", getattr(text, "logits_scaling")
+        if _is_positive(raw):
+            scale = raw if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / raw
+        else:
+            scale = raw
+    cap = getattr(text, "final_logit_softcapping", None)
+    if scale is not None and not _is_positive(scale):
+        raise ValueError(f"{who}'s config has {source}={getattr(text, source)!r}: tipkernels needs a positive "
+                         f"finite logit scale")
+    if cap is not None and not _is_positive(cap):
+        raise ValueError(f"{who}'s config has final_logit_softcapping={cap!r}: tipkernels needs a positive finite "
+                         f"soft-cap (or None)")
+    return (1.0 if scale is None else float(scale)), (None if cap is None else float(cap))
+
+
+def _is_positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def tip_loss_for(loss_fn: TIPDistillationLoss, student: nn.Module, teacher: nn.Module) -> TIPDistillationLoss:
+    """``loss_fn`` with the logit transforms of the two models (:func:`logit_transform`): as is when it already has
+    them, a shallow copy carrying them when it has none (the identity); a ValueError when it has others."""
+    (a_s, c_s), (a_t, c_t) = logit_transform(student, "student"), logit_transform(teacher, "teacher")
+    wanted = dict(student_logit_scale=a_s, student_softcap=c_s, teacher_logit_scale=a_t, teacher_softcap=c_t)
+    have = {k: getattr(loss_fn, k) for k in wanted}
+    if have == wanted:
+        return loss_fn
+    if have != dict(student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0, teacher_softcap=None):
+        raise ValueError(f"the loss was built with logit transforms {have}, but the models' configs give {wanted}")
+    out = copy.copy(loss_fn)
+    for k, v in wanted.items():
+        setattr(out, k, v)
+    return out
 
 
 def body(model: nn.Module, who: str = "model") -> nn.Module:
@@ -148,7 +209,8 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     """The TIP distillation loss of ``student`` towards ``teacher`` on given sequences.
 
     Args:
-        loss_fn: a :class:`tipkernels.TIPDistillationLoss`.
+        loss_fn: a :class:`tipkernels.TIPDistillationLoss`. The models' logit transforms (scale, soft-cap) are
+            read from their configs and applied (:func:`tip_loss_for`).
         student, teacher: Hugging Face causal LMs sharing a vocabulary (teacher lm_head rows ≥ student's).
         input_ids: int64 ``[B, T]``.
         attention_mask: ``[B, T]`` (1 = attend), or None for all ones.
@@ -185,7 +247,8 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     h_t, wt = h_t.to(dt), wt.detach().to(dt)
     bt = None if bt is None else bt.detach().to(dt)
     with torch.autocast(h_s.device.type, enabled=False):  # the kernels choose their own accumulation precision
-        return loss_fn(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt, generator=generator)
+        return tip_loss_for(loss_fn, student, teacher)(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt,
+                                                      generator=generator)
 
 
 def apply_weights(model: nn.Module, sd: Dict[str, Tensor], where: Any) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 from ..loss import TIPDistillationLoss
 from . import checkpoint, distributed
 from .config import OPDConfig
-from .models import check_vocab, lm_head, unwrap
+from .models import check_vocab, lm_head, logit_transform, unwrap
 from .process import legacy_rng_state, python_rng_list, python_rng_tuple, rng_state
 from .rollout import Rollouts, generate, pad_id
 
@@ -144,11 +144,14 @@ class OPDTrainer:
         self.eval_fn = eval_fn
         teacher.eval()
         teacher.requires_grad_(False)
+        (a_s, c_s), (a_t, c_t) = logit_transform(student, "student"), logit_transform(teacher, "teacher")
         self.loss_fn = TIPDistillationLoss(rule=config.rule, ratio=config.ratio, divergence=config.divergence,
                                            beta=config.beta, temperature=config.temperature,
                                            budget=config.budget, backend=config.backend,
                                            importance_weights=config.importance_weights,
-                                           data_process_group=self.process.group)
+                                           data_process_group=self.process.group,
+                                           student_logit_scale=a_s, student_softcap=c_s,
+                                           teacher_logit_scale=a_t, teacher_softcap=c_t)
         self.process.wrap(student, teacher, self.loss_fn, device)  # before the optimizer: FSDP2 shards the student
         t_dev = next(teacher.parameters()).device
         if t_dev != device:  # pragma: no cover - wrap() places a sharded teacher's shards on the device

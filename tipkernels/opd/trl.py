@@ -28,7 +28,7 @@ import torch
 
 from ..loss import TIPDistillationLoss
 from ..types import TIPLossOutput
-from .models import full_tensor, lm_head, sequence_tip_loss
+from .models import full_tensor, lm_head, sequence_tip_loss, tip_loss_for
 
 _IMPORT_ERROR: Optional[ImportError] = None
 try:  # optional dependency; GKD lives in trl.experimental since TRL 1.x (its import warns that it is experimental)
@@ -214,7 +214,9 @@ if DistillationTrainer is not None:
             h_t = h_t.to(ws.device, dt)
             mask = loss_mask.to(ws.device) != 0
             with torch.autocast(h_s.device.type, enabled=False):  # the kernels choose their accumulation
-                out = self.tip_loss(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt)
+                # the models' logit scales / soft-caps (Gemma 2, Cohere, Granite, ...) as TRL reads them
+                loss_fn = tip_loss_for(self.tip_loss, unwrapped_student, unwrapped_teacher)
+                out = loss_fn(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt)
 
             sel = out.selection.mask
             n_valid = mask.sum()

@@ -23,6 +23,10 @@ def fused_linear_divergence(
     divergence: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
@@ -41,6 +45,9 @@ def fused_linear_divergence(
             generalised JSD(beta) in TRL's convention (beta=0 forward KL, beta=1 reverse KL).
         beta: in [0, 1], used by "jsd" only.
         temperature: positive; divides both models' logits.
+        student_logit_scale / student_softcap / teacher_logit_scale / teacher_softcap: per-model logit transforms:
+            each model's logits are ``c · tanh(a · (h·Wᵀ + b) / c) / T`` with scale ``a > 0`` (default 1) and
+            soft-cap ``c > 0`` (None: no tanh), applied in that order (scale, cap, temperature; TRL's order).
         weights: optional float ``[N]``/``[B, L]`` per-token weights. Rows of weight 0 cost nothing in backward.
         reduction: "none" (per-token values, times weights if given, shaped like the token dims), "sum", or
             "mean" (the weighted mean ``Σ w·v / Σ w`` with weights; 0 when empty).
@@ -59,6 +66,8 @@ def fused_linear_divergence(
     prob, lead = build_problem(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
         student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, require_teacher=True,
+        student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+        teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
     )
     weights = check_weights(weights, lead, prob.device)
     check_choice("reduction", reduction, REDUCTIONS)

@@ -25,6 +25,10 @@ def token_stats(
     teacher_bias: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
     temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
     backend: str = "auto",
     process_group=None,
 ) -> TokenStats:
@@ -39,6 +43,9 @@ def token_stats(
         student_bias / teacher_bias: ``[V]`` / ``[V_t]``, optional.
         labels: int ``[N]`` or ``[B, L]``; fills ``label_logprob`` (-100 entries give 0).
         temperature: positive; divides the logits of both models.
+        student_logit_scale / student_softcap / teacher_logit_scale / teacher_softcap: per-model logit transforms:
+            each model's logits are ``c · tanh(a · (h·Wᵀ + b) / c) / T`` with scale ``a > 0`` (default 1) and
+            soft-cap ``c > 0`` (None: no tanh), applied in that order (scale, cap, temperature; TRL's order).
         backend: "auto" (triton for CUDA tensors, torch otherwise), "torch", "triton" or "reference".
         process_group: vocabulary parallelism (see :func:`fused_linear_divergence`): the weights (and biases) are
             this rank's shard, ``labels`` stay global ids; every rank gets the global statistics.
@@ -55,6 +62,8 @@ def token_stats(
         detach(student_hidden), detach(student_weight), detach(teacher_hidden), detach(teacher_weight),
         teacher_logits=detach(teacher_logits), student_bias=detach(student_bias),
         teacher_bias=detach(teacher_bias), labels=labels, temperature=temperature,
+        student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+        teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
     )
     be = be or get_backend(backend, prob.device)
     with torch.no_grad():

@@ -30,7 +30,7 @@ from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, effective_kind
 from ...options import deterministic
 from . import config as _cfg
 from .common import both_tiles, log_mixture, mma
-from .launch import launch, model_args, prepare, student_args, teacher_args
+from .launch import cap_flags, launch, model_args, prepare, student_args, teacher_args
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,7 @@ def grad_tile(s, u, ls, lt, scal, g, valid, betas, KIND: tl.constexpr):
 
 
 @triton.jit
-def _row_block(row_in, start, n_sel, inv_temp,
+def _row_block(row_in, start, n_sel, g_scale,
                HAS_TEACHER: tl.constexpr, HAS_SCAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row ids of compacted slots ``start ...`` and their per-row inputs (0 past ``n_sel``). ``row_in`` is the
     tuple of pointers (compacted row ids, upstream gradient, student LSE, teacher LSE, per-row scalar)."""
@@ -67,7 +67,7 @@ def _row_block(row_in, start, n_sel, inv_temp,
     slots = start + tl.arange(0, BLOCK_N)
     slot_mask = slots < n_sel
     rows = tl.load(idx_ptr + slots, mask=slot_mask, other=0)
-    g = tl.load(g_ptr + rows, mask=slot_mask, other=0.0) * inv_temp
+    g = tl.load(g_ptr + rows, mask=slot_mask, other=0.0) * g_scale  # g_scale = a/T of the student
     ls = tl.load(ls_ptr + rows, mask=slot_mask, other=0.0)
     lt = ls
     scal = ls
@@ -79,32 +79,39 @@ def _row_block(row_in, start, n_sel, inv_temp,
 
 
 @triton.jit
-def _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp, betas,
-                 S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr,
-                 T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, KIND: tl.constexpr,
+def _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, betas,
+                 S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr, HAS_TEACHER: tl.constexpr,
+                 T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr, KIND: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """``(dS, valid)`` of a rows x cols tile: both logit tiles recomputed, then :func:`grad_tile`."""
-    s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, inv_temp, S_LINEAR, S_BIAS,
-                      HAS_TEACHER, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    """``(dZ, valid)`` of a rows x cols tile: both logit tiles recomputed, then :func:`grad_tile`, then the chain
+    rule through the transform: ``g`` already carries ``a/T``; with S_CAP the factor ``1 − tanh²``, ``tanh = s/post``
+    (docs/design.md §1)."""
+    s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
+                      HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     valid = row_mask[:, None] & col_mask[None, :]
-    return grad_tile(s, u, ls, lt, scal, g, valid, betas, KIND), valid
+    ds = grad_tile(s, u, ls, lt, scal, g, valid, betas, KIND)
+    if S_CAP:
+        _h, _w, _b, _z, _d, _s0, _s1, _s2, _s3, _s4, _s5, _pre, post = student
+        th = tl.where(valid, s, 0.0) * (1.0 / post)  # s = -inf past V (where ds is 0)
+        ds = ds * (1.0 - th * th)
+    return ds, valid
 
 
 @triton.jit
 def dhidden_kernel(
     student, teacher,  # per model: (h, w, b, z pointers, D, h_n, h_d, w_v, w_d, z_n, z_v strides)
     row_in, dh_ptr,  # row_in: (row ids, upstream gradient, student LSE, teacher LSE, per-row scalar) pointers
-    n_sel, V, inv_temp, betas, dh_n, dh_d,  # betas: (log beta, log(1 - beta), 1 - beta)
-    S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
-    HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
+    n_sel, V, g_scale, betas, dh_n, dh_d,  # betas: (log beta, log(1 - beta), 1 - beta)
+    S_BIAS: tl.constexpr, S_CAP: tl.constexpr, HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr,
+    T_BIAS: tl.constexpr, T_CAP: tl.constexpr, HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    sh_ptr, sw_ptr, sb_ptr, sz_ptr, DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv = student
+    sh_ptr, sw_ptr, sb_ptr, sz_ptr, DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, s_pre, s_post = student
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows, row_mask, g, ls, lt, scal = _row_block(row_in, pid_n.to(tl.int64) * BLOCK_N, n_sel, inv_temp,
+    rows, row_mask, g, ls, lt, scal = _row_block(row_in, pid_n.to(tl.int64) * BLOCK_N, n_sel, g_scale,
                                                  HAS_TEACHER, HAS_SCAL, BLOCK_N)
     dcols = pid_d.to(tl.int64) * BLOCK_DH + tl.arange(0, BLOCK_DH)
     dcol_mask = dcols < DS
@@ -113,8 +120,8 @@ def dhidden_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp,
-                                 betas, True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+        ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g,
+                                 betas, True, S_BIAS, S_CAP, HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, KIND,
                                  BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         w = tl.load(sw_ptr + cols[:, None] * s_wv + dcols[None, :] * s_wd,
                     mask=col_mask[:, None] & dcol_mask[None, :], other=0.0)
@@ -127,13 +134,13 @@ def dhidden_kernel(
 def dweight_kernel(
     student, teacher,  # per model, as in dhidden_kernel
     row_in, dw_ptr, db_ptr,  # row_in as in dhidden_kernel
-    n_sel, V, inv_temp, betas, dw_v, dw_d,
-    S_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
-    HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
+    n_sel, V, g_scale, betas, dw_v, dw_d,
+    S_BIAS: tl.constexpr, S_CAP: tl.constexpr, HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr,
+    T_BIAS: tl.constexpr, T_CAP: tl.constexpr, HAS_SCAL: tl.constexpr, KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    sh_ptr, sw_ptr, sb_ptr, sz_ptr, DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv = student
+    sh_ptr, sw_ptr, sb_ptr, sz_ptr, DS, s_hn, s_hd, s_wv, s_wd, s_zn, s_zv, s_pre, s_post = student
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -143,9 +150,9 @@ def dweight_kernel(
     acc = tl.zeros((BLOCK_V, BLOCK_DH), tl.float32)
     acc_b = tl.zeros((BLOCK_V,), tl.float32)
     for r0 in range(0, n_sel, BLOCK_N):
-        rows, row_mask, g, ls, lt, scal = _row_block(row_in, r0, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
-        ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp,
-                                 betas, True, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+        rows, row_mask, g, ls, lt, scal = _row_block(row_in, r0, n_sel, g_scale, HAS_TEACHER, HAS_SCAL, BLOCK_N)
+        ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g,
+                                 betas, True, S_BIAS, S_CAP, HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, KIND,
                                  BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         h = tl.load(sh_ptr + rows[:, None] * s_hn + dcols[None, :] * s_hd,
                     mask=row_mask[:, None] & dcol_mask[None, :], other=0.0)
@@ -163,9 +170,9 @@ def dweight_kernel(
 def dlogits_kernel(
     student, teacher,  # per model, as in dhidden_kernel
     row_in, dz_ptr,  # row_in as in dhidden_kernel
-    n_sel, v_start, v_end, inv_temp, betas, dz_n, dz_v,
-    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
+    n_sel, v_start, v_end, g_scale, betas, dz_n, dz_v,
+    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     HAS_SCAL: tl.constexpr, KIND: tl.constexpr, COMPACT_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -176,11 +183,11 @@ def dlogits_kernel(
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     start = pid_n.to(tl.int64) * BLOCK_N
-    rows, row_mask, g, ls, lt, scal = _row_block(row_in, start, n_sel, inv_temp, HAS_TEACHER, HAS_SCAL, BLOCK_N)
+    rows, row_mask, g, ls, lt, scal = _row_block(row_in, start, n_sel, g_scale, HAS_TEACHER, HAS_SCAL, BLOCK_N)
     cols = v_start + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_end
-    ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, inv_temp, betas,
-                             S_LINEAR, S_BIAS, HAS_TEACHER, T_LINEAR, T_BIAS, KIND,
+    ds, valid = _grad_logits(student, teacher, rows, row_mask, cols, col_mask, ls, lt, scal, g, betas,
+                             S_LINEAR, S_BIAS, S_CAP, HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, KIND,
                              BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     if COMPACT_OUT:
         out_rows = start + tl.arange(0, BLOCK_N)
@@ -257,12 +264,12 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     student = student_args(prob)
     teacher = teacher_args(prob) if needs_teacher else model_args(None, None, None, None, ls)
     common = dict(
-        HAS_TEACHER=needs_teacher, T_LINEAR=needs_teacher and prob.teacher_hidden is not None,
+        **cap_flags(prob, teacher=needs_teacher), HAS_TEACHER=needs_teacher, T_LINEAR=needs_teacher and prob.teacher_hidden is not None,
         T_BIAS=needs_teacher and prob.teacher_bias is not None, HAS_SCAL=k != K_FORWARD_KL, KIND=k,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["bwd_block_d"], DOT_PRECISION=_cfg.dot_precision(prob),
         **_cfg.launch_opts(cfg, backward=True),
     )
-    scalars = (1.0 / prob.temperature, (log_beta, log1m_beta, 1.0 - beta))  # inv_temp, betas
+    scalars = (prob.student_scale / prob.temperature, (log_beta, log1m_beta, 1.0 - beta))  # g_scale = a/T, betas
     row_in = (idx, grad_rows.contiguous(), ls, lt, scal)
 
     if not linear:

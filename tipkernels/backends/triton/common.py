@@ -28,20 +28,29 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def tanh(x):
+    """``tanh(x) = 2·sigmoid(2x) − 1``: exactly ±1 for large |x| (no overflow, no NaN), absolute error ~1e-7 (the
+    interpreter has no libdevice tanh)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def logit_tile(
-    model, rows, row_mask, cols, col_mask, inv_temp,
-    LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    model, rows, row_mask, cols, col_mask,
+    LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """fp32 logits ``[BLOCK_N, BLOCK_V]`` of rows x cols of one model, divided by the temperature.
+    """fp32 logits ``[BLOCK_N, BLOCK_V]`` of rows x cols of one model, transformed: ``c·tanh(a·z/c)/T`` with
+    HAS_CAP, else ``a·z/T`` (docs/design.md §1).
 
     ``model`` is the tuple the host packs per model (``launch.model_args``): pointers ``(h, w, b, z)``, the hidden
-    size ``D`` and strides ``(h_n, h_d, w_v, w_d, z_n, z_v)``. LINEAR: ``h[rows] @ w[cols].T (+ b[cols])`` over the
+    size ``D``, strides ``(h_n, h_d, w_v, w_d, z_n, z_v)`` and the transform's runtime scalars ``(pre, post)``:
+    ``(a/T, 1)`` without a cap, ``(a/c, c/T)`` with one. LINEAR: ``z = h[rows] @ w[cols].T (+ b[cols])`` over the
     hidden dim in chunks of BLOCK_D; otherwise the tile is read from the logits tensor ``z``. Columns outside
     ``col_mask`` are ``-inf``; rows outside ``row_mask`` are finite (their inputs read as 0) and must not be stored.
     """
-    h_ptr, w_ptr, b_ptr, z_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv = model
+    h_ptr, w_ptr, b_ptr, z_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_zn, stride_zv, pre, post = model
     if LINEAR:
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -61,15 +70,17 @@ def logit_tile(
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
         ).to(tl.float32)
-    acc = acc * inv_temp
+    acc = acc * pre
+    if HAS_CAP:
+        acc = tanh(acc) * post
     return tl.where(col_mask[None, :], acc, float("-inf"))
 
 
 @triton.jit
 def both_tiles(
-    student, teacher, rows, row_mask, cols, col_mask, inv_temp,
-    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
+    student, teacher, rows, row_mask, cols, col_mask,
+    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -77,12 +88,12 @@ def both_tiles(
 
     Both tiles first: the teacher's matmul then runs with only ``s`` live, not the tiles derived from it.
     """
-    s = logit_tile(student, rows, row_mask, cols, col_mask, inv_temp,
-                   S_LINEAR, S_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    s = logit_tile(student, rows, row_mask, cols, col_mask,
+                   S_LINEAR, S_BIAS, S_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     u = s
     if HAS_TEACHER:
-        u = logit_tile(teacher, rows, row_mask, cols, col_mask, inv_temp,
-                       T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        u = logit_tile(teacher, rows, row_mask, cols, col_mask,
+                       T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     return s, u
 
 

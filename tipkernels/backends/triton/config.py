@@ -57,13 +57,15 @@ def default_config(prob: Problem) -> Dict[str, object]:
     dtype = (prob.student_hidden if prob.student_is_linear else prob.student_logits).dtype
     wide = dtype == torch.float32 or dtype == torch.float64
     ds = prob.student_hidden.shape[1] if prob.student_is_linear else 16
+    capped = prob.student_cap is not None or prob.teacher_cap is not None
     # Sized so that ptxas compiles every specialisation for sm_90 within 255 registers without spilling
     # (tests/backends/test_triton_compile.py): a 64 x 128 forward tile spilled up to 600 B (16-bit) / 1.3 KB (fp32).
     return {
         "block_n": 64,
-        "block_v": 64,
+        "block_v": 32 if wide and capped else 64,  # fp32, both capped: stats_kernel spilled 88 B at 64 (Triton 3.9)
         "block_d": 16 if wide else 64,
-        "block_dh": min(128 if wide else 256, _pow2_at_least_16(ds)),
+        # a soft-capped 16-bit student: dhidden_kernel (JSD, both capped) spilled 24 B at 256 (Triton 3.9)
+        "block_dh": min(128 if wide or prob.student_cap is not None else 256, _pow2_at_least_16(ds)),
         "split_v": None,
         "num_warps": 8,
         "num_stages": 2 if wide else None,  # fp32 forward with 3 stages: ptxas spilled (Triton 3.6)

@@ -87,24 +87,41 @@ def prepare(prob: Problem) -> Problem:
     )
 
 
-def model_args(hidden, weight, bias, logits, dummy) -> tuple:
-    """One model's kernel argument: ``(h, w, b, z, D, h_n, h_d, w_v, w_d, z_n, z_v)`` (see ``common.logit_tile``).
+def transform_scalars(scale: float, cap: Optional[float], temperature: float) -> Tuple[float, float]:
+    """The runtime ``(pre, post)`` of ``common.logit_tile`` for ``c·tanh(a·z/c)/T``: ``(a/c, c/T)``, or ``(a/T, 1)``
+    without a cap (then ``a = 1`` multiplies by exactly ``1/T``, as before transforms existed)."""
+    if cap is None:
+        return scale / temperature, 1.0
+    return scale / cap, cap / temperature
+
+
+def model_args(hidden, weight, bias, logits, dummy, transform=(1.0, 1.0)) -> tuple:
+    """One model's kernel argument: ``(h, w, b, z, D, h_n, h_d, w_v, w_d, z_n, z_v, pre, post)`` (see
+    ``common.logit_tile``; ``transform`` is ``(pre, post)`` from :func:`transform_scalars`).
 
     A linear model fills the pointers h, w, b (``w`` again when there is no bias) and its strides; a model given as
     logits fills z; an absent one is all ``dummy`` and zeros (never read: the kernel's flags say so)."""
+    pre, post = float(transform[0]), float(transform[1])
     if hidden is not None:
         return (hidden, weight, bias if bias is not None else weight, dummy, hidden.shape[1],
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0)
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0, pre, post)
     if logits is not None:
-        return (dummy, dummy, dummy, logits, 0, 0, 0, 0, 0, logits.stride(0), logits.stride(1))
-    return (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
+        return (dummy, dummy, dummy, logits, 0, 0, 0, 0, 0, logits.stride(0), logits.stride(1), pre, post)
+    return (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0, pre, post)
 
 
 def student_args(prob: Problem) -> tuple:
     dummy = prob.student_hidden if prob.student_is_linear else prob.student_logits
-    return model_args(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, dummy)
+    return model_args(prob.student_hidden, prob.student_weight, prob.student_bias, prob.student_logits, dummy,
+                      transform_scalars(prob.student_scale, prob.student_cap, prob.temperature))
 
 
 def teacher_args(prob: Problem) -> tuple:
     dummy = prob.student_hidden if prob.student_is_linear else prob.student_logits
-    return model_args(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits, dummy)
+    return model_args(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits, dummy,
+                      transform_scalars(prob.teacher_scale, prob.teacher_cap, prob.temperature))
+
+
+def cap_flags(prob: Problem, teacher: bool = True) -> dict:
+    """The HAS_CAP constexprs of a launch: ``S_CAP`` and ``T_CAP`` (False without a teacher in the launch)."""
+    return dict(S_CAP=prob.student_cap is not None, T_CAP=teacher and prob.has_teacher and prob.teacher_cap is not None)

@@ -18,7 +18,7 @@ import triton.language as tl
 from ...inputs import IGNORE_INDEX, Problem, combine_jsd, effective_kind
 from . import config as _cfg
 from .common import NEG_BIG, both_tiles, log_mixture
-from .launch import launch, prepare, student_args, teacher_args
+from .launch import cap_flags, launch, prepare, student_args, teacher_args
 
 Tensor = torch.Tensor
 
@@ -45,14 +45,14 @@ def _split_block(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.const
 def stats_kernel(
     student, teacher,  # per model: (h, w, b, z pointers, D, h_n, h_d, w_v, w_d, z_n, z_v strides)
     label_ptr, part_ptr, arg_ptr,
-    N, V, tiles_per_split, inv_temp,
-    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
+    N, V, tiles_per_split,
+    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax statistics of student logits s and teacher logits u.
+    """Online softmax statistics of student logits s and teacher logits u (transformed: ``common.logit_tile``).
 
     Per row, relative to the running maxima ms, mt (rescaled by exp(m_old - m_new) when they grow):
       zs = sum e^{s-ms},  as = sum e^{s-ms} (s-ms)                    -> Ls = ms + log zs, H = log zs - as/zs
@@ -84,8 +84,8 @@ def stats_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, inv_temp, S_LINEAR, S_BIAS,
-                          HAS_TEACHER, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
+                          HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         # student: argmax, then rescale and accumulate
         tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
         better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
@@ -143,8 +143,9 @@ def stats_kernel(
 def jsd_kernel(
     student, teacher,  # per model, as in stats_kernel
     ls_ptr, lt_ptr, part_ptr,
-    N, V, tiles_per_split, inv_temp, log_beta, log1m_beta,
-    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr,
+    N, V, tiles_per_split, log_beta, log1m_beta,
+    S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
+    T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -164,8 +165,8 @@ def jsd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + offs_v).to(tl.int64)
         col_mask = cols < V
-        s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, inv_temp, S_LINEAR, S_BIAS,
-                          True, T_LINEAR, T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
+                          True, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
         lp = s - ls[:, None]
         lq = u - lt[:, None]
         p = tl.exp(lp)
@@ -215,8 +216,8 @@ def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, 
     launch(
         stats_kernel, grid,
         student_args(prob), teacher_args(prob), labels, part, args,
-        n, vocab, per_split, 1.0 / prob.temperature,
-        S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None,
+        n, vocab, per_split,
+        S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None, **cap_flags(prob),
         HAS_TEACHER=has_teacher, T_LINEAR=prob.teacher_hidden is not None,
         T_BIAS=prob.teacher_bias is not None, HAS_LABELS=has_labels,
         BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
@@ -294,9 +295,9 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
         jsd_kernel, grid,
         student_args(prob), teacher_args(prob),
         student_lse.float().contiguous(), teacher_lse.float().contiguous(), part,
-        n, vocab, per_split, 1.0 / prob.temperature,
+        n, vocab, per_split,
         math.log(beta) if mode == 0 else 0.0, math.log1p(-beta) if mode == 0 else 0.0,
-        S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None,
+        S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None, **cap_flags(prob),
         T_LINEAR=prob.teacher_hidden is not None, T_BIAS=prob.teacher_bias is not None,
         MODE=mode, BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
         DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
