@@ -44,10 +44,10 @@ from tipkernels.opd.demo import ModelSize, build_model
 # ---------------------------------------------------------------------------------- library internals
 # The only imports of tipkernels' internal modules in the test suite: tests import them from here
 # (tests/backends/test_triton_compile.py's compile subprocess too).
-from tipkernels.backends import chunked as torch_backend
+from tipkernels.backends import chunked as torch_backend  # noqa: F401 - re-exported
 from tipkernels.backends import reference
 from tipkernels.inputs import IGNORE_INDEX, Problem, build_problem
-from tipkernels.options import deterministic_scope, options
+from tipkernels.options import deterministic_scope, options  # noqa: F401 - re-exported
 
 try:
     from tipkernels.backends import triton as triton_backend

@@ -262,3 +262,28 @@ def test_backward_hands_over_stored_gradients():
     stored = [t.data_ptr() for t in loss.grad_fn.grads if t is not None]
     loss.backward()
     assert [hs.grad.data_ptr(), ws.grad.data_ptr()] == stored
+
+
+def test_fused_grad_forms_only_the_wanted_gradients(monkeypatch):
+    """A frozen lm_head (and bias): fused_grad forms no ``[V, D]`` weight gradient, and the hidden-state gradient
+    equals the recompute strategy's."""
+    seen = []
+    real = torch_backend.fused_value_and_grad
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out[2] is None and out[3] is None)
+        return out
+
+    monkeypatch.setattr(torch_backend, "fused_value_and_grad", spy)
+    case = make_case(N, V, DS, DT, seed=5)
+    grads = {}
+    for strategy in ("fused_grad", "recompute"):
+        monkeypatch.setattr(torch_backend, "STRATEGY", strategy)
+        hs = case.hs.detach().clone().requires_grad_()
+        loss = tk.fused_linear_divergence(hs, case.ws, case.ht, case.wt, student_bias=case.bs, teacher_bias=case.bt,
+                                          reduction="mean", backend="torch")
+        loss.backward()
+        grads[strategy] = hs.grad
+    assert seen == [True]
+    torch.testing.assert_close(grads["fused_grad"], grads["recompute"], rtol=1e-5, atol=1e-7)

@@ -62,7 +62,7 @@ CASES = [
     ("half a teacher", lambda: div(teacher_weight=None), ValueError, ["teacher_hidden", "teacher_weight"]),
     ("labels out of range", lambda: tk.token_stats(inputs()["hs"], inputs()["ws"],
                                                    labels=torch.tensor([0, 1, V, 2, 3, 4])), ValueError,
-     ["labels out of range", f"labels[2]", f"{V}"]),
+     ["labels out of range", "labels[2]", f"{V}"]),
     ("negative label", lambda: tk.token_stats(inputs()["hs"], inputs()["ws"],
                                               labels=torch.tensor([0, -1, 1, 2, 3, 4])), ValueError,
      ["labels out of range", "labels[1]", "-100"]),

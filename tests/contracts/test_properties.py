@@ -113,7 +113,7 @@ def test_divergence_from_logits(setup, div, reduction, scale):
     backend, dtype, shape, temperature, seed = setup
     kind, beta = div
     g = torch.Generator().manual_seed(seed)
-    n, v, pad = shape["n"], shape["vocab"], shape["pad"]
+    v, pad = shape["vocab"], shape["pad"]
     s = (torch.randn(*shape["lead"], v, generator=g, dtype=torch.float64) * 2 * scale).to(dtype).to(DEVICE)
     u = torch.randn(*shape["lead"], v + pad, generator=g, dtype=torch.float64) * 2 * scale
     u[..., v:] = 1e4  # padded teacher logits: cut off, never scored
@@ -210,7 +210,6 @@ def test_select_tokens(data, rule, ratio, budget):
             continue
         want = _floor_budget(m, ratio)
         if rule == "entropy_sample":
-            h = stats.entropy_norm.reshape(-1) if budget == "per_batch" else None
             positive = int(((scores > 0) & valid).sum())
             assert k == min(want, positive)
             assert not (kept & (scores <= 0)).any()

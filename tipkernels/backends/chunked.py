@@ -160,7 +160,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 def transform_logits(z: Tensor, scale: float, cap: Optional[float], temperature: float) -> Tensor:
     """The logit transform (docs/design.md §1) on a tile of raw logits ``z`` (overwritten): ``c·tanh(a·z/c)/T``,
-    or ``a·z/T`` without a cap (then exactly today's ``z / T`` when ``a = 1``)."""
+    or ``a·z/T`` without a cap (exactly ``z / T`` when ``a = 1``)."""
     if cap is None:
         return z.mul_(scale / temperature)
     return torch.tanh_(z.mul_(scale / cap)).mul_(cap / temperature)
@@ -457,15 +457,16 @@ def plan(prob: Problem) -> Problem:
 
 
 def grad_strategy(prob: Problem, upstream_known: bool) -> str:
-    """The one place the gradient strategy is chosen: "fused_grad" when the upstream gradient of every row is
-    known in the forward (``upstream_known``: reduction "sum"/"mean") and the student is linear without a
-    soft-cap, else "recompute". (A student soft-cap's derivative ``1 − tanh²`` needs the capped logits, which the
+    """The one place the gradient strategy is chosen: "fused_grad" for CPU tensors when the upstream gradient of
+    every row is known in the forward (``upstream_known``: reduction "sum"/"mean") and the student is linear without
+    a soft-cap, else "recompute". (Its elementwise phase is sized and threaded for CPU caches; on a GPU the
+    per-sub-block host checks would stall.) (A student soft-cap's derivative ``1 − tanh²`` needs the capped logits, which the
     fused sweep overwrites with ``dS``; a logit scale is a constant factor and is folded in.) :data:`STRATEGY` =
     "recompute" forces the recompute path everywhere."""
     if STRATEGY not in ("auto", "fused_grad", "recompute"):
-        raise ValueError(f"torch_backend.STRATEGY must be 'auto', 'fused_grad' or 'recompute', got {STRATEGY!r}")
+        raise ValueError(f"tipkernels.backends.chunked.STRATEGY must be 'auto', 'fused_grad' or 'recompute', got {STRATEGY!r}")
     if (STRATEGY == "recompute" or not upstream_known or not prob.student_is_linear
-            or prob.student_cap is not None):
+            or prob.student_cap is not None or prob.device.type != "cpu"):
         return "recompute"
     return "fused_grad"
 
@@ -494,8 +495,8 @@ class _BlockSide:
         self.bias = None if bias is None else (bias.to(dtype) * self.pre)
 
     def fill(self, out: Tensor, r0: int, r1: int) -> Tensor:
-        if self.hidden is None:
-            out = torch.mul(self.logits[r0:r1, : self.vocab], self.pre, out=out)
+        if self.hidden is None:  # widen first, then scale (as the recompute path's tiles do)
+            out = out.copy_(self.logits[r0:r1, : self.vocab]).mul_(self.pre)
         else:
             h = self.hidden[r0:r1].to(self.dtype) * self.pre
             out = (torch.mm(h, self.weight_t, out=out) if self.bias is None
@@ -654,7 +655,8 @@ class _one_thread:
 
 
 @deterministic
-def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor):
+def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor,
+                         wanted: Tuple[bool, bool, bool] = (True, True, True)):
     """Per-row values of ``kind`` and the gradients of ``Σ_i row_grad_i · value_i`` in one sweep ("fused_grad").
 
     Args:
@@ -684,9 +686,11 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
         teacher = _BlockSide(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,
                              prob.temperature, dtype, vocab, prob.teacher_scale, prob.teacher_cap)
     weight = student.weight_t.t()
-    d_hidden = torch.empty(n, prob.student_hidden.shape[1], dtype=dtype, device=device)
-    d_weight = torch.zeros(vocab, weight.shape[1], dtype=dtype, device=device)
-    d_bias = torch.zeros(vocab, dtype=dtype, device=device) if prob.student_bias is not None else None
+    want_h, want_w, want_b = wanted  # gradients nobody asked for are neither formed nor held
+    d_hidden = torch.zeros(n, prob.student_hidden.shape[1], dtype=dtype, device=device) if want_h else None
+    d_weight = torch.zeros(vocab, weight.shape[1], dtype=dtype, device=device) if want_w else None
+    d_bias = (torch.zeros(vocab, dtype=dtype, device=device)
+              if prob.student_bias is not None and want_b else None)
     values = torch.empty(n, dtype=dtype, device=device)
     g_all = (row_grad.to(dtype) * transform_grad_factor(None, prob.student_scale, None, prob.temperature))[:, None]
     rows, sub = fused_rows(n, vocab, torch.finfo(dtype).bits // 8)
@@ -714,15 +718,16 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
             live = g_all[r0:r1, 0] != 0
             k = int(live.sum())
             if k < m * _COMPACT_BELOW:  # rows of weight 0 have dS = 0: leave them out of the gradient matmuls
-                d_hidden[r0:r1].zero_()
                 if k == 0:
                     continue
                 idx = live.nonzero().squeeze(1)
                 s, h = s.index_select(0, idx), h.index_select(0, idx)
-                d_hidden[r0:r1].index_copy_(0, idx, s @ weight)
-            else:
+                if d_hidden is not None:
+                    d_hidden[r0:r1].index_copy_(0, idx, s @ weight)
+            elif d_hidden is not None:
                 torch.mm(s, weight, out=d_hidden[r0:r1])
-            d_weight.addmm_(s.t(), h)
+            if d_weight is not None:
+                d_weight.addmm_(s.t(), h)
             if d_bias is not None:
                 d_bias.add_(s.sum(0))
     return values, d_hidden, d_weight, d_bias

@@ -158,7 +158,8 @@ def _logit_at(prob: Problem, side: str, index: Tensor) -> Tensor:
         if bias is not None:
             z = z + bias.index_select(0, index).to(dtype)
     else:
-        z = logits.gather(1, index[:, None])[:, 0].float()
+        z = logits.gather(1, index[:, None])[:, 0]
+        z = z.double() if z.dtype == torch.float64 else z.float()
     scale, cap = (prob.student_scale, prob.student_cap) if side == "student" else (prob.teacher_scale, prob.teacher_cap)
     return transform_logits(z, scale, cap, prob.temperature)
 

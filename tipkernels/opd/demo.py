@@ -22,6 +22,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -267,6 +268,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _reaches(model, *, tokenizer, examples, task, target: float) -> bool:
+    """Whether ``model``'s greedy accuracy on ``examples`` reaches ``target`` (the teacher's early stop)."""
+    return accuracy(model, tokenizer, examples, task=task) >= target
+
+
 def teacher_cache_path(settings: DemoSettings, seed: int, vocab_size: int, cache: Path) -> Path:
     """Where the teacher of ``settings`` (trained from ``seed``) is cached under ``cache``: the name hashes every
     setting that shapes its training."""
@@ -291,9 +297,8 @@ def _teacher(settings: DemoSettings, tokenizer, seed: int, device, cache: Option
     check = None
     if settings.teacher_target:  # stop once a held-out check set (disjoint seed from eval and prompts) is solved
         check_set = settings.task.examples(128, seed=seed + 3000)
-
-        def check(model):
-            return accuracy(model, tokenizer, check_set, task=settings.task) >= settings.teacher_target
+        check = partial(_reaches, tokenizer=tokenizer, examples=check_set, task=settings.task,
+                        target=settings.teacher_target)
 
     supervised_train(teacher, tokenizer, settings.task, steps=settings.teacher_steps, batch_size=settings.sft_batch,
                      lr=settings.teacher_lr, seed=seed + 10, desc="teacher (supervised)", progress=progress,
@@ -490,7 +495,8 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
         raise ValueError(f"seeds must be an int ≥ 1, got {seeds!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int ≥ 1, got {jobs!r}")
-    if compare is None:
+    if not compare:  # None or empty: a single run of ``rule``
+        compare = None
         entries = [Entry(rule, 1.0 if rule == "all" else ratio)]
     elif isinstance(compare, str):
         entries = parse_compare(compare, ratio)

@@ -41,7 +41,6 @@ Prompt = Union[str, Sequence[int]]
 # the entries of OPDTrainer.state_dict() that load_state_dict needs
 STATE_KEYS = ("step", "optimizer", "scheduler", "history", "eval_history", "config", "prompt_order", "prompt_rng",
               "rng")
-_AVERAGED = ("entropy", "entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy")
 
 
 def peak_memory_mb(device: torch.device) -> float:

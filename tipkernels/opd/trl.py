@@ -166,7 +166,8 @@ if DistillationTrainer is not None:
         and appear in its logs as ``tip/selected_fraction``, ``tip/q1_selected`` .. ``tip/q4_selected``,
         ``tip/entropy_norm``, ``tip/reverse_kl``, ``tip/forward_kl``, next to TRL's own ``entropy``.
 
-        Models whose logits are not ``h·Wᵀ + b`` (soft-capping, logit scales) are refused with a ValueError.
+        Models whose logits carry a scale or a soft-cap (Gemma 2, Cohere, Granite, ...) have them read from their
+        configs and applied in the loss (:func:`tipkernels.opd.models.tip_loss_for`), as TRL does.
         """
 
         def __init__(self, *args, tip_loss: Optional[TIPDistillationLoss] = None, **kwargs):

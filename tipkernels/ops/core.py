@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..backends import Backend
 from ..inputs import REDUCTIONS, Problem, check_choice, detach, effective_kind
@@ -155,19 +156,21 @@ class FusedReduced(torch.autograd.Function):
     def forward(ctx, call: _Call, lead, reduction, weights, student_hidden, student_weight, student_bias):
         prob = replace(call.prob, student_hidden=student_hidden, student_weight=student_weight,
                        student_bias=student_bias)
-        values, grads = _fused_sweep(call, prob, reduction, weights)
+        ctx.wanted = tuple(ctx.needs_input_grad[4:7])
+        values, grads = _fused_sweep(call, prob, reduction, weights, ctx.wanted)
         ctx.grads = grads
         ctx.call, ctx.reduction, ctx.weights = call, reduction, weights
         ctx.save_for_backward(student_hidden, student_weight, student_bias)
         return reduce(values, lead, reduction, weights)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
         hidden, weight, bias = ctx.saved_tensors
         if grads is None:  # retained graph, second backward
             prob = replace(ctx.call.prob, student_hidden=hidden, student_weight=weight, student_bias=bias)
-            grads = _fused_sweep(ctx.call, prob, ctx.reduction, ctx.weights)[1]
+            grads = _fused_sweep(ctx.call, prob, ctx.reduction, ctx.weights, ctx.wanted)[1]
         dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         scale_one = bool(grad_loss == 1)
         out = []
@@ -179,10 +182,10 @@ class FusedReduced(torch.autograd.Function):
         return (None, None, None, None, *out)
 
 
-def _fused_sweep(call: _Call, prob: Problem, reduction: str, weights: Optional[Tensor]):
+def _fused_sweep(call: _Call, prob: Problem, reduction: str, weights: Optional[Tensor], wanted):
     dtype = torch.float64 if prob.student_hidden.dtype == torch.float64 else torch.float32
     g = row_upstream(prob.num_rows, reduction, weights, dtype, prob.device)
-    values, d_hidden, d_weight, d_bias = call.backend.fused_value_and_grad(prob, call.kind, call.beta, g)
+    values, d_hidden, d_weight, d_bias = call.backend.fused_value_and_grad(prob, call.kind, call.beta, g, wanted)
     return values, [d_hidden, d_weight, d_bias]
 
 

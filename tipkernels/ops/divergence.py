@@ -48,6 +48,8 @@ def fused_linear_divergence(
         student_logit_scale / student_softcap / teacher_logit_scale / teacher_softcap: per-model logit transforms:
             each model's logits are ``c · tanh(a · (h·Wᵀ + b) / c) / T`` with scale ``a > 0`` (default 1) and
             soft-cap ``c > 0`` (None: no tanh), applied in that order (scale, cap, temperature; TRL's order).
+            ``teacher_logits`` are taken as the raw ``h·Wᵀ + b``: the teacher's transform is applied to them too
+            (pass logits a model has already capped with the default teacher transform).
         weights: optional float ``[N]``/``[B, L]`` per-token weights. Rows of weight 0 cost nothing in backward.
         reduction: "none" (per-token values, times weights if given, shaped like the token dims), "sum", or
             "mean" (the weighted mean ``Σ w·v / Σ w`` with weights; 0 when empty).
