@@ -213,7 +213,6 @@ def test_select_tokens(data, rule, ratio, budget):
             positive = int(((scores > 0) & valid).sum())
             assert k == min(want, positive)
             assert not (kept & (scores <= 0)).any()
-            del h
         else:
             assert k == want, (rule, m, k, want)
         if rule in ("entropy_topk", "divergence", "soft_or", "q3") and 0 < k < m:
