@@ -173,26 +173,23 @@ def check_temperature(temperature) -> float:
     return t
 
 
+def _positive_finite(name: str, value, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return x
+
+
 def check_logit_scale(name: str, value) -> float:
     """A logit scale ``a``: a finite number > 0 (bools and strings are TypeErrors naming ``name``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
-    a = float(value)
-    if not math.isfinite(a) or a <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return a
+    return _positive_finite(name, value, "a positive finite number")
 
 
 def check_softcap(name: str, value) -> Optional[float]:
     """A logit soft-cap ``c``: None (no cap) or a finite number > 0 (bools and strings are TypeErrors)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be None or a positive finite number, got {type(value).__name__} {value!r}")
-    c = float(value)
-    if not math.isfinite(c) or c <= 0:
-        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
-    return c
+    return None if value is None else _positive_finite(name, value, "None or a positive finite number")
 
 
 def check_transforms(student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
