@@ -192,6 +192,11 @@ def check_softcap(name: str, value) -> Optional[float]:
     return None if value is None else _positive_finite(name, value, "None or a positive finite number")
 
 
+#: The ops' four transform keywords at their defaults: logits ``h·Wᵀ + b`` (then divided by T).
+IDENTITY_TRANSFORMS = {"student_logit_scale": 1.0, "student_softcap": None, "teacher_logit_scale": 1.0,
+                       "teacher_softcap": None}
+
+
 def check_transforms(student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
                      teacher_softcap=None) -> dict:
     """The four transform keywords of the ops, checked, as :class:`Problem` keyword arguments."""

@@ -19,8 +19,8 @@ from torch import nn
 
 from .backends import get_backend
 from .backends.vocab_parallel import global_vocab
-from .inputs import (BACKENDS, BUDGETS, DIVERGENCES, RULES, build_problem, check_beta, check_choice, check_fraction,
-                     check_mask, check_temperature, check_transforms, detach)
+from .inputs import (BACKENDS, BUDGETS, DIVERGENCES, IDENTITY_TRANSFORMS, RULES, build_problem, check_beta,
+                     check_choice, check_fraction, check_mask, check_temperature, check_transforms, detach)
 from .ops.core import detached, row_values, saved_from_stats
 from .selection import quadrant_shares, quadrants, select_tokens
 from .types import TIPLossOutput, TokenStats
@@ -31,8 +31,7 @@ _STAT_ROW_FIELDS = ("student_lse", "teacher_lse", "entropy", "teacher_entropy", 
                     "student_argmax", "teacher_argmax")
 
 
-_TRANSFORM_KEYS = ("student_logit_scale", "student_softcap", "teacher_logit_scale", "teacher_softcap")
-_DEFAULT = {"student_logit_scale": 1.0, "student_softcap": None, "teacher_logit_scale": 1.0, "teacher_softcap": None}
+_TRANSFORM_KEYS = tuple(IDENTITY_TRANSFORMS)
 
 
 class TIPDistillationLoss(nn.Module):
@@ -89,7 +88,7 @@ class TIPDistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"rule={self.rule!r}, ratio={self.ratio}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"temperature={self.temperature}, budget={self.budget!r}, backend={self.backend!r}"
-                + "".join(f", {k}={getattr(self, k)}" for k in _TRANSFORM_KEYS if getattr(self, k) != _DEFAULT[k]))
+                + "".join(f", {k}={getattr(self, k)}" for k in _TRANSFORM_KEYS if getattr(self, k) != IDENTITY_TRANSFORMS[k]))
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,

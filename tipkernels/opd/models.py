@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from ..inputs import IDENTITY_TRANSFORMS
 from ..loss import TIPDistillationLoss
 from ..types import TIPLossOutput
 
@@ -131,7 +132,7 @@ def tip_loss_for(loss_fn: TIPDistillationLoss, student: nn.Module, teacher: nn.M
     have = {k: getattr(loss_fn, k) for k in wanted}
     if have == wanted:
         return loss_fn
-    if have != dict(student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0, teacher_softcap=None):
+    if have != IDENTITY_TRANSFORMS:
         raise ValueError(f"the loss was built with logit transforms {have}, but the models' configs give {wanted}")
     out = copy.copy(loss_fn)
     for k, v in wanted.items():
