@@ -9,7 +9,7 @@ from .options import set_options
 from .loss import TIPDistillationLoss
 from .ops import divergence_from_logits, fused_linear_divergence, fused_linear_entropy, token_stats
 from .selection import quadrant_shares, quadrants, select_tokens
-from .types import Selection, TIPLossOutput, TokenStats
+from .types import Selection, TeacherTopK, TIPLossOutput, TokenStats
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "TIPDistillationLoss",
     "set_options",
     "TokenStats",
+    "TeacherTopK",
     "Selection",
     "TIPLossOutput",
 ]

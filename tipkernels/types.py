@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
 Tensor = torch.Tensor
+
+class TeacherTopK(NamedTuple):
+    """A teacher seen only through its top-k log-probabilities per token (a served or offline teacher).
+
+    - ``ids``: int ``[N, K]`` or ``[B, L, K]`` (token dims like the student's hidden states): distinct vocabulary
+      ids in ``[0, V)`` per row; ``-1`` pads a row that has fewer than ``K``.
+    - ``logprobs``: float, same shape: the teacher's log-softmax over its *full* vocabulary at those ids (``<= 0``,
+      may be ``-inf``); ignored where ``ids`` is ``-1``.
+
+    Plain data, never differentiated. A ``(ids, logprobs)`` tuple is accepted wherever this is; the semantics
+    (the tail bin, renormalisation) are in docs/design.md.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+
 
 STAT_FIELDS = (
     "student_lse",
