@@ -517,12 +517,14 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     ``teacher_target``: stop the teacher's supervised training at the first check (every
     ``teacher_check_every`` steps) where a held-out check set reaches this accuracy (default: the task's).
 
-    Returns a dict with "task", "teacher_accuracy", "student_accuracy_before" (per seed), "entries" (per label:
-    "rule", "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "tokens_trained", "fraction",
-    "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)]), the same keys as
-    "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs" (per label — the rule's name when
-    ``compare`` is None — the first seed's run with its
-    "history" and "evals", for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
+    Returns a dict with "task", "teacher_accuracy" and "teacher_digit_accuracy", "student_accuracy_before" (the
+    mean over seeds; the first seed's alone for one seed), "student_accuracy_before_per_seed",
+    "student_digit_accuracy_before_per_seed", "student_warm_start_steps_per_seed", "entries" (per label: "rule",
+    "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "digit_accuracy_after", "tokens_trained",
+    "fraction", "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)], "digit_curve"
+    [(step, per-digit accuracy)]), the same keys as "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs"
+    (per label — the rule's name when ``compare`` is None — the first seed's run with its "history" and "evals",
+    for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
     """
     t_start = time.perf_counter()
     settings = DemoSettings.for_task(task, quick=quick)
