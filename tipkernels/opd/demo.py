@@ -9,9 +9,9 @@ teacher, trained supervised to high accuracy, and a smaller student, pre-trained
 weak (``add``: until a check set first reaches 20%; its accuracy jumps from 0 to near 1 within a few dozen
 steps, so a fixed step count would start some seeds at 0 and others near the teacher). The student is then
 distilled on its own rollouts with :class:`OPDTrainer` and a TIP rule; greedy held-out accuracy (the task's answer
-checker, and the per-digit accuracy of the answer beside it) is measured before and after. ``--compare`` repeats the distillation from the
-same starting student for several ``rule@ratio`` entries, over one or more seeds, and writes a table (a toy analogue
-of the TIP paper's Table 5) and a figure of accuracy against steps.
+checker, and the per-digit accuracy of the answer beside it) is measured before and after. ``--compare`` repeats
+the distillation from the same starting student for several ``rule@ratio`` entries, over one or more seeds, and
+writes a table (a toy analogue of the TIP paper's Table 5) and a figure of accuracy against steps.
 """
 
 from __future__ import annotations
