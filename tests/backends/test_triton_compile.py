@@ -76,6 +76,7 @@ CASES = [
     _case("bf16-Lb+Z", "bfloat16", "Lb", "Z", None, [("stats",), ("jsd", 0.3), ("backward", "reverse_kl")]),
     _case("bf16-Z+Lb-labels", "bfloat16", "Z", "Lb", "i64", [("stats",), ("jsd", 0.3), ("backward", "jsd", 0.3)]),
     _case("bf16-L-alone", "bfloat16", "L", "", None, [("stats",), ("backward", "entropy")]),
+    _case("bf16-Lb-alone-lse", "bfloat16", "Lb", "", None, [("backward", "lse")]),  # the top-k teacher's LSE pass
     _case("bf16-Z-alone-labels", "bfloat16", "Z", "", "i64", [("stats",), ("backward", "entropy")]),
     _case("bf16-Lb+Z-strided", "bfloat16", "Lb", "Z", "i64", [("stats",), ("backward", "reverse_kl")],
           strided="hidden"),

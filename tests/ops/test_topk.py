@@ -110,7 +110,15 @@ def test_topk_neg_inf_logprobs(backend, kind, beta, tail):
     keep = (~inf_rows).nonzero().squeeze(1)
     sub = make_case(keep.numel(), case.vocab, case.hs.shape[-1], 1, seed=7, teacher="none")
     sub.hs, sub.ws, sub.bs = case.hs[keep], case.ws, case.bs
-    _check(backend, sub, ids[keep], lp[keep], kind, beta, tail, torch.float32)
+    fast, _ = _check(backend, sub, ids[keep], lp[keep], kind, beta, tail, torch.float32, reduction="sum")
+    # weight 0 on the +inf rows: the same sum and gradients (no 0·inf anywhere), d hidden 0 on those rows
+    weights = (~inf_rows).float().reshape(case.lead)
+    got = run_topk(case, backend, ids, lp, kind, beta, tail, TEMPERATURE, "sum", weights, upstream("sum", case.lead))
+    assert torch.allclose(got["value"], fast["value"], rtol=1e-6)
+    assert torch.all(got["d_hidden"][inf_rows] == 0)
+    for key in ("d_weight", "d_bias"):
+        assert torch.allclose(got[key], fast[key], rtol=1e-5, atol=1e-7), key
+    assert torch.allclose(got["d_hidden"][keep], fast["d_hidden"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -197,12 +197,14 @@ def reduce(values: Tensor, lead: torch.Size, reduction: str, weights: Optional[T
     """Apply ``reduction`` to per-row ``values [N]``, reshaped to the token dims ``lead``.
 
     "none" returns ``values`` (times ``weights`` if given) shaped ``lead``; "sum" the (weighted) sum; "mean" the
-    mean, or ``Σ w·v / Σ w`` with weights. Empty inputs or zero total weight give 0, never NaN.
+    mean, or ``Σ w·v / Σ w`` with weights. Empty inputs or zero total weight give 0, never NaN; a row of weight 0
+    gives 0 and no gradient even where its value is +inf (a top-k teacher's reverse KL can be).
     """
     check_choice("reduction", reduction, REDUCTIONS)
     values = values.reshape(lead)
     if weights is not None:
-        values = values * weights.to(values.dtype)
+        w = weights.to(values.dtype)
+        values = torch.where(w == 0, torch.zeros((), dtype=values.dtype, device=values.device), values * w)
     if reduction == "none":
         return values
     total = values.sum()

@@ -26,7 +26,7 @@ import torch
 
 from ..backends import Backend
 from ..backends.chunked import transform_grad_factor, transform_logits
-from ..backends.reference import _nonneg, _xlogy_sum
+from ..backends.reference import _nonneg
 from ..inputs import Problem, TopKTeacher, effective_kind
 from ..options import deterministic_scope
 from .core import row_values
@@ -98,24 +98,37 @@ def bin_logprobs(s_k: Tensor, lse: Optional[Tensor], teacher: TopKTeacher, tail:
     return torch.cat([logp, rest_p[:, None]], 1), torch.cat([l_k, rest_q[:, None]], 1)
 
 
+def _kl(loga: Tensor, logb: Tensor) -> Tensor:
+    """``Σ a (log a − log b)`` per row over bins: a term with ``a = 0`` is exactly 0; one with ``a > 0 = b`` makes
+    the row +inf as a constant, so that the row's gradient stays finite (a row given an upstream gradient of 0, a
+    masked or unweighted one, then contributes 0, not 0·inf = NaN)."""
+    a = loga.exp()
+    live = a > 0
+    infinite = live & torch.isneginf(logb)
+    zero = torch.zeros((), dtype=loga.dtype, device=loga.device)
+    terms = torch.where(live & ~infinite,
+                        a * (torch.where(live, loga, zero) - torch.where(infinite, zero, logb)), zero)
+    return terms.sum(1) + torch.where(infinite.any(1), math.inf, 0.0).to(loga.dtype)
+
+
 def bin_divergence(logp: Tensor, logq: Tensor, kind: str, beta: float = 0.5) -> Tensor:
     """``kind`` ("reverse_kl", "forward_kl", "jsd" with TRL's β) between two distributions given as log-probabilities
     over bins ``[N, B]``, per row, clamped at 0 (gradient of the unclamped value). A bin empty on both sides
     contributes exactly 0 (0·log 0 = 0) and no gradient; a bin with mass on the weighting side only makes the KL
-    +inf, as in the dense ops."""
+    +inf, as in the dense ops (with a finite gradient from the other bins: :func:`_kl`)."""
     empty = torch.isneginf(logp) & torch.isneginf(logq)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp, logq = torch.where(empty, zero, logp), torch.where(empty, zero, logq)  # then equal: every term is 0
     kind = effective_kind(kind, beta)
     if kind == "reverse_kl":
-        return _nonneg(_xlogy_sum(logp, logp - logq))
+        return _nonneg(_kl(logp, logq))
     if kind == "forward_kl":
-        return _nonneg(_xlogy_sum(logq, logq - logp))
+        return _nonneg(_kl(logq, logp))
     if kind != "jsd":
         raise ValueError(f"unknown divergence {kind!r}")
     logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
-    kl_qm = _nonneg(_xlogy_sum(logq, logq - logm))
-    kl_pm = _nonneg(_xlogy_sum(logp, logp - logm))
+    kl_qm = _nonneg(_kl(logq, logm))
+    kl_pm = _nonneg(_kl(logp, logm))
     return beta * kl_qm + (1.0 - beta) * kl_pm
 
 
