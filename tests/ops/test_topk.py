@@ -12,9 +12,10 @@ import torch
 
 import tipkernels as tk
 
-from tests._harness import (ALL_BACKENDS, DEVICE, DIV_IDS, DIVS, DTYPES, NumelRecorder, TOL, assert_close64,
-                            assert_rule, axis, bin_divergence64, grid, leaf, make_case, make_topk, options,
-                            run_topk, shape_for, topk_bins64, torch_backend, truth_student, truth_topk, upstream)
+from tests._harness import (ALL_BACKENDS, DEVICE, DIV_IDS, DIVS, DTYPES, HAS_TRITON_BACKEND, NumelRecorder,
+                            assert_close64, assert_rule, axis, bin_divergence64, f64, grid, leaf, make_case,
+                            make_problem, make_topk, reference, run_topk, shape_for, topk_bins64, torch_backend,
+                            triton_backend, truth_student, truth_topk, upstream)
 
 TAILS = ["bucket", "renormalize"]
 TEMPERATURE = 0.7
@@ -290,3 +291,33 @@ def test_topk_tip_loss(backend, kind, beta, tail, rule):
     assert abs(out.loss.item() - truth.item()) <= 5e-4 * max(1.0, abs(truth.item()))
     for got, want in ((hs.grad, h64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)):
         assert (got.double() - want).abs().max() <= 5e-4 * want.abs().max(), (got - want).abs().max()
+
+
+LSE_BACKENDS = [("torch", None), ("reference", None)] + (
+    [("triton", "matmul"), ("triton", "tiles")] if HAS_TRITON_BACKEND else [])
+
+
+@pytest.mark.parametrize("backend,strategy", LSE_BACKENDS, ids=[f"{b}-{s}" if s else b for b, s in LSE_BACKENDS])
+@pytest.mark.parametrize("variant", ["linear", "student_logits"])
+def test_lse_row_kind_backward(backend, strategy, variant):
+    """The backends' "lse" kind: ``d Ls / d s_j = p_j`` through the transform, against autograd on float64
+    materialised logits (a soft-capped, scaled student; zero upstream rows skipped)."""
+    from dataclasses import replace
+
+    prob = replace(make_problem(variant, seed=4), student_scale=1.5, student_cap=5.0, teacher_hidden=None,
+                   teacher_weight=None, teacher_bias=None, teacher_logits=None, labels=None)
+    grad = torch.randn(prob.num_rows, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grad[::4] = 0
+    be = {"torch": torch_backend, "reference": reference, "triton": triton_backend}[backend]
+    kw = {} if strategy is None else dict(config=dict(block_n=16, block_v=16, block_d=16, block_dh=16,
+                                                      bwd_block_n=16, bwd_block_v=16, bwd_strategy=strategy))
+    saved = {"student_lse": be.forward_stats(prob, **kw)["student_lse"]}
+    got = be.backward(prob, "lse", grad, saved, 0.5, **kw)
+    want = reference.backward(f64(prob), "lse", grad.double(), {}, 0.5)
+    for g, w, name in zip(got, want, ("d_student", "d_weight", "d_bias")):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        assert (g.double() - w).abs().max() <= 2e-5 * w.abs().max(), name
+    assert torch.all(got[0][::4] == 0)  # rows of zero upstream gradient get none
