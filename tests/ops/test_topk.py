@@ -21,6 +21,11 @@ TAILS = ["bucket", "renormalize"]
 TEMPERATURE = 0.7
 
 
+def _limit(kind, beta) -> bool:
+    """JSD at β = 0 / 1 (routed to the KLs by one rule, ``effective_kind``): left to CI where another case covers it."""
+    return kind == "jsd" and beta in (0.0, 1.0)
+
+
 def _case(backend, dtype, seed=3, lead=None, transforms=None):
     n, v, ds, dt = shape_for(backend)
     return make_case(n, v, ds, dt, seed=seed, lead=lead, teacher="none", dtype=dtype, transforms=transforms)
@@ -40,7 +45,8 @@ def _check(backend, case, ids, lp, kind, beta, tail, dtype, reduction="none", we
 
 @grid("backend,kind,beta,tail,dtype", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS), axis(TAILS),
       axis(DTYPES, ["fp32", "bf16"]),
-      slow=lambda backend, kind, beta, tail, dtype: backend == "triton" and (dtype != torch.float32 or beta == 0.0))
+      slow=lambda backend, kind, beta, tail, dtype: (backend == "triton" and (dtype != torch.float32 or beta == 0.0))
+      or (backend == "reference" and dtype != torch.float32))
 def test_topk_divergence(backend, kind, beta, tail, dtype):
     """Padding ids, K = 5 of an odd vocabulary, [B, L] token dims, biases; values and d h, d W, d b."""
     n = shape_for(backend)[0]
@@ -60,7 +66,7 @@ def test_topk_divergence_fp64(backend, kind, beta, tail):
 
 
 @grid("backend,kind,beta,tail", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS), axis(TAILS),
-      slow=lambda backend, kind, beta, tail: backend == "triton" and kind != "reverse_kl")
+      slow=lambda backend, kind, beta, tail: _limit(kind, beta) or (backend == "triton" and kind != "reverse_kl"))
 def test_topk_k1_and_reductions(backend, kind, beta, tail):
     """K = 1 (renormalize: every divergence is 0, a single bin), reduction "sum"."""
     case = _case(backend, torch.float32, seed=4)
@@ -72,7 +78,7 @@ def test_topk_k1_and_reductions(backend, kind, beta, tail):
 
 
 @grid("backend,kind,beta", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS),
-      slow=lambda backend, kind, beta: backend == "triton" and kind == "jsd")
+      slow=lambda backend, kind, beta: _limit(kind, beta) or (backend == "triton" and kind == "jsd"))
 def test_topk_covering_the_vocabulary_is_the_dense_divergence(backend, kind, beta):
     """K = V with the teacher's full log-softmax: the rest is empty on both sides and the bucket divergence is the
     dense one (values and gradients, same backend, fp32), whatever the order of the ids."""
@@ -93,7 +99,8 @@ def test_topk_covering_the_vocabulary_is_the_dense_divergence(backend, kind, bet
 
 
 @grid("backend,kind,beta,tail", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS), axis(TAILS),
-      slow=lambda backend, kind, beta, tail: backend == "triton" and kind != "forward_kl")
+      slow=lambda backend, kind, beta, tail: (_limit(kind, beta) and backend != "torch")
+      or (backend == "triton" and kind != "forward_kl"))
 def test_topk_neg_inf_logprobs(backend, kind, beta, tail):
     """Ids the teacher gives no mass (log-probability -inf): KL(q‖p), JSD finite and exact; KL(p‖q) is +inf on those
     rows (the student has mass where the teacher has none) and exact elsewhere, with finite gradients there."""
@@ -167,7 +174,8 @@ def test_topk_never_allocates_n_by_v(monkeypatch):
     from tipkernels.ops import topk as topk_mod  # the budget knob of the gather
 
     n, v, d, k = 64, 512, 8, 16
-    monkeypatch.setattr(torch_backend, "CHUNK_BUDGET_BYTES", 1024 * 4 * torch_backend._TILE_TEMPORARIES)
+    tile = 4096  # logits per tile of the LSE pass: N·V / 8
+    monkeypatch.setattr(torch_backend, "CHUNK_BUDGET_BYTES", tile * 4 * torch_backend._TILE_TEMPORARIES)
     monkeypatch.setattr(topk_mod, "GATHER_BUDGET_BYTES", 16 * k * d * 4)
     case = make_case(n, v, d, d, seed=17, teacher="none")
     ids, lp, _ = make_topk(case, k)
@@ -180,7 +188,7 @@ def test_topk_never_allocates_n_by_v(monkeypatch):
                                              reduction="mean", backend="torch")
             out.backward()
         biggest = max(rec.sizes)
-        assert biggest[0] <= max(largest_input, 1024, 16 * k * d) < n * v, (tail, biggest)
+        assert biggest[0] <= max(largest_input, tile, 16 * k * d) < n * v, (tail, biggest)
     with NumelRecorder() as rec:
         tk.fused_linear_divergence(case.hs, case.ws, teacher_topk=(ids, lp), backend="reference")
     assert max(rec.sizes)[0] >= n * v  # the probe sees the reference's materialised logits
@@ -263,7 +271,8 @@ def test_topk_validation_dense_teacher_hidden():
 
 @grid("backend,kind,beta,tail,rule", axis(ALL_BACKENDS), axis([("reverse_kl", 0.5), ("jsd", 0.3)], ["rkl", "jsd0.3"]),
       axis(TAILS), axis(["soft_or", "q3"]),
-      slow=lambda backend, kind, beta, tail, rule: backend == "triton" and (kind != "reverse_kl" or rule != "q3"))
+      slow=lambda backend, kind, beta, tail, rule: (rule == "soft_or") != (kind == "reverse_kl")
+      or (backend == "triton" and kind != "reverse_kl"))
 def test_topk_tip_loss(backend, kind, beta, tail, rule):
     """TIPDistillationLoss(tail=...)(..., teacher_topk=): the selection is made from the bins' divergences, the loss
     is the weighted mean over the selected tokens; value and d h, d W, d b against the float64 truth."""

@@ -27,6 +27,7 @@ import torch
 from ..backends import Backend
 from ..backends.chunked import transform_grad_factor, transform_logits
 from ..backends.reference import _nonneg
+from ..backends.vocab_parallel import VocabParallelBackend
 from ..inputs import Problem, TopKTeacher, effective_kind
 from ..options import deterministic_scope
 from .core import row_values
@@ -145,13 +146,12 @@ def _owned(teacher: TopKTeacher, backend) -> Tuple[Tensor, Tensor, Optional[obje
     """``(local ids [N, K] (0 where not owned), owned [N, K], group)``: under vocabulary parallelism the ids this
     rank's shard holds, shifted to local rows; otherwise every valid id."""
     ids, valid = teacher.ids, teacher.valid
-    group = getattr(backend, "group", None)
-    if group is None:
+    if not isinstance(backend, VocabParallelBackend):
         return torch.where(valid, ids, torch.zeros_like(ids)), valid, None
     lo = backend.vocab_offset
     hi = lo + backend.sizes[backend.rank]
     owned = valid & (ids >= lo) & (ids < hi)
-    return torch.where(owned, ids - lo, torch.zeros_like(ids)), owned, group
+    return torch.where(owned, ids - lo, torch.zeros_like(ids)), owned, backend.group
 
 
 def _index_add_rows(target: Tensor, index: Tensor, values: Tensor) -> None:
