@@ -330,3 +330,33 @@ def test_lse_row_kind_backward(backend, strategy, variant):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
         assert (g.double() - w).abs().max() <= 2e-5 * w.abs().max(), name
     assert torch.all(got[0][::4] == 0)  # rows of zero upstream gradient get none
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_topk_confident_models_keep_finite_divergences(backend, tail):
+    """Rows 0-2: a student whose top-k mass rounds to 1 in fp32 (a logit margin of 40); rows 3-5: a moderate one.
+    Even rows: a served teacher whose top log-probability is 0.0 (``Q`` rounds above 1); odd rows: one with a rest of
+    ~1e-3. Unfloored, a rest rounded to 0 against one that is not makes a KL +inf; with both rests at least their
+    floors (4·eps·|Ls| and eps of fp32) every divergence and gradient is finite and equals the float64 bins with
+    those floors."""
+    n, v, d = 6, 50, 4
+    g = torch.Generator().manual_seed(13)
+    ws = torch.randn(v, d, generator=g) * 0.1
+    ws[7] = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    hs = torch.randn(n, d, generator=g) * 0.1
+    hs[:3, 0], hs[3:, 0] = 4.0, 0.1
+    ids = torch.tensor([[7, 3, 9, 11]] * n)
+    lp = torch.tensor([[0.0, -25.0, -26.0, -27.0], [-1e-3, -25.0, -26.0, -27.0]] * 3)
+    case = make_case(n, v, d, 1, seed=13, teacher="none")
+    case.hs, case.ws, case.bs = hs.to(DEVICE), ws.to(DEVICE), torch.zeros(v, device=DEVICE)
+    ids, lp = ids.to(DEVICE), lp.to(DEVICE)
+    s = truth_student(case, 1.0)[1].detach()
+    eps = torch.finfo(torch.float32).eps
+    floors = (4 * eps * torch.logsumexp(s, -1).abs().clamp_min(1), eps)
+    for kind, beta in DIVS:
+        got = run_topk(case, backend, ids, lp, kind, beta, tail, 1.0, "none", None, upstream("none", case.lead))
+        for key, t in got.items():
+            assert torch.isfinite(t).all(), (kind, beta, key)
+        want = bin_divergence64(*topk_bins64(s, ids, lp, tail, floors), kind, beta)
+        assert (got["value"].double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (kind, beta)

@@ -75,12 +75,27 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(inside, out, torch.full_like(out, -math.inf))
 
 
+def rest_floors(lse: Tensor, logprob_dtype: torch.dtype, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(log δ_p [N], log δ_q [N])``: the logs of the smallest rests that the inputs resolve (docs/design.md §1).
+
+    ``log P = logsumexp_k s_k − Ls`` is a difference of two numbers of size ``|Ls|``, so it is known to about
+    ``δ_p = 4·eps·max(1, |Ls|)`` (eps of the compute dtype); ``Q`` sums log-probabilities rounded to their dtype, so
+    it is known to about ``δ_q = eps`` of that dtype (and a served log-softmax rounds its top entry to 0 whenever the
+    teacher is confident). A rest below its floor is taken at the floor: a rounded-away rest would make a KL +inf
+    (``q_rest·log(q_rest/0)``) where the true value is small. Not differentiated."""
+    eps = torch.finfo(dtype).eps
+    floor_p = math.log(4 * eps) + torch.log(lse.detach().abs().clamp_min(1.0))
+    floor_q = torch.full_like(floor_p, math.log(torch.finfo(logprob_dtype).eps))
+    return floor_p, floor_q
+
+
 def bin_logprobs(s_k: Tensor, lse: Optional[Tensor], teacher: TopKTeacher, tail: str) -> Tuple[Tensor, Tensor]:
     """The student's and teacher's log-probabilities over the bins: ``[N, K+1]`` for ``tail="bucket"`` (the K ids,
     then the rest), ``[N, K]`` for "renormalize". Padding ids (and an empty rest) are ``-inf`` on both sides.
 
     ``s_k [N, K]`` the student's (transformed) logits at the ids, ``lse [N]`` its full-vocabulary LSE (unused by
-    "renormalize"). Differentiable in ``s_k`` and ``lse``."""
+    "renormalize"). Each rest is at least its floor (:func:`rest_floors`) unless the ids cover the vocabulary.
+    Differentiable in ``s_k`` and ``lse``."""
     valid = teacher.valid
     neg = torch.full((), -math.inf, dtype=s_k.dtype, device=s_k.device)
     l_k = torch.where(valid, teacher.logprobs.to(s_k.dtype), neg)
@@ -90,9 +105,11 @@ def bin_logprobs(s_k: Tensor, lse: Optional[Tensor], teacher: TopKTeacher, tail:
         logq = torch.where(valid & torch.isfinite(log_q_mass), l_k - log_q_mass, neg)
         return logp, logq
     logp = torch.where(valid, s_k - lse[:, None], neg)
-    log_p_mass = masked_logsumexp(logp, valid).clamp_max(0.0)  # log P; rounding can leave a hair above 0
+    log_p_mass = masked_logsumexp(logp, valid)  # log P
     log_q_mass = masked_logsumexp(l_k, valid)  # log Q
-    rest_p, rest_q = log1mexp(log_p_mass), log1mexp(log_q_mass)
+    floor_p, floor_q = rest_floors(lse, teacher.logprobs.dtype, s_k.dtype)
+    rest_p = torch.maximum(log1mexp(log_p_mass), floor_p)
+    rest_q = torch.maximum(log1mexp(log_q_mass), floor_q)
     covered = valid.sum(1) == teacher.vocab_size  # K = V: the rest is empty on both sides, exactly
     rest_p = torch.where(covered, neg, rest_p)
     rest_q = torch.where(covered, neg, rest_q)
