@@ -194,6 +194,28 @@ def test_topk_never_allocates_n_by_v(monkeypatch):
     assert max(rec.sizes)[0] >= n * v  # the probe sees the reference's materialised logits
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="needs triton installed (a hard dependency: never skipped in CI)")
+def test_topk_triton_never_allocates_n_by_v(monkeypatch):
+    """The same probe on the triton backend (bucket: its LSE kernels and the torch gather), with the matmul
+    backward's gradient-logit buffer bounded by ``bwd_chunk_mib`` (16 KiB here). Compared in bytes: the interpreter
+    copies kernel arguments as byte storages."""
+    from tipkernels.ops import topk as topk_mod
+
+    n, v, d, k = 64, 512, 8, 16
+    monkeypatch.setattr(topk_mod, "GATHER_BUDGET_BYTES", 16 * k * d * 4)
+    case = make_case(n, v, d, d, seed=17, teacher="none")
+    ids, lp, _ = make_topk(case, k)
+    hs, ws, bs = leaf(case.hs), leaf(case.ws), leaf(case.bs)
+    with tk.set_options(triton_config=dict(bwd_strategy="matmul", bwd_chunk_mib=2**-6)), NumelRecorder() as rec:
+        out = tk.fused_linear_divergence(hs, ws, teacher_topk=(ids, lp), student_bias=bs, reduction="mean",
+                                         backend="triton")
+        out.backward()
+    assert ws.grad is not None and any("mm" in op for _, op, _ in rec.sizes)
+    biggest = max(rec.sizes, key=lambda sz: sz[2])
+    assert biggest[2] <= max(4 * v * d, 2**-6 * 2**20, 4 * 16 * k * d) < 4 * n * v, biggest
+
+
 def test_topk_deterministic_gradients():
     """Two runs give bitwise-equal values and gradients (the sparse backward's order is fixed)."""
     case = _case("torch", torch.float32, seed=10)
