@@ -76,6 +76,7 @@ CASES = [
     _case("bf16-Lb+Z", "bfloat16", "Lb", "Z", None, [("stats",), ("jsd", 0.3), ("backward", "reverse_kl")]),
     _case("bf16-Z+Lb-labels", "bfloat16", "Z", "Lb", "i64", [("stats",), ("jsd", 0.3), ("backward", "jsd", 0.3)]),
     _case("bf16-L-alone", "bfloat16", "L", "", None, [("stats",), ("backward", "entropy")]),
+    _case("bf16-Lb-alone-lse", "bfloat16", "Lb", "", None, [("backward", "lse")]),  # the top-k teacher's LSE pass
     _case("bf16-Z-alone-labels", "bfloat16", "Z", "", "i64", [("stats",), ("backward", "entropy")]),
     _case("bf16-Lb+Z-strided", "bfloat16", "Lb", "Z", "i64", [("stats",), ("backward", "reverse_kl")],
           strided="hidden"),
@@ -397,7 +398,7 @@ def test_cases_cover_every_specialisation_axis(report):
         assert values(["jsd_kernel"], flag) == {False, True}, flag
     assert values(["jsd_kernel"], "MODE") == {0, 1, 2}
     for kernel in ("dhidden_kernel", "dweight_kernel", "dlogits_kernel"):
-        assert values([kernel], "KIND") == {0, 1, 2, 3}, kernel
+        assert values([kernel], "KIND") == {0, 1, 2, 3, 4}, kernel
         assert values([kernel], "HAS_TEACHER") == {False, True}, kernel
         assert values([kernel], "T_LINEAR") == {False, True}, kernel
     for flag in ("S_BIAS", "S_CAP"):
