@@ -295,3 +295,34 @@ def test_fused_grad_forms_only_the_wanted_gradients(monkeypatch):
         grads[strategy] = hs.grad
     assert seen == [True]
     torch.testing.assert_close(grads["fused_grad"], grads["recompute"], rtol=1e-5, atol=1e-7)
+
+
+def test_run_pieces_slots_and_errors():
+    """fused_grad's work sharing: every piece runs once, no slot is held by two threads at once, grad mode is off
+    in the workers, and an exception in a piece reaches the caller."""
+    import threading
+
+    held, seen, lock = set(), [], threading.Lock()
+
+    def piece(p, slot):
+        with lock:
+            assert slot not in held and 0 <= slot < 3
+            held.add(slot)
+        assert not torch.is_grad_enabled()
+        torch.ones(1000).sum()  # a torch op on the worker
+        with lock:
+            held.discard(slot)
+            seen.append(p)
+
+    torch_backend._run_pieces(3, piece, list(range(50)))
+    assert sorted(seen) == list(range(50))
+    seen.clear()
+    torch_backend._run_pieces(1, piece, [7, 8])
+    assert seen == [7, 8]
+
+    def failing(p, slot):
+        if p == 5:
+            raise RuntimeError("piece 5 failed")
+
+    with pytest.raises(RuntimeError, match="piece 5 failed"):
+        torch_backend._run_pieces(2, failing, list(range(10)))

@@ -10,7 +10,8 @@ Two gradient strategies (docs/design.md §2), chosen in one place, :func:`grad_s
   not), :func:`fused_value_and_grad` forms the gradient in the forward's sweep: a block of ``rows`` tokens holds
   both models' full-vocabulary logits (``2 · rows · V`` floats, :func:`fused_rows`), computes their statistics,
   turns the student's block into ``dS`` in place and accumulates ``d hidden``/``d weight``/``d bias`` with
-  matmuls. No logit is computed twice; the backward only scales the stored gradients.
+  matmuls. No logit is computed twice; the backward only scales the stored gradients. Its matmuls and elementwise
+  work are pieces (vocabulary chunks, row sub-blocks) that :data:`FUSED_WORKERS` threads take one at a time.
 
 Implements the backend contract of :class:`tipkernels.backends.Backend`.
 
@@ -702,7 +703,7 @@ def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0,
 
 
 class _one_thread:
-    """torch's intra-op threads set to 1 within the block (restored after, for the matmuls)."""
+    """torch's intra-op threads set to 1 within the sweep (restored after: the caller's setting)."""
 
     def __enter__(self):
         self.prev = torch.get_num_threads()
@@ -731,8 +732,9 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
         (the caller casts them). Nothing is differentiable.
 
     Memory beyond inputs and outputs: two ``[rows, V]`` blocks (:func:`fused_rows`: 64 MiB together by default,
-    or 64 rows' worth where that is more), a ``[sub, V]`` scratch per worker thread (L2-sized), with weights of
-    zero in a block one more ``[live rows, V]`` gather, and fp32 copies of 16-bit inputs (weights included).
+    or 64 rows' worth where that is more), per worker thread a ``[sub, V]`` scratch (L2-sized) and a
+    ``[rows, D_s]`` partial ``d_hidden``, with weights of zero in a block one more ``[live rows, V]`` gather, and
+    fp32 copies of 16-bit inputs (weights included).
     """
     n, vocab = prob.num_rows, prob.vocab_size
     dtype = _compute_dtype(prob.student_hidden)
