@@ -683,7 +683,12 @@ def _run_pieces(workers: int, fn, pieces) -> None:
 
 @torch.no_grad()  # grad mode is per thread: the pool's threads need it too
 def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0, parts, compiled=None) -> None:
-    """Values and ``dS`` (into ``s``) for the row sub-blocks ``parts`` of the block starting at row ``r0``."""
+    """Values and ``dS`` (into ``s``) for the row sub-blocks ``parts`` of the block starting at row ``r0``;
+    ``kind`` a dense kind or a row function (:func:`fused_value_and_grad`)."""
+    if callable(kind):  # a row function walks the group's sub-blocks itself (its per-call costs: once a group)
+        a, b = parts[0][0], parts[-1][1]
+        values[r0 + a:r0 + b] = kind(s[a:b], g_all[r0 + a:r0 + b], r0 + a, r0 + b, scratch.shape[0])
+        return
     for a, b in parts:
         g = g_all[r0 + a:r0 + b]
         if kind == "reverse_kl" and compiled is not None and b - a == scratch.shape[0]:
@@ -726,7 +731,12 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     Args:
         prob: a linear student (``student_hidden [N, D_s]``, ``student_weight [V, D_s]``, optional bias); the
             teacher linear, as logits, or absent (``kind`` "entropy").
-        kind: "entropy", "reverse_kl", "forward_kl" or "jsd" (β = 0 / 1 already mapped to the KLs).
+        kind: "entropy", "reverse_kl", "forward_kl" or "jsd" (β = 0 / 1 already mapped to the KLs), or a row
+            function of the student alone (the teacher of ``prob`` is not read), ``fn(s, g, i0, i1, sub) ->
+            values [i1 - i0]``: ``s [i1 - i0, V]`` the transformed logits of rows ``i0:i1`` (a group of
+            consecutive sub-blocks; overwritten with ``g · ∂value/∂s``), ``g [i1 - i0, 1]`` their upstream
+            gradient times the transform's constant factor, ``sub`` the cache-sized rows of one sub-block; it
+            runs on the worker threads under no-grad (the top-k teacher's bins, :mod:`tipkernels.ops.topk`).
         row_grad: ``[N]`` upstream gradient of each row's value (weights / Σ weights for a weighted mean).
 
     Returns:
@@ -747,7 +757,7 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     student = _BlockSide(prob.student_hidden, prob.student_weight, prob.student_bias, None, prob.temperature,
                          dtype, vocab, prob.student_scale)
     teacher = None
-    if kind != "entropy":
+    if isinstance(kind, str) and kind != "entropy":
         teacher = _BlockSide(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,
                              prob.temperature, dtype, vocab, prob.teacher_scale, prob.teacher_cap)
     weight = student.weight_t.t()

@@ -58,7 +58,7 @@ def saved_from_stats(backend: Backend, prob: Problem, kind: str, beta: float,
 @dataclass
 class _Call:
     prob: Problem
-    kind: str
+    kind: object  # a row kind ("lse", "entropy", a divergence) or a fused_grad row function
     beta: float
     backend: Backend
     precomputed: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None
@@ -125,16 +125,31 @@ def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, 
     answers "fused_grad" (the upstream gradient of each row is then known in the forward: ``weights / Σ weights``
     or ``1/N`` for "mean", ``weights`` or 1 for "sum", times the loss's one incoming scalar), the gradients are
     formed in the forward's sweep by ``backend.fused_value_and_grad`` (docs/design.md §2)."""
+    if not fused_grad_applies(prob, backend, reduction, weights):
+        return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
+    kind = effective_kind(kind, beta)
+    if kind == "entropy" and prob.has_teacher:
+        prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
+    return fused_reduced(prob, kind, beta, backend, lead, reduction, weights)
+
+
+def fused_grad_applies(prob: Problem, backend: Backend, reduction: str, weights: Optional[Tensor]) -> bool:
+    """Whether the gradients can be formed in the forward's sweep: a reduction "sum"/"mean" (weights, if any, not
+    differentiable), a student gradient wanted, and the backend's ``grad_strategy`` answering "fused_grad"."""
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
     known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
     choose = getattr(backend, "grad_strategy", None)
-    if not known or choose is None or choose(prob, True) != "fused_grad":
-        return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
+    return known and choose is not None and choose(prob, True) == "fused_grad"
+
+
+def fused_reduced(prob: Problem, kind, beta: float, backend: Backend, lead: torch.Size, reduction: str,
+                  weights: Optional[Tensor] = None) -> Tensor:
+    """The reduced value, its gradients formed by ``backend.fused_value_and_grad(prob, kind, ...)`` in the forward
+    (:class:`FusedReduced`); ``kind`` an effective dense kind or a row function (only where
+    :func:`fused_grad_applies`)."""
     prob = backend.plan(prob)
-    call = _Call(prob=prob, kind=effective_kind(kind, beta), beta=beta, backend=backend)
-    if call.kind == "entropy" and prob.has_teacher:
-        call.prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
+    call = _Call(prob=prob, kind=kind, beta=beta, backend=backend)
     return FusedReduced.apply(call, lead, reduction, weights, prob.student_hidden, prob.student_weight,
                               prob.student_bias)
 

@@ -11,7 +11,7 @@ from ..backends.vocab_parallel import global_vocab
 from ..inputs import (DIVERGENCES, REDUCTIONS, build_problem, check_beta, check_choice, check_tail,
                       check_teacher_topk, check_weights)
 from .core import reduce, reduced_row_values, row_values
-from .topk import topk_values
+from .topk import reduced_topk_values
 
 Tensor = torch.Tensor
 
@@ -95,8 +95,7 @@ def fused_linear_divergence(
     if not sparse:
         return reduced_row_values(prob, divergence, beta, be, lead, reduction, weights)
     teacher = check_teacher_topk(teacher_topk, lead, global_vocab(be, prob), prob.device, dense=dense)
-    values = topk_values(be.plan(prob), teacher, divergence, beta, tail, be)
-    return reduce(values, lead, reduction, weights)
+    return reduced_topk_values(prob, teacher, divergence, beta, tail, be, lead, reduction, weights)
 
 
 def divergence_from_logits(

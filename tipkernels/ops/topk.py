@@ -30,7 +30,7 @@ from ..backends.reference import _nonneg
 from ..backends.vocab_parallel import VocabParallelBackend
 from ..inputs import Problem, TopKTeacher, effective_kind
 from ..options import deterministic_scope
-from .core import row_values
+from .core import fused_grad_applies, fused_reduced, reduce, row_values
 
 Tensor = torch.Tensor
 
@@ -286,6 +286,54 @@ def topk_values(prob: Problem, teacher: TopKTeacher, kind: str, beta: float, tai
     s_k = gather_logits(prob, teacher, backend)
     lse = None if tail == "renormalize" else student_lse(prob, backend, precomputed_lse).to(s_k.dtype)
     return topk_divergence(s_k, lse, teacher, kind, beta, tail)
+
+
+class BucketRows:
+    """fused_grad's row function for ``tail="bucket"`` (``chunked.fused_value_and_grad``; docs/design.md §1, §2):
+    the student's full-vocabulary logits of a group of rows are in hand, so ``Ls`` and ``s_k`` come from them (no
+    "lse" pass, no gather matmul). Per group: ``s_k = s[i_k]``, then per cache-sized sub-block ``s ← e^{s − m}``
+    and ``Z``; the ``[rows, K]`` bin maths (:func:`topk_divergence`) under a local autograd gives, with the
+    upstream ``g``, ``a = g·∂v/∂Ls`` and ``c = g·∂v/∂s_k``; then ``dS = a·p + c`` at the ids
+    (``s ← s·a/Z``, ``scatter_add_`` along the vocabulary: a fixed order on the CPU). ``teacher`` holds all
+    ``N`` rows; the rows are picked by the sweep's ``i0:i1``."""
+
+    def __init__(self, teacher: TopKTeacher, kind: str, beta: float):
+        self.teacher, self.kind, self.beta = teacher, kind, beta
+        self.index = torch.where(teacher.valid, teacher.ids, torch.zeros_like(teacher.ids))  # padding: c = 0
+
+    def __call__(self, s: Tensor, g: Tensor, i0: int, i1: int, sub: int) -> Tensor:
+        idx = self.index[i0:i1]
+        s_k = s.gather(1, idx)
+        z = torch.empty(i1 - i0, 1, dtype=s.dtype, device=s.device)
+        lse = torch.empty(i1 - i0, dtype=s.dtype, device=s.device)
+        for a in range(0, i1 - i0, sub):
+            x = s[a:a + sub]
+            m = x.amax(1, keepdim=True)
+            torch.exp(x.sub_(m), out=x)
+            z[a:a + sub] = x.sum(1, keepdim=True)
+            lse[a:a + sub] = m[:, 0] + z[a:a + sub, 0].log()
+        t = self.teacher
+        rows = TopKTeacher(t.ids[i0:i1], t.logprobs[i0:i1], t.valid[i0:i1], t.vocab_size)
+        with torch.enable_grad():
+            ls, sk = lse.requires_grad_(), s_k.requires_grad_()
+            values = topk_divergence(sk, ls, rows, self.kind, self.beta, "bucket")
+            d_ls, d_sk = torch.autograd.grad(values, (ls, sk), grad_outputs=g[:, 0].to(values.dtype),
+                                             materialize_grads=True)
+        s.mul_((d_ls[:, None] / z).to(s.dtype))
+        s.scatter_add_(1, idx, d_sk.to(s.dtype))
+        return values.detach()
+
+
+def reduced_topk_values(prob: Problem, teacher: TopKTeacher, kind: str, beta: float, tail: str, backend: Backend,
+                        lead: torch.Size, reduction: str, weights: Optional[Tensor] = None) -> Tensor:
+    """``reduce(topk_values(...), lead, reduction, weights)``; for ``tail="bucket"`` where the backend's
+    ``grad_strategy`` answers "fused_grad" (the torch backend on the CPU, reduction "sum"/"mean", no student
+    soft-cap; not under vocabulary parallelism, where the backend offers none) the gradients are formed in the
+    student's fused sweep by :class:`BucketRows` (docs/design.md §2). Differentiable in the student's tensors."""
+    student = student_only(prob)
+    if tail == "bucket" and fused_grad_applies(student, backend, reduction, weights):
+        return fused_reduced(student, BucketRows(teacher, kind, beta), beta, backend, lead, reduction, weights)
+    return reduce(topk_values(backend.plan(prob), teacher, kind, beta, tail, backend), lead, reduction, weights)
 
 
 def teacher_argmax(teacher: TopKTeacher) -> Tensor:
