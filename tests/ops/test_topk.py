@@ -170,25 +170,34 @@ def test_topk_teacher_argmax_padding_and_neg_inf():
 
 def test_topk_never_allocates_n_by_v(monkeypatch):
     """Forward + backward on the torch backend record no op output as large as N·V (N=64, V=512, D=8, K=16), for
-    both tails; the gather's chunk ``[rows, K, D]`` is bounded by its budget (rows · K · D · 4 bytes)."""
+    both tails and the bucket's two strategies (fused_grad's block: 8 rows); the gather's chunk ``[rows, K, D]`` is bounded by its budget (rows · K · D · 4 bytes)."""
     from tipkernels.ops import topk as topk_mod  # the budget knob of the gather
 
     n, v, d, k = 64, 512, 8, 16
     tile = 4096  # logits per tile of the LSE pass: N·V / 8
     monkeypatch.setattr(torch_backend, "CHUNK_BUDGET_BYTES", tile * 4 * torch_backend._TILE_TEMPORARIES)
+    monkeypatch.setattr(torch_backend, "FUSED_BLOCK_BYTES", 2 * tile * 4)  # bucket: fused_grad, blocks of 8 rows
+    monkeypatch.setattr(torch_backend, "FUSED_WORKERS", 1)  # every op on this thread, where the recorder sees it
     monkeypatch.setattr(topk_mod, "GATHER_BUDGET_BYTES", 16 * k * d * 4)
+    assert torch_backend.fused_rows(n, v)[0] * v <= tile
     case = make_case(n, v, d, d, seed=17, teacher="none")
     ids, lp, _ = make_topk(case, k)
     largest_input = v * d
     assert largest_input * 4 <= n * v
-    for tail in TAILS:
+    swept = []
+    real = torch_backend.fused_value_and_grad
+    monkeypatch.setattr(torch_backend, "fused_value_and_grad", lambda *a, **kw: swept.append(1) or real(*a, **kw))
+    for tail, strategy in [("bucket", "auto"), ("bucket", "recompute"), ("renormalize", "auto")]:
+        monkeypatch.setattr(torch_backend, "STRATEGY", strategy)
+        swept.clear()
         hs, ws, bs = leaf(case.hs), leaf(case.ws), leaf(case.bs)
         with NumelRecorder() as rec:
             out = tk.fused_linear_divergence(hs, ws, teacher_topk=(ids, lp), student_bias=bs, tail=tail,
                                              reduction="mean", backend="torch")
             out.backward()
+        assert bool(swept) == (tail == "bucket" and strategy == "auto"), (tail, strategy)
         biggest = max(rec.sizes)
-        assert biggest[0] <= max(largest_input, tile, 16 * k * d) < n * v, (tail, biggest)
+        assert biggest[0] <= max(largest_input, tile, 16 * k * d) < n * v, (tail, strategy, biggest)
     with NumelRecorder() as rec:
         tk.fused_linear_divergence(case.hs, case.ws, teacher_topk=(ids, lp), backend="reference")
     assert max(rec.sizes)[0] >= n * v  # the probe sees the reference's materialised logits
@@ -226,6 +235,106 @@ def test_topk_deterministic_gradients():
         runs.append(run_topk(case, "torch", ids, lp, "jsd", 0.3, "bucket", 1.0, "none", None, go))
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]) and torch.equal(runs[0][key], runs[2][key]), key
+
+
+# ------------------------------------------------- the bucket's gradient in fused_grad's sweep (torch, CPU)
+
+
+def _fused_spy(monkeypatch, workers=1):
+    """fused_grad's sweep in blocks of 7 rows, sub-blocks of 3, matmul pieces of 16 columns (several of each, ragged
+    ends) on ``workers`` threads; returns the list of the row functions it was called with."""
+    monkeypatch.setattr(torch_backend, "FUSED_WORKERS", workers)
+    monkeypatch.setattr(torch_backend, "FUSED_VOCAB_CHUNK", 16)
+    monkeypatch.setattr(torch_backend, "fused_rows", lambda n, v, itemsize=4: (min(7, n), min(3, n)))
+    calls = []
+    real = torch_backend.fused_value_and_grad
+
+    def spy(prob, kind, *args, **kwargs):
+        calls.append(kind)
+        return real(prob, kind, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "fused_value_and_grad", spy)
+    return calls
+
+
+FUSED_CASES = [("mean", False, None), ("sum", True, None), ("mean", True, dict(student_logit_scale=1.5))]
+
+
+@grid("kind,beta,dtype,reduction,weighted,transforms,workers", axis(DIVS, DIV_IDS),
+      axis(DTYPES + [torch.float64], ["fp32", "bf16", "fp64"]),
+      axis(FUSED_CASES, ["mean", "sum-weights", "mean-weights-scale"]), axis([1, 2]),
+      slow=lambda kind, beta, dtype, reduction, weighted, transforms, workers: _limit(kind, beta)
+      or (workers == 2 and dtype != torch.float32))
+def test_topk_bucket_fused_grad(monkeypatch, kind, beta, dtype, reduction, weighted, transforms, workers):
+    """tail="bucket", reduction "sum"/"mean" on the torch backend: the sweep's row function (values, d h, d W, d b)
+    against the float64 truth (fp64: to 1e-10; else the pass rule), with padding ids, -inf log-probabilities (not
+    for KL(p‖q): +inf there, test_topk_neg_inf_logprobs), weights with zeros, a logit scale and the temperature; the row function was what ran."""
+    calls = _fused_spy(monkeypatch, workers)
+    c = _case("torch", dtype, seed=6, transforms=transforms)
+    rkl = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)  # -inf log-probs make it +inf (test above)
+    ids, lp, _ = make_topk(c, 5, neg_inf=not rkl, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    w = None
+    if weighted:
+        w = torch.rand(c.lead, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEVICE)
+        w[::4] = 0
+    _check("torch", c, ids, lp, kind, beta, "bucket", dtype, reduction=reduction, weights=w,
+           what=f"fused {kind} {beta} {dtype} {reduction} {transforms}")
+    assert calls and all(callable(k) for k in calls), calls
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)],
+                         ids=["rkl", "fkl", "jsd0.3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_topk_bucket_fused_equals_recompute(monkeypatch, kind, beta, dtype):
+    """The sweep's row function and the recompute path ("lse" row kind + gather) give the same value and
+    gradients (fp32: to a few ulps of the largest entry; fp64: to 1e-13), weighted mean."""
+    calls = _fused_spy(monkeypatch, 2)
+    c = _case("torch", dtype, seed=9)
+    ids, lp, _ = make_topk(c, 6, dtype=dtype)
+    w = torch.rand(c.lead, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
+    go = upstream("mean", c.lead)
+    runs = {}
+    for strategy in ("recompute", "auto"):
+        monkeypatch.setattr(torch_backend, "STRATEGY", strategy)
+        runs[strategy] = run_topk(c, "torch", ids, lp, kind, beta, "bucket", TEMPERATURE, "mean", w, go)
+        assert bool(calls) == (strategy == "auto"), strategy
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    for key, want in runs["recompute"].items():
+        got = runs["auto"][key]
+        assert got.dtype == want.dtype, key
+        assert (got.double() - want.double()).abs().max() <= tol * max(1.0, want.abs().max().item()), key
+
+
+def test_topk_bucket_fused_only_where_the_strategy_says(monkeypatch):
+    """The row function runs only for tail="bucket" with a reduction, a wanted gradient and the strategy
+    "fused_grad": not for "none", "renormalize", no grad, differentiable weights, a soft-capped student (the
+    strategy's rule) or STRATEGY="recompute" (where the loss is the same one, it equals the fused value)."""
+    calls = _fused_spy(monkeypatch)
+    c = _case("torch", torch.float32, seed=2)
+    ids, lp, _ = make_topk(c, 4)
+
+    def value(**kw):
+        calls.clear()
+        hs = leaf(c.hs)
+        args = dict(teacher_topk=(ids, lp), student_bias=c.bs, reduction="mean", backend="torch")
+        args.update(kw)
+        out = tk.fused_linear_divergence(hs, c.ws, **args)
+        return out.detach(), bool(calls)
+
+    fused, took = value()
+    assert took
+    for kw in (dict(reduction="none"), dict(tail="renormalize"),
+               dict(weights=torch.ones(c.lead, requires_grad=True)), dict(student_softcap=50.0)):
+        got, took = value(**kw)
+        assert not took, kw
+        if "weights" in kw:  # the same loss by the recompute path
+            torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        assert not value()[1]
+    monkeypatch.setattr(torch_backend, "STRATEGY", "recompute")
+    got, took = value()
+    assert not took
+    torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------ validation
