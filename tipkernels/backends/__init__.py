@@ -67,7 +67,8 @@ class Backend(Protocol):
     ``grad_strategy(prob, upstream_known) -> "fused_grad" | "recompute"`` and
     ``fused_value_and_grad(prob, kind, beta, row_grad) -> (values, d_hidden, d_weight, d_bias)``: the gradient
         formed in the forward's sweep when each row's upstream gradient is known up to one scalar (reductions
-        "sum"/"mean"), so the backward recomputes nothing (docs/design.md §2).
+        "sum"/"mean"), so the backward recomputes nothing (docs/design.md §2); ``kind`` a dense kind or a row
+        function of the student's logits (a top-k teacher's bucket, :class:`tipkernels.ops.topk.BucketRows`).
     """
 
     name: str

@@ -12,6 +12,10 @@ So, on every backend:
 3. the ``[N, K]`` bin maths runs once, here, in torch under autograd (:func:`bin_logprobs`,
    :func:`bin_divergence`).
 
+Where the torch backend forms gradients in its forward sweep ("fused_grad": reduction "sum"/"mean" on the CPU),
+``tail="bucket"`` takes ``Ls`` and ``s_k`` from the sweep's row block instead of 1. and 2. (:class:`BucketRows`,
+:func:`reduced_topk_values`).
+
 Nothing of size ``[N, V]`` is formed (the reference backend, the executable spec, materialises its logits and
 gathers from them). Under vocabulary parallelism each rank gathers the ids it owns and one all-reduce of ``[N, K]``
 completes them; the LSE is the global one already.
