@@ -206,7 +206,8 @@ def _topk_inputs(k: int = 6):
 
 def _topk_worker(rank: int, world: int, port: int, backend: str, tf: dict):
     """teacher_topk under vocabulary parallelism against one process on the same backend: token_stats, every
-    divergence and tail (values, d hidden, the shard's d weight / d bias), the TIP loss."""
+    divergence and tail (values, d hidden, the shard's d weight / d bias), a weighted-mean bucket (on torch
+    without a cap the single process takes fused_grad's sweep, the ranks the gather), the TIP loss."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -243,6 +244,23 @@ def _topk_worker(rank: int, world: int, port: int, backend: str, tf: dict):
                 _close(leaves_part[0].grad, leaves_full[0].grad, f"{what} d_hidden", backend)
                 _close(leaves_part[1].grad, leaves_full[1].grad[lo:hi], f"{what} d_weight shard", backend)
                 _close(leaves_part[2].grad, leaves_full[2].grad[lo:hi], f"{what} d_bias shard", backend)
+        # a reduced bucket: one process forms its gradient in the sweep (torch, no cap), the ranks keep the gather
+        w = torch.rand(N_B, N_L, generator=torch.Generator().manual_seed(2), dtype=hs.dtype)
+        for kind, beta in (("reverse_kl", 0.5), ("jsd", 0.3)):
+            leaves_full = [t.clone().requires_grad_() for t in (hs, ws, bs)]
+            leaves_part = [t.clone().requires_grad_() for t in (hs, ws[lo:hi], bs[lo:hi])]
+            kw = dict(teacher_topk=topk, divergence=kind, beta=beta, tail="bucket", temperature=0.8,
+                      reduction="mean", weights=w, backend=backend, **tf)
+            a = tk.fused_linear_divergence(leaves_full[0], leaves_full[1], student_bias=leaves_full[2], **kw)
+            b = tk.fused_linear_divergence(leaves_part[0], leaves_part[1], student_bias=leaves_part[2],
+                                           process_group=group, **kw)
+            what = f"{kind} bucket mean"
+            _close(b, a, f"{what} value", backend)
+            a.backward()
+            b.backward()
+            _close(leaves_part[0].grad, leaves_full[0].grad, f"{what} d_hidden", backend)
+            _close(leaves_part[1].grad, leaves_full[1].grad[lo:hi], f"{what} d_weight shard", backend)
+            _close(leaves_part[2].grad, leaves_full[2].grad[lo:hi], f"{what} d_bias shard", backend)
         hf, wf = hs.clone().requires_grad_(), ws.clone().requires_grad_()
         hp, wp = hs.clone().requires_grad_(), ws[lo:hi].clone().requires_grad_()
         kw = dict(rule="q3", ratio=0.4, divergence="jsd", beta=0.6, backend=backend, **tf)
