@@ -125,7 +125,7 @@ def test_extreme_logits_and_minus_inf(small_chunks):
     assert not torch.isnan(got["forward_kl"]).any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.bfloat16)])
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("variant", ["linear", "teacher_logits", "student_logits", "capped"])
 def test_jsd_forward(small_chunks, variant, beta, dtype):
@@ -168,9 +168,10 @@ def saved_for(prob, beta):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.bfloat16)])
-@pytest.mark.parametrize("variant", ["linear", "teacher_logits", "strided", "capped"])
-@pytest.mark.parametrize("kind,beta", KINDS)
+@grid("kind,beta,variant,dtype", axis(KINDS, ["ent", "rkl", "fkl", "jsd0", "jsd0.3", "jsd1"]),
+      axis(["linear", "teacher_logits", "strided", "capped"]), axis([torch.float32, torch.bfloat16], ["fp32", "bf16"]),
+      slow=lambda kind, beta, variant, dtype: dtype == torch.bfloat16 or (
+          variant in ("strided", "capped") and kind not in ("reverse_kl", "jsd")))
 def test_backward_recompute(small_chunks, kind, beta, variant, dtype):
     """The recompute backward with cuBLAS chunk logits, a Triton dS kernel and cuBLAS gradient products."""
     prob = make_problem("linear" if variant == "capped" else variant, dtype, seed=6)
@@ -192,11 +193,13 @@ SWEEP_IDS = ["rkl", "fkl", "jsd0", "jsd0.5", "jsd1", "ent"]
 N, V, DS, DT = 29, 101, 40, 19
 
 
+SWEEP_CFG = dict(CFG, grad_strategy="fused_grad")
+
+
 @pytest.fixture
-def sweep(monkeypatch, request):
-    """The triton backend forced to cuBLAS chunks and fused_grad (``sweep_dw`` from the param), blocks of 7 rows;
-    returns the list of kinds the sweep ran."""
-    dw = request.param
+def sweep(monkeypatch):
+    """fused_grad in blocks of 7 rows (cuBLAS chunks of 11 x 32 for the value-only paths); returns the list of kinds
+    the sweep ran. Tests force the strategy with ``tk.set_options(triton_config=dict(SWEEP_CFG, ...))``."""
     monkeypatch.setattr(cublas, "sweep_rows", lambda cfg, prob: min(7, prob.num_rows))
     monkeypatch.setattr(cublas, "chunk_shape", lambda cfg, n, vocab, k: (min(11, n), 32))
     calls = []
@@ -207,8 +210,7 @@ def sweep(monkeypatch, request):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cublas, "fused_value_and_grad", spy)
-    with tk.set_options(triton_config=dict(CFG, grad_strategy="fused_grad", sweep_dw=dw)):
-        yield calls
+    return calls
 
 
 def _run(case, kind, beta, temperature, reduction, weights, go, backend="triton"):
@@ -223,16 +225,23 @@ def _truth(case, kind, beta, temperature, reduction, weights, go):
     return truth_divergence(case, kind, beta, temperature, reduction, weights, go)
 
 
-@pytest.mark.parametrize("sweep", ["fp32", "dtype"], indirect=True)
-@grid("kind,beta,reduction,weighting,teacher,dtype", axis(SWEEP_KINDS, SWEEP_IDS), axis(["sum", "mean"]),
-      axis(["unweighted", "weights"]), axis(["linear", "logits"]), axis([torch.float32, torch.bfloat16],
-                                                                         ["fp32", "bf16"]),
-      drop=lambda kind, beta, reduction, weighting, teacher, dtype: (
+def _fast(kind, beta, reduction, weighting, teacher, dtype, dw):
+    """The fast subset: fp32 with the fp32 accumulator, mean, a linear teacher; bf16 accumulated in bf16 once."""
+    if reduction != "mean" or teacher != "linear":
+        return False
+    if dtype == torch.float32:
+        return dw == "fp32"
+    return dw == "dtype" and weighting == "weights" and kind in ("reverse_kl", "jsd") and beta == 0.5
+
+
+@grid("kind,beta,reduction,weighting,teacher,dtype,dw", axis(SWEEP_KINDS, SWEEP_IDS), axis(["sum", "mean"]),
+      axis(["unweighted", "weights"]), axis(["linear", "logits"]),
+      axis([torch.float32, torch.bfloat16], ["fp32", "bf16"]), axis(["fp32", "dtype"], ["dw32", "dw-dtype"]),
+      drop=lambda kind, beta, reduction, weighting, teacher, dtype, dw: (
           kind == "entropy" and (weighting == "weights" or teacher == "logits")) or (
           reduction == "sum" and weighting == "weights"),
-      slow=lambda kind, beta, reduction, weighting, teacher, dtype: dtype == torch.bfloat16 and (
-          reduction == "sum" or teacher == "logits"))
-def test_fused_grad_matches_float64_truth(sweep, kind, beta, reduction, weighting, teacher, dtype):
+      slow=lambda *values: not _fast(*values))
+def test_fused_grad_matches_float64_truth(sweep, kind, beta, reduction, weighting, teacher, dtype, dw):
     case = make_case(N, V, DS, DT, seed=5, teacher=teacher, dtype=dtype)
     weights = None
     if weighting == "weights":
@@ -240,7 +249,8 @@ def test_fused_grad_matches_float64_truth(sweep, kind, beta, reduction, weightin
         weights[::4] = 0
         weights = weights.to(DEVICE)
     go = upstream(reduction, case.lead)
-    got = _run(case, kind, beta, 0.7, reduction, weights, go)
+    with tk.set_options(triton_config=dict(SWEEP_CFG, sweep_dw=dw)):
+        got = _run(case, kind, beta, 0.7, reduction, weights, go)
     assert sweep, "fused_grad was not taken"
     truth = _truth(case.cast(torch.float64), kind, beta, 0.7, reduction,
                    None if weights is None else weights.double(), go)
@@ -248,14 +258,14 @@ def test_fused_grad_matches_float64_truth(sweep, kind, beta, reduction, weightin
     assert_rule(got, same, truth, dtype, what=f"fused_grad {kind}")
 
 
-@pytest.mark.parametrize("sweep", ["auto"], indirect=True)
 @pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3), ("entropy", 0.0)])
 def test_fused_grad_transforms(sweep, kind, beta):
     """Scales and soft-caps on both models (the student's cap: its ``1 − tanh²`` formed from the held logits)."""
     case = make_case(N, V, DS, DT, seed=7, transforms=dict(student_logit_scale=1.3, student_softcap=4.0,
                                                           teacher_logit_scale=0.8, teacher_softcap=5.0))
     go = upstream("mean", case.lead)
-    got = _run(case, kind, beta, 0.9, "mean", None, go)
+    with tk.set_options(triton_config=SWEEP_CFG):
+        got = _run(case, kind, beta, 0.9, "mean", None, go)
     assert sweep == [kind]
     truth = _truth(case.cast(torch.float64), kind, beta, 0.9, "mean", None, go)
     same = _run(case, kind, beta, 0.9, "mean", None, go, backend="reference")
