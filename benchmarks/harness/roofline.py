@@ -105,9 +105,9 @@ def floors(n: int, v: int, d_s: int, d_t: int, tflops: float = H200_TFLOPS) -> D
 
 def table(n: int, v: int, d_s: int, d_t: int, *, tflops: float = H200_TFLOPS, tbs: float = H200_TBS,
           measured: Optional[Dict[Tuple[str, str], float]] = None, strategies: Sequence[str] = STRATEGIES,
-          phases: Sequence[str] = PHASES, **kw) -> str:
+          phases: Sequence[str] = PHASES, others: Optional[Dict[str, Dict[str, float]]] = None, **kw) -> str:
     """Markdown: per strategy and phase the predicted time, and ``measured[(strategy, phase)]`` (seconds) with its
-    ratio to the prediction where given."""
+    ratio to the prediction where given; ``others`` adds rows of measured seconds alone (``{name: {phase: s}}``)."""
     measured = measured or {}
     head = "| strategy | " + " | ".join(phases) + " |"
     lines = [f"Roofline at N={n}, V={v}, D_s={d_s}, D_t={d_t} against {tflops:.4g} TFLOP/s and {tbs:.3g} TB/s "
@@ -120,6 +120,9 @@ def table(n: int, v: int, d_s: int, d_t: int, *, tflops: float = H200_TFLOPS, tb
             got = measured.get((s, p))
             cells.append(f"{pred * 1e3:.3g}" + (f"; **{got * 1e3:.3g}** ({got / pred:.2f}×)" if got else ""))
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    for name, times in (others or {}).items():
+        lines.append(f"| {name} (measured) | " + " | ".join(
+            f"**{times[p] * 1e3:.3g}**" if times.get(p) else "–" for p in phases) + " |")
     fl = floors(n, v, d_s, d_t, tflops)
     lines += ["", "FLOP floors: " + ", ".join(f"{k} {x * 1e3:.3g} ms" for k, x in fl.items()) + "."]
     return "\n".join(lines)
