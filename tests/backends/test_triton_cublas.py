@@ -324,3 +324,25 @@ def test_strategy_selection(monkeypatch):
 def test_bad_strategy_options(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         tk.set_options(triton_config=bad)
+
+
+@pytest.mark.slow  # ~70 s in the interpreter (many tiny chunks)
+def test_never_allocates_n_by_v():
+    """The cuBLAS-chunk forward and backward and the fused_grad sweep create no tensor as large as N·V (N=64, V=512,
+    D=8, fp32): chunks bounded by ``cublas_chunk_mib``, the sweep's blocks by ``sweep_mib`` (16 KiB each here)."""
+    from tests._harness import NumelRecorder
+
+    n, v, d = 64, 512, 8
+    prob = make_problem("linear", n=n, vocab=v, ds=d, dt=d, pad=0, seed=12)
+    cfg = dict(CFG, cublas_chunk_mib=2**-6, sweep_mib=2**-6)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    with NumelRecorder() as rec:
+        saved = tb.forward_stats(prob, config=cfg)
+        got = tb.backward(prob, "reverse_kl", grad, saved, config=cfg)
+        values, dh, dw, db = tb.fused_value_and_grad(prob, "reverse_kl", 0.5, grad, config=cfg)
+    check_backward(prob, "reverse_kl", 0.5, grad, got, 5e-4)
+    check_backward(prob, "reverse_kl", 0.5, grad, (dh, dw, db), 5e-4)
+    check("values", values, ref.forward_stats(f64(prob))["reverse_kl"], ref.forward_stats(prob)["reverse_kl"], 5e-4)
+    largest_input = 4 * max(v * d, n * d)
+    biggest = max(rec.sizes, key=lambda sz: sz[2])
+    assert biggest[2] <= max(largest_input, 2**-6 * 2**20) < 4 * n * v, biggest

@@ -29,6 +29,7 @@ weight's dtype (``"dtype"``: rounded once per block, no extra memory); "auto" ta
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
@@ -255,7 +256,7 @@ def dlogits_epilogue_kernel(
 def mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a · bᵀ`` in fp32 (``a [m, D]``, ``b [w, D]``, ``out`` a contiguous fp32 ``[m, w]``).
 
-    16-bit on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` keeps cuBLAS's fp32 accumulator (PyTorch >= 2.8);
+    16-bit on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` keeps cuBLAS's fp32 accumulator (PyTorch >= 2.9);
     where that is missing, the 16-bit product is widened (logits rounded to 16 bits: an error of ~2⁻⁹·|logit|).
     16-bit on the CPU (the interpreter tests): the operands are widened, exact products summed in fp32 as a GPU's
     tensor cores do. fp32: without TF32 while ``FP32_DOT_PRECISION`` is "ieee"."""
@@ -263,11 +264,30 @@ def mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
         with _exact_fp32_matmuls():
             return torch.mm(a, b.t(), out=out)
     if a.is_cuda:
-        try:
+        if _out_dtype_works():
             return torch.mm(a, b.t(), out_dtype=torch.float32, out=out)
-        except TypeError:
-            return out.copy_(torch.mm(a, b.t()))
+        return out.copy_(torch.mm(a, b.t()))
     return torch.mm(a.float(), b.float().t(), out=out)
+
+
+_OUT_DTYPE: Optional[bool] = None
+
+
+def _out_dtype_works() -> bool:
+    """Whether this PyTorch has ``torch.mm(bf16, bf16, out_dtype=torch.float32, out=...)`` on CUDA (probed once)."""
+    global _OUT_DTYPE
+    if _OUT_DTYPE is None:
+        try:
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+            out = torch.empty(16, 16, dtype=torch.float32, device="cuda")
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+            _OUT_DTYPE = bool((out == 16).all())
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE = False
+        if not _OUT_DTYPE:
+            warnings.warn("tipkernels: torch.mm(..., out_dtype=torch.float32) is unavailable; the cuBLAS-chunk "
+                          "strategy rounds 16-bit logits to 16 bits (upgrade PyTorch to >= 2.9)")
+    return _OUT_DTYPE
 
 
 def _product(a: Tensor, b: Tensor, fp32: bool) -> Tensor:
@@ -279,10 +299,7 @@ def _product(a: Tensor, b: Tensor, fp32: bool) -> Tensor:
         p = torch.mm(a.float(), b.float())
         return p if fp32 else p.to(a.dtype)
     if fp32:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:
-            return torch.mm(a, b).float()
+        return torch.mm(a, b, out_dtype=torch.float32) if _out_dtype_works() else torch.mm(a, b).float()
     return torch.mm(a, b)
 
 
@@ -309,11 +326,11 @@ def _accumulate(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
     if first:
         out.copy_(_product(a, b, fp32_out))
         return
-    if fp32_out and a.is_cuda:
+    if fp32_out and a.is_cuda and _out_dtype_works():
         try:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             return
-        except (TypeError, RuntimeError):
+        except (TypeError, NotImplementedError):  # mm has out_dtype, this addmm not: the slices below
             pass
     for i in range(0, a.shape[0], _ACC_SLICE_ROWS):
         out[i:i + _ACC_SLICE_ROWS].add_(_product(a[i:i + _ACC_SLICE_ROWS], b, fp32_out).to(out.dtype))
@@ -539,7 +556,8 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     """The contract's ``backward`` for a linear student, recomputing the logits by cuBLAS chunks of the rows of
     nonzero upstream gradient; ``dS`` by :func:`dlogits_epilogue_kernel`, the gradient products by cuBLAS.
     Extra memory: the chunk buffers (``cublas_chunk_mib``), a 16-bit ``dS`` chunk for 16-bit inputs (fp32 ``dS``
-    overwrites the student's chunk) and the fp32 ``d h`` accumulator of the chunk's rows."""
+    overwrites the student's chunk) and the fp32 ``d h`` accumulator of the pass's rows (at most half of
+    ``cublas_chunk_mib``): 128 + 32 + 64 = 224 MiB at the goal shape by default."""
     check_choice("kind", kind, KINDS)
     orig, prob = prob, prepare(prob)
     beta = float(beta)
@@ -566,7 +584,9 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     ls = saved["student_lse"].float()
     lt = saved["teacher_lse"].float() if needs_teacher else ls
     scal = saved[SAVED_VALUE[kind]].float() if formula != "forward_kl" else ls
-    rows, cols = chunk_shape(cfg, n_sel, vocab, student.linear + (teacher is not None and teacher.linear))
+    # rows per pass: the fp32 ``d h`` accumulator at most half the chunk budget (4096 rows at D = 4096, 128 MiB)
+    cap = max(cfg["epi_block_n"], int(cfg["cublas_chunk_mib"] * _MIB) // 2 // (4 * h.shape[1]))
+    rows, cols = chunk_shape(cfg, min(n_sel, cap), vocab, student.linear + (teacher is not None and teacher.linear))
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     d_buf = None if h.dtype == torch.float32 else torch.empty(rows * cols, dtype=h.dtype, device=dev)
     every = n_sel == n

@@ -54,7 +54,7 @@ _MIB = 2**20
 def strategy_defaults() -> Dict[str, object]:
     """Defaults of the strategy keys. ``sweep_mib`` 256: the step's extra-memory goal (benchmarks/gpu_suite.py)."""
     return {"strategy": "auto", "grad_strategy": "auto", "cublas_chunk_mib": 128, "sweep_mib": 256,
-            "sweep_dw": "auto", "epi_block_n": 16, "epi_block_v": 256}
+            "sweep_dw": "auto", "epi_block_n": 16, "epi_block_v": 128}
 
 
 def validate_strategy(over: Mapping, source: str) -> None:
