@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_plan.sh [--out DIR] [--dry-run-cpu] [--budget-s S]
 #
 # --dry-run-cpu: the same sequence at small shapes on the CPU, kernels in Triton's interpreter (~1-2 minutes).
-# Peers: wheels in $TK_WHEELS (default .whl/ in the repository: trl-*.whl, liger_kernel-*.whl, carried to the GPU
+# Peers: wheels in $TK_WHEELS (default .whl/ in the repository, from benchmarks/fetch_peer_wheels.sh, carried to the GPU
 # machine) are installed with --no-deps --no-index into a temporary folder first; without them the TRL / Liger
 # cells say so. PYTHON (default python3) is the interpreter.
 set -u
