@@ -207,10 +207,13 @@ def inspect_kernels_section(args, budget: Budget) -> str:
     if not os.path.exists(script):
         return "benchmarks/inspect_kernels.py is not in this checkout: no compile table (hook left in gpu_plan.py)."
     timeout = budget.cell_timeout(60.0, reserve=20, least=5)
+    n, v, ds, dt = args.shapes["goal"]
+    cmd = ["benchmarks/inspect_kernels.py", "--n", str(n), "--v", str(v), "--d", str(ds), "--d-teacher", str(dt),
+           "--dtype", args.dtype, "--kinds", "reverse_kl", "--strategies", "matmul",
+           "--jobs", str(min(8, os.cpu_count() or 1))]
     try:
-        proc = subprocess.run([sys.executable, script], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-        return f"`python benchmarks/inspect_kernels.py` (exit {proc.returncode}):\n\n" + proc.stdout[-6000:] + (
+        proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        return f"`python {' '.join(cmd)}` (exit {proc.returncode}):\n\n" + proc.stdout[-6000:] + (
             f"\n\n```\n{proc.stderr[-1500:]}\n```" if proc.returncode else "")
     except subprocess.TimeoutExpired:
         return f"benchmarks/inspect_kernels.py: timed out after {timeout:.0f} s"
