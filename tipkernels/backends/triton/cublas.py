@@ -356,8 +356,8 @@ class _Model:
             m, w = h_rows.shape[0], v1 - v0
             out = buf.view(-1)[: m * w].view(m, w)
             return mm_fp32(h_rows, self.weight[v0:v1], out)
-        z = self.logits[row_ids] if isinstance(row_ids, slice) else self.logits.index_select(0, row_ids)
-        return z[:, v0:v1]
+        z = self.logits[:, v0:v1]  # a view; gathered rows copy only the chunk's columns
+        return z[row_ids] if isinstance(row_ids, slice) else z.index_select(0, row_ids)
 
     def args(self, z: Tensor, v0: int, v1: int) -> tuple:
         b = self.bias[v0:v1] if self.bias is not None else z
