@@ -256,7 +256,7 @@ def dlogits_epilogue_kernel(
 def mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a · bᵀ`` in fp32 (``a [m, D]``, ``b [w, D]``, ``out`` a contiguous fp32 ``[m, w]``).
 
-    16-bit on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` keeps cuBLAS's fp32 accumulator (PyTorch >= 2.9);
+    16-bit on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` keeps cuBLAS's fp32 accumulator (PyTorch >= 2.8);
     where that is missing, the 16-bit product is widened (logits rounded to 16 bits: an error of ~2⁻⁹·|logit|).
     16-bit on the CPU (the interpreter tests): the operands are widened, exact products summed in fp32 as a GPU's
     tensor cores do. fp32: without TF32 while ``FP32_DOT_PRECISION`` is "ieee"."""
@@ -264,29 +264,40 @@ def mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
         with _exact_fp32_matmuls():
             return torch.mm(a, b.t(), out=out)
     if a.is_cuda:
-        if _out_dtype_works():
+        how = _out_dtype_support()
+        if how == "out":
             return torch.mm(a, b.t(), out_dtype=torch.float32, out=out)
+        if how == "alloc":  # an fp32 temporary the chunk's size
+            return out.copy_(torch.mm(a, b.t(), out_dtype=torch.float32))
         return out.copy_(torch.mm(a, b.t()))
     return torch.mm(a.float(), b.float().t(), out=out)
 
 
-_OUT_DTYPE: Optional[bool] = None
+_OUT_DTYPE: Optional[str] = None
 
 
-def _out_dtype_works() -> bool:
-    """Whether this PyTorch has ``torch.mm(bf16, bf16, out_dtype=torch.float32, out=...)`` on CUDA (probed once)."""
+def _out_dtype_support() -> str:
+    """How this PyTorch takes ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` on CUDA, probed once: "out" (into a
+    given buffer), "alloc" (only into a new tensor) or "" (not at all: 16-bit logits are rounded, with a warning)."""
     global _OUT_DTYPE
     if _OUT_DTYPE is None:
-        try:
-            a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
-            out = torch.empty(16, 16, dtype=torch.float32, device="cuda")
-            torch.mm(a, a, out_dtype=torch.float32, out=out)
-            _OUT_DTYPE = bool((out == 16).all())
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE = False
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(16, 16, dtype=torch.float32, device="cuda")
+        _OUT_DTYPE = ""
+        for how in ("out", "alloc"):
+            try:
+                got = (torch.mm(a, a, out_dtype=torch.float32, out=out) if how == "out"
+                       else torch.mm(a, a, out_dtype=torch.float32))
+                if got.dtype == torch.float32 and bool((got == 16).all()):
+                    _OUT_DTYPE = how
+                    break
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, NotImplementedError):
+                continue
         if not _OUT_DTYPE:
             warnings.warn("tipkernels: torch.mm(..., out_dtype=torch.float32) is unavailable; the cuBLAS-chunk "
-                          "strategy rounds 16-bit logits to 16 bits (upgrade PyTorch to >= 2.9)")
+                          "strategy rounds 16-bit logits to 16 bits (PyTorch >= 2.8 has it)")
     return _OUT_DTYPE
 
 
@@ -299,13 +310,14 @@ def _product(a: Tensor, b: Tensor, fp32: bool) -> Tensor:
         p = torch.mm(a.float(), b.float())
         return p if fp32 else p.to(a.dtype)
     if fp32:
-        return torch.mm(a, b, out_dtype=torch.float32) if _out_dtype_works() else torch.mm(a, b).float()
+        return torch.mm(a, b, out_dtype=torch.float32) if _out_dtype_support() else torch.mm(a, b).float()
     return torch.mm(a, b)
 
 
 #: Rows of ``a`` per product when an fp32 accumulator takes a 16-bit product without ``addmm(out_dtype=)``: bounds
 #: the fp32 temporary.
 _ACC_SLICE_ROWS = 8192
+_ADDMM_OUT_DTYPE = [True]  # False once ``addmm(..., out_dtype=, out=)`` failed here
 
 
 def _accumulate(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
@@ -326,12 +338,14 @@ def _accumulate(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
     if first:
         out.copy_(_product(a, b, fp32_out))
         return
-    if fp32_out and a.is_cuda and _out_dtype_works():
+    if fp32_out and a.is_cuda and _ADDMM_OUT_DTYPE[0] and _out_dtype_support():
         try:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             return
-        except (TypeError, NotImplementedError):  # mm has out_dtype, this addmm not: the slices below
-            pass
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # this PyTorch's addmm lacks it: slices from now on
+            _ADDMM_OUT_DTYPE[0] = False
     for i in range(0, a.shape[0], _ACC_SLICE_ROWS):
         out[i:i + _ACC_SLICE_ROWS].add_(_product(a[i:i + _ACC_SLICE_ROWS], b, fp32_out).to(out.dtype))
 
