@@ -129,9 +129,10 @@ def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, 
         t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
     known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
     choose = getattr(backend, "grad_strategy", None)
+    if known and choose is not None:
+        prob = backend.plan(prob)  # one resolution for the choice and the call (row_values keeps a planned prob)
     if not known or choose is None or choose(prob, True) != "fused_grad":
         return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
-    prob = backend.plan(prob)
     call = _Call(prob=prob, kind=effective_kind(kind, beta), beta=beta, backend=backend)
     if call.kind == "entropy" and prob.has_teacher:
         call.prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)

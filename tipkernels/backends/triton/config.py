@@ -22,6 +22,7 @@ import triton
 
 from ...inputs import Problem
 from ...options import options
+from .strategy import STRATEGY_KEYS, strategy_defaults, validate_strategy
 
 # tl.dot precision for fp32 inputs: "ieee" keeps fp32 results within the fp32 tolerance of docs/design.md §8
 # (tf32 would not, at real hidden sizes); set to "tf32" to trade that for tensor-core speed. Read at launch.
@@ -76,14 +77,16 @@ def default_config(prob: Problem) -> Dict[str, object]:
         "bwd_num_warps": None,  # None: num_warps
         "bwd_strategy": "matmul",
         "bwd_chunk_mib": 32,
+        **strategy_defaults(),  # the strategy keys (strategy.py)
     }
 
 
 #: Every config key (with its default for a given problem in :func:`default_config`).
 KEYS = ("block_n", "block_v", "block_d", "block_dh", "split_v", "num_warps", "num_stages", "bwd_block_n",
-        "bwd_block_v", "bwd_block_d", "bwd_num_stages", "bwd_num_warps", "bwd_strategy", "bwd_chunk_mib")
+        "bwd_block_v", "bwd_block_d", "bwd_num_stages", "bwd_num_warps", "bwd_strategy", "bwd_chunk_mib") + STRATEGY_KEYS
 _TWINNED = ("block_d", "num_stages", "num_warps")
-_DOT_BLOCKS = ("block_n", "block_v", "block_d", "block_dh", "bwd_block_n", "bwd_block_v", "bwd_block_d")
+_DOT_BLOCKS = ("block_n", "block_v", "block_d", "block_dh", "bwd_block_n", "bwd_block_v", "bwd_block_d", "epi_block_n",
+               "epi_block_v")
 
 
 
@@ -106,6 +109,7 @@ def validate(over: Optional[Mapping], source: str = "triton config") -> Dict[str
             raise ValueError(f"{source} {key}={b!r}: must be a power of two >= 16")
     if "bwd_strategy" in over and over["bwd_strategy"] not in ("matmul", "tiles"):
         raise ValueError(f"{source} bwd_strategy={over['bwd_strategy']!r}: expected 'matmul' or 'tiles'")
+    validate_strategy(over, source)
     if "bwd_chunk_mib" in over:
         chunk_mib = over["bwd_chunk_mib"]
         if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not chunk_mib > 0:
