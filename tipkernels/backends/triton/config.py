@@ -83,6 +83,8 @@ def default_config(prob: Problem) -> Dict[str, object]:
 KEYS = ("block_n", "block_v", "block_d", "block_dh", "split_v", "num_warps", "num_stages", "bwd_block_n",
         "bwd_block_v", "bwd_block_d", "bwd_num_stages", "bwd_num_warps", "bwd_strategy", "bwd_chunk_mib")
 _TWINNED = ("block_d", "num_stages", "num_warps")
+#: The backward strategies of a linear student (``bwd_strategy``); benchmarks/inspect_kernels.py compiles each.
+BWD_STRATEGIES = ("matmul", "tiles")
 _DOT_BLOCKS = ("block_n", "block_v", "block_d", "block_dh", "bwd_block_n", "bwd_block_v", "bwd_block_d")
 
 
@@ -104,7 +106,7 @@ def validate(over: Optional[Mapping], source: str = "triton config") -> Dict[str
     for key, b in over.items():
         if key in _DOT_BLOCKS and (isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1)):
             raise ValueError(f"{source} {key}={b!r}: must be a power of two >= 16")
-    if "bwd_strategy" in over and over["bwd_strategy"] not in ("matmul", "tiles"):
+    if "bwd_strategy" in over and over["bwd_strategy"] not in BWD_STRATEGIES:
         raise ValueError(f"{source} bwd_strategy={over['bwd_strategy']!r}: expected 'matmul' or 'tiles'")
     if "bwd_chunk_mib" in over:
         chunk_mib = over["bwd_chunk_mib"]
