@@ -56,18 +56,21 @@ def _reduced(x: int, floor: int) -> int:
 
 
 def record(n: int, d_s: int, d_t: int, v: int, dtype: torch.dtype, kinds, strategies, beta: float,
-           config: dict) -> dict:
+           config: dict):
     """``{label: [Launch, ...]}``: what the backend launches for the forward, the JSD pass and each backward kind and
-    strategy, at the config it resolves for the full-size problem (plus ``config``)."""
+    strategy, at the config it resolves for the full-size problem (plus ``config``; per strategy, since the backward
+    tile follows it); and the config of the forward."""
     tb = lib.triton_backend()
     full = lib.Problem(student_hidden=torch.empty(1, 1, dtype=dtype).expand(n, d_s),
                        student_weight=torch.empty(1, 1, dtype=dtype).expand(v, d_s),
                        teacher_hidden=torch.empty(1, 1, dtype=dtype).expand(n, d_t),
                        teacher_weight=torch.empty(1, 1, dtype=dtype).expand(v, d_t))  # shapes only, no memory
-    cfg = dict(tb.config.resolve(full, config or None))
-    n_r, v_r = _reduced(n, 48), _reduced(v, 4 * max(cfg["block_v"], cfg["bwd_block_v"]))
-    prob = lib.Problem(student_hidden=torch.zeros(n_r, d_s, dtype=dtype), student_weight=torch.zeros(v_r, d_s, dtype=dtype),
-                       teacher_hidden=torch.zeros(n_r, d_t, dtype=dtype), teacher_weight=torch.zeros(v_r, d_t, dtype=dtype))
+    cfgs = {s: tb.config.resolve(full, dict(config, bwd_strategy=s)) for s in strategies}
+    cfg = tb.config.resolve(full, config or None)
+    n_r, v_r = _reduced(n, 48), _reduced(v, 4 * max(max(c["block_v"], c["bwd_block_v"]) for c in cfgs.values()))
+    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+    prob = lib.Problem(student_hidden=zeros(n_r, d_s), student_weight=zeros(v_r, d_s),
+                       teacher_hidden=zeros(n_r, d_t), teacher_weight=zeros(v_r, d_t))
     out = {}
     with tb.recorded_launches() as launches:
         saved = tb.forward_stats(prob, config=cfg)
@@ -80,7 +83,7 @@ def record(n: int, d_s: int, d_t: int, v: int, dtype: torch.dtype, kinds, strate
     for strategy in strategies:
         for kind in kinds:
             with tb.recorded_launches() as launches:
-                tb.backward(prob, kind, torch.ones(n_r), fake, beta, config=dict(cfg, bwd_strategy=strategy))
+                tb.backward(prob, kind, torch.ones(n_r), fake, beta, config=cfgs[strategy])
             out[f"backward {strategy} {kind}"] = list(launches)
     return out, cfg
 

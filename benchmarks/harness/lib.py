@@ -18,7 +18,6 @@ def triton_backend():
     """The Triton backend package (``forward_stats``, ``backward``; ``config``: ``resolve``, ``device_key``,
     ``tuned_config``, ``TUNED_CONFIGS_ENV``, ``BWD_STRATEGIES``; ``aot``: the ahead-of-time compiles)."""
     from tipkernels.backends import triton as module
-    from tipkernels.backends.triton import aot  # noqa: F401 - loads module.aot
 
     return module
 

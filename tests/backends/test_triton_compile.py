@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,14 @@ import pytest
 
 pytestmark = pytest.mark.slow  # one subprocess compiles ~70 kernels (35-60 s on 2 cores)
 
-H100_SMEM_PER_BLOCK = 227 * 1024
-REGISTER_FILE = 64 * 1024
-TARGET = ("cuda", 90, 32)
+
+
+def _aot():
+    """The shared ahead-of-time compile machinery (``tipkernels.backends.triton.aot``)."""
+    from tests._harness import triton_backend as tb
+
+    return tb.aot
+
 
 # model spec: student "L" (linear), "Lb" (linear + bias), "Z" (logits); teacher the same or "" (none);
 # labels None / "i64" / "i32"; "strided": non-contiguous hidden states and teacher logits views.
@@ -178,144 +182,17 @@ def _record(case):
     return launches
 
 
-def _specialise(kernel, backend, args, kwargs):
-    """``(signature, constexprs, attrs, options)`` of ``kernel[grid](*args, **kwargs)``, as the JIT would compile it.
-
-    Triton 3.6 - 3.9 share this path (the JIT's binder, then ``_pack_args``); older or newer versions without it
-    get a plain signature built here (no int / alignment specialisation; still a valid compile)."""
-    from triton.runtime import jit
-
-    if hasattr(jit, "create_function_from_signature") and hasattr(kernel, "_pack_args"):
-        binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, spec, opts = binder(*args, **kwargs)
-        options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
-        return sig, constexprs, attrs, dict(options.__dict__)
-    import torch
-
-    def type_of(value):
-        if isinstance(value, tuple):  # a per-model argument tuple
-            return tuple(type_of(v) for v in value)
-        if isinstance(value, torch.Tensor):
-            return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                          torch.int64: "i64", torch.int32: "i32"}[value.dtype]
-        if isinstance(value, bool):
-            return "i1"
-        if isinstance(value, int):
-            return "i32" if -2**31 <= value < 2**31 else "i64"
-        return "fp32"
-
-    names = kernel.arg_names
-    sig, constexprs = {}, {}
-    launch_opts = {}
-    for name, value in zip(names, args):
-        sig[name] = type_of(value)
-    for name, value in kwargs.items():
-        if name in names:
-            sig[name], constexprs[name] = "constexpr", value
-        else:
-            launch_opts[name] = value
-    return {n: sig[n] for n in names}, constexprs, {}, launch_opts
-
-
-def _ast_source(kernel, sig, constexprs, attrs):
-    """ASTSource across versions: 3.2+ take ``constexprs=``/``attrs=`` (3.0/3.1 named them ``constants=``)."""
-    import inspect
-
-    from triton.compiler import ASTSource
-
-    params = inspect.signature(ASTSource.__init__).parameters
-    key = "constexprs" if "constexprs" in params else "constants"
-    return ASTSource(kernel, sig, **{key: constexprs, "attrs": attrs})
-
-
-_PTXAS_INFO = re.compile(r"Used (\d+) registers")
-_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_STACK = re.compile(r"(\d+) bytes stack frame")
-
-
-_WORK: list = []  # (kernel, signature, constexprs, attrs, options); forked workers get it by index
-
-
-def _compile_one(index):
-    """Compile one specialisation; a dict of what the checks need (or the error)."""
-    import contextlib
-    import io
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    kernel, sig, constexprs, attrs, options = _WORK[index]
-    start = time.perf_counter()
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v goes to stdout
-            compiled = triton.compile(_ast_source(kernel, sig, constexprs, attrs), target=GPUTarget(*TARGET),
-                                      options=options)
-    except Exception as e:  # noqa: BLE001  (reported, then asserted on in the test)
-        return dict(ok=False, error=f"{type(e).__name__}: {e}"[-4000:], seconds=time.perf_counter() - start)
-    ptx, text = compiled.asm["ptx"], log.getvalue()
-    regs, spills, stack = _PTXAS_INFO.search(text), _SPILLS.search(text), _STACK.search(text)
-    md = compiled.metadata
-    return dict(
-        ok=True, seconds=time.perf_counter() - start, shared=int(md.shared), num_warps=int(md.num_warps),
-        num_stages=int(md.num_stages), cubin_bytes=len(compiled.asm["cubin"]),
-        ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1],
-        registers=int(regs[1]) if regs else None,
-        spill_bytes=int(spills[1]) + int(spills[2]) if spills else None,
-        stack_bytes=int(stack[1]) if stack else None,
-        mma=sorted(set(re.findall(r"\b(wgmma\.mma_async\.\S+|mma\.sync\.\S+)", ptx))),
-    )
-
-
-def _leaves(types):
-    """The type strings of a signature's values, tuple arguments (one per model) flattened."""
-    for t in types:
-        if isinstance(t, (tuple, list)):
-            yield from _leaves(t)
-        else:
-            yield t
-
-
-def _describe(kernel, sig, constexprs, options):
-    names = kernel.arg_names
-    const = {(names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
-    ptr_types = sorted({t for t in _leaves(sig.values()) if t.startswith("*")})
-    return dict(kernel=kernel.__name__, constexprs={k: (v if isinstance(v, (bool, int, float, str)) else repr(v))
-                                                    for k, v in const.items() if k.isupper()},
-                pointer_types=ptr_types, num_warps=options.get("num_warps"))
-
-
 def worker(out_path: str, case_ids=(), jobs: int = 2) -> None:
-    """Record the cases' launches (all cases, or those named), compile the distinct specialisations for sm_90,
-    write a JSON report."""
-    import multiprocessing
-
+    """Record the cases' launches (all cases, or those named), compile the distinct specialisations for sm_90
+    (``triton_backend.aot``, shared with benchmarks/inspect_kernels.py), write a JSON report."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
+
+    from tests._harness import triton_backend as tb
 
     t0 = time.perf_counter()
-    backend = make_backend(GPUTarget(*TARGET))
-    work, keys, cases = _WORK, {}, {}
-    for case in CASES:
-        if case_ids and case["id"] not in case_ids:
-            continue
-        cases[case["id"]] = []
-        for launch in _record(case):
-            sig, constexprs, attrs, options = _specialise(launch.kernel, backend, launch.args, launch.kwargs)
-            key = repr((launch.kernel.__name__, sorted(sig.items()), sorted(constexprs.items(), key=repr),
-                        sorted(attrs.items(), key=repr), sorted(options.items(), key=repr)))
-            if key not in keys:
-                keys[key] = len(work)
-                work.append((launch.kernel, sig, constexprs, attrs, options))
-            cases[case["id"]].append(keys[key])
-    # heaviest kinds first, so the two workers finish together
-    order = sorted(range(len(work)), key=lambda i: work[i][0].__name__ not in ("stats_kernel", "dweight_kernel"))
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs) as pool:
-        results = dict(zip(order, pool.map(_compile_one, order, chunksize=1)))
-    specs = [dict(_describe(k, s, c, o), **results[i]) for i, (k, s, c, a, o) in enumerate(work)]
-    report = dict(triton=triton.__version__, target=list(TARGET), cases=cases, specs=specs,
+    work, cases = tb.aot.distinct({c["id"]: _record(c) for c in CASES if not case_ids or c["id"] in case_ids})
+    specs = tb.aot.compile_all(work, jobs=jobs)
+    report = dict(triton=triton.__version__, target=list(tb.aot.TARGET_SM90), cases=cases, specs=specs,
                   seconds=time.perf_counter() - t0)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1)
@@ -330,8 +207,7 @@ def report():
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/backends/ -> repo
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, "cache"),
-                   TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=repo)
+        env = dict(os.environ, **_aot().compile_env(os.path.join(tmp, "cache")), PYTHONPATH=repo)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=repo,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -349,14 +225,11 @@ def test_compiles_for_sm90(report, case):
     assert specs, "the case launched no kernel"
     assert len(specs) >= len(case["calls"])
     for sp in specs:
-        what = f"{sp['kernel']} {sp['constexprs']} {sp['pointer_types']}"
-        assert sp["ok"], f"{what} does not compile for sm_90:\n{sp['error']}"
-        assert sp["ptx_target"] == "sm_90a", what
-        assert sp["cubin_bytes"] > 0, what
-        assert 0 < sp["shared"] <= H100_SMEM_PER_BLOCK or sp["shared"] == 0, (what, sp["shared"])
-        assert sp["registers"] is not None and sp["spill_bytes"] is not None, f"{what}: no ptxas -v report"
-        assert sp["registers"] <= 255 and sp["registers"] * 32 * sp["num_warps"] <= REGISTER_FILE, (what, sp)
-        assert sp["spill_bytes"] == 0, f"{what}: ptxas spills {sp['spill_bytes']} bytes ({sp['registers']} regs)"
+        # compiles for sm_90a; shared memory fits a block; <= 255 registers, one block fits the file; no spills
+        problems = _aot().check_resources(sp)
+        assert not problems, "\n".join(problems)
+        assert sp["ptx_target"] == "sm_90a" and sp["cubin_bytes"] > 0 and 0 <= sp["shared"], sp
+        assert sp["registers"] <= 255 and sp["spill_bytes"] == 0, sp
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -375,11 +248,26 @@ def test_tensor_cores_match_the_dtype(report, case):
             assert sp["mma"] == [], f"fp32 ieee must not use tensor cores: {sp}"
         else:
             assert sp["mma"] and all(ptx_type in m for m in sp["mma"]), sp
-            # 64-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it (mma.sync), and
+            # 64- and 128-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it (mma.sync), and
             # so is fp32's 32-row dweight tile (tf32 is opt-in; fp32's default "ieee" uses no MMA at all)
             if case["dtype"] != "float32":
                 kind = "wgmma.mma_async" if case["config"] == "default" else "mma.sync"
                 assert all(m.startswith(kind) for m in sp["mma"]), sp
+
+
+def test_forward_and_ds_kernels_use_wide_wgmma(report):
+    """At the default configs, every 16-bit forward (stats, JSD) and dS kernel with a matmul issues wgmma at least
+    n64 wide per warpgroup (docs/design.md §4: a 64 x 64 tile at 8 warps split into m64n32)."""
+    aot, checked = _aot(), 0
+    for case in CASES:
+        if case["config"] != "default" or case["dtype"] == "float32":
+            continue
+        for sp in _specs(report, case["id"]):
+            if sp["kernel"] in ("stats_kernel", "jsd_kernel", "dlogits_kernel") and sp["mma"]:
+                widths = aot.wgmma_n(sp["mma"])
+                assert widths and min(widths) >= 64, (case["id"], sp["kernel"], sp["mma_shapes"], sp["constexprs"])
+                checked += 1
+    assert checked >= 30, checked
 
 
 def test_cases_cover_every_specialisation_axis(report):
