@@ -88,6 +88,22 @@ def record(n: int, d_s: int, d_t: int, v: int, dtype: torch.dtype, kinds, strate
     return out, cfg
 
 
+def screen(n: int, d_s: int, d_t: int, v: int, dtype: torch.dtype, configs, kind: str = "reverse_kl",
+           jobs: int = 2) -> list:
+    """For each partial config of ``configs``: what is wrong with the kernels the backend would launch with it for
+    the forward and the ``kind`` backward of its ``bwd_strategy`` (compiled for sm_90, :func:`aot.check_resources`;
+    an empty list when nothing is). Kernels shared by several configs are compiled once."""
+    aot = lib.triton_backend().aot
+    per_config = []
+    for cfg in configs:
+        strategy = cfg.get("bwd_strategy") or lib.triton_backend().config.BWD_STRATEGIES[0]
+        launches, _ = record(n, d_s, d_t, v, dtype, [kind], [strategy], 0.5, dict(cfg))
+        per_config.append([x for label, xs in launches.items() if label != "jsd pass" for x in xs])
+    work, uses = aot.distinct({i: xs for i, xs in enumerate(per_config)})
+    specs = aot.compile_all(work, jobs=jobs)
+    return [[m for j in dict.fromkeys(uses[i]) for m in aot.check_resources(specs[j])] for i in range(len(configs))]
+
+
 def _tile(sp: dict) -> str:
     c = sp["constexprs"]
     tile = f"{c.get('BLOCK_N')}x{c.get('BLOCK_V')}x{c.get('BLOCK_D')}"
@@ -126,7 +142,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", default=None, help="directory for <kernel>_<i>.ptx/.cubin and kernels.json")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--strict", action="store_true", help="fail also on an MMA narrower than n64 (forward, dS)")
+    ap.add_argument("--screen", nargs=2, metavar=("IN", "OUT"), default=None,
+                    help="screen the partial configs listed in the JSON file IN; write their problems to OUT "
+                         "(benchmarks/tune_triton.py calls this)")
     a = ap.parse_args(argv)
+    if a.screen:
+        with open(a.screen[0]) as f:
+            configs = json.load(f)
+        problems = screen(a.n, a.d, a.d_teacher or a.d, a.v, dtype_of(a.dtype), configs, jobs=a.jobs)
+        with open(a.screen[1], "w") as f:
+            json.dump(problems, f, indent=1)
+        return 0
 
     aot = lib.triton_backend().aot
     strategies = a.strategies.split(",") if a.strategies else list(lib.triton_backend().config.BWD_STRATEGIES)

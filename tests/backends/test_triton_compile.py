@@ -256,18 +256,20 @@ def test_tensor_cores_match_the_dtype(report, case):
 
 
 def test_forward_and_ds_kernels_use_wide_wgmma(report):
-    """At the default configs, every 16-bit forward (stats, JSD) and dS kernel with a matmul issues wgmma at least
-    n64 wide per warpgroup (docs/design.md §4: a 64 x 64 tile at 8 warps split into m64n32)."""
+    """At the default configs, every 16-bit forward (stats, JSD) and dS kernel of linear models issues wgmma at least
+    n64 wide per warpgroup (docs/design.md §4: a 64 x 64 tile at 8 warps split into m64n32). A model given as logits
+    keeps the 64-row forward tile (that pass reads [N, V] logits)."""
     aot, checked = _aot(), 0
     for case in CASES:
-        if case["config"] != "default" or case["dtype"] == "float32":
+        linear = case["student"].startswith("L") and case["teacher"] in ("", "L", "Lb")
+        if case["config"] != "default" or case["dtype"] == "float32" or not linear:
             continue
         for sp in _specs(report, case["id"]):
             if sp["kernel"] in ("stats_kernel", "jsd_kernel", "dlogits_kernel") and sp["mma"]:
                 widths = aot.wgmma_n(sp["mma"])
                 assert widths and min(widths) >= 64, (case["id"], sp["kernel"], sp["mma_shapes"], sp["constexprs"])
                 checked += 1
-    assert checked >= 30, checked
+    assert checked >= 20, checked  # 24 with the cases above
 
 
 def test_cases_cover_every_specialisation_axis(report):

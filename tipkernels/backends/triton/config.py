@@ -55,20 +55,27 @@ def default_config(prob: Problem, bwd_strategy: str = "matmul") -> Dict[str, obj
     passes); ``"tiles"`` never allocates more than its outputs but recomputes the logit tiles ``D / block_dh`` times
     (see ``benchmarks/TUNING.md``). The backward tile follows the strategy (:func:`resolve` passes the chosen one).
 
-    16-bit inputs (docs/design.md §4): the forward tile is 128 rows x 64 vocabulary entries at 8 warps, so each of
-    the two warpgroups issues wgmma m64n64k16 (64 x 64 split them into m64n32; a 128 x 128 tile spilled 0.8 KB); the
-    dS kernel of "matmul" is 128 x 128 with 32-wide hidden chunks (wgmma m64n128k16; 64-wide chunks spilled 72 B in
-    JSD). The "tiles" kernels keep 64 x 64: their fp32 ``d h`` / ``d W`` accumulator shares the registers (128 x 128
-    spilled 0.3 KB). fp32 ("ieee": no tensor cores) keeps the 64-row tiles. Every default compiles for sm_90
-    within 255 registers without spilling (tests/backends/test_triton_compile.py).
+    16-bit inputs, linear models (docs/design.md §4): the forward tile is 128 rows x 64 vocabulary entries at 8
+    warps, so each of the two warpgroups issues wgmma m64n64k16 (64 x 64 split them into m64n32; a 128 x 128 tile
+    spilled 0.8 KB); the dS kernel of "matmul" is 128 x 128 with 32-wide hidden chunks (wgmma m64n128k16; 64-wide
+    chunks spilled 72 B in JSD), 128 x 64 with a bias or a soft-cap. The "tiles" kernels keep 64 x 64: their fp32
+    ``d h`` / ``d W`` accumulator shares the registers (128 x 128 spilled 0.3 KB). fp32 ("ieee": no tensor cores)
+    keeps the 64-row tiles. Every default compiles for sm_90 within 255 registers without spilling
+    (tests/backends/test_triton_compile.py).
     """
     dtype = (prob.student_hidden if prob.student_is_linear else prob.student_logits).dtype
     wide = dtype == torch.float32 or dtype == torch.float64
     ds = prob.student_hidden.shape[1] if prob.student_is_linear else 16
     capped = prob.student_cap is not None or prob.teacher_cap is not None
+    # 128-row forward tiles when every model is linear: a model given as logits makes the pass a read of [N, V]
+    # logits (memory-bound, the MMA width moot) and its tile's layout conversion spilled 60-600 B at 128 x 64
+    all_linear = prob.student_is_linear and (not prob.has_teacher or prob.teacher_hidden is not None)
+    big_fwd = not wide and all_linear
     big_ds = not wide and bwd_strategy == "matmul"
+    # a bias or a soft-cap in the dS epilogue spilled 16-712 B at 128 x 128 (JSD, Triton 3.9): 128 x 64 (n64) then
+    plain = prob.student_bias is None and prob.teacher_bias is None and not capped
     return {
-        "block_n": 64 if wide else 128,
+        "block_n": 128 if big_fwd else 64,
         "block_v": 32 if wide and capped else 64,  # fp32, both capped: stats_kernel spilled 88 B at 64 (Triton 3.9)
         "block_d": 16 if wide else 64,
         # a soft-capped 16-bit student: dhidden_kernel (JSD, both capped) spilled 24 B at 256 (Triton 3.9)
@@ -78,7 +85,7 @@ def default_config(prob: Problem, bwd_strategy: str = "matmul") -> Dict[str, obj
         "num_warps": 8,
         "num_stages": 2 if wide else None,  # fp32 forward with 3 stages: ptxas spilled (Triton 3.6)
         "bwd_block_n": 128 if big_ds else 64,
-        "bwd_block_v": 128 if big_ds else (32 if wide else 64),
+        "bwd_block_v": (128 if plain else 64) if big_ds else (32 if wide else 64),
         "bwd_block_d": 32 if (wide or big_ds) else 64,  # fp32 at 16: ptxas picked 128 registers and spilled
         "bwd_num_stages": None,  # fp32 at 2: the same in dweight
         "bwd_num_warps": None,  # None: num_warps
