@@ -144,6 +144,12 @@ def screen_candidates(n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, st
     return bad
 
 
+def _short_problem(msg: str) -> str:
+    """``"compiles badly: stats_kernel: ptxas spills 808 bytes (255 registers)"`` from an ``aot.check_resources``
+    message (kernel, constexprs, pointer types, then what is wrong)."""
+    return f"compiles badly: {msg.split()[0]}: {msg.rsplit(']', 1)[-1].lstrip(': ').splitlines()[0][:80]}"
+
+
 def tune(*, n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, space: str = "full", sweeps: int = 2,
          repeats: int = 5, budget_s: Optional[float] = None, screen: bool = False,
          log: Callable[[str], None] = print) -> dict:
@@ -177,7 +183,7 @@ def tune(*, n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, spac
                     cand = dict(best, **{key: value})
                     if (key, value) in bad:
                         rows.append(dict(p=p.name, change=f"{key}={value}", time=None, ratio=None, err=None,
-                                         outcome="compiles badly: " + bad[key, value][0].split(": ", 1)[-1][:80]))
+                                         outcome=_short_problem(bad[key, value][0])))
                         continue
                     s, err, outcome = measure(p, cand, device, repeats)
                     if s is not None and err > tol:

@@ -340,9 +340,9 @@ def test_compile_report(report):
               f"smem={sp.get('shared')} warps={sp.get('num_warps')} stages={sp.get('num_stages')} "
               f"{sp.get('seconds', 0):.1f}s {sp['constexprs']}")
     print(f"triton {report['triton']}: {len(report['specs'])} kernels in {report['seconds']:.1f}s")
-    # 114 kernels, the 128-row tiles compile slower: 289 s at a load of 11 on 2 cores (2026-12-01); the subprocess
-    # itself is stopped at 600 s
-    assert report["seconds"] < 450
+    # 114 kernels, the 128-row tiles compile slower: 289-419 s at a load of 11 on 2 cores (2026-12-01); the
+    # subprocess itself is stopped at 600 s
+    assert report["seconds"] < 540
 
 
 if __name__ == "__main__":
