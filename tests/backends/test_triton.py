@@ -94,6 +94,13 @@ def test_grouped_program_order(group_n):
         check_backward(prob, "jsd", 0.3, grad, got, 5e-4)
 
 
+def test_group_n_is_validated():
+    for bad in (0, None, 2.0, True):
+        with pytest.raises(ValueError, match="group_n"):
+            tb.config.validate({"group_n": bad})
+    assert tb.config.validate({"group_n": 3}) == {"group_n": 3}
+
+
 def test_forward_stats_fp16_and_fp64():
     check_stats(make_problem("linear", torch.float16), tb.forward_stats(make_problem("linear", torch.float16),
                                                                           config=SMALL), 1e-2)

@@ -246,8 +246,8 @@ def test_tensor_cores_match_the_dtype(report, case):
             assert sp["mma"] == [], f"fp32 ieee must not use tensor cores: {sp}"
         else:
             assert sp["mma"] and all(ptx_type in m for m in sp["mma"]), sp
-            # 64- and 128-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it (mma.sync), and
-            # so is fp32's 32-row dweight tile (tf32 is opt-in; fp32's default "ieee" uses no MMA at all)
+            # 64- and 128-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it
+            # (mma.sync), and so is fp32's 32-row dweight tile (tf32 is opt-in; fp32's default "ieee" uses no MMA)
             if case["dtype"] != "float32":
                 kind = "wgmma.mma_async" if case["config"] == "default" else "mma.sync"
                 assert all(m.startswith(kind) for m in sp["mma"]), sp

@@ -8,9 +8,10 @@ float64 inputs are computed in fp32 (gradients are returned in float64). Every e
 Layout: :mod:`.config` (block sizes, tuned tables, validation, one resolution per op call), :mod:`.launch` (the
 recordable launch and argument packing), :mod:`.common` (``tl`` helpers shared by the kernels), :mod:`.stats` (the
 statistics and JSD kernels, their launchers and the host-side merge), :mod:`.backward` (the backward kernels and
-their launchers, both strategies), :mod:`.aot` (ahead-of-time sm_90 compiles of the recorded launches). A call ``fused_linear_divergence(..., backend="triton")`` goes
-:mod:`tipkernels.ops.divergence` → :mod:`tipkernels.ops.core` (``RowValues``) → :func:`.stats.forward_stats` /
-:func:`.backward.backward` → ``stats_kernel`` / ``dlogits_kernel`` (docs/design.md §3, §4).
+their launchers, both strategies), :mod:`.aot` (ahead-of-time sm_90 compiles of the recorded launches). A call
+``fused_linear_divergence(..., backend="triton")`` goes :mod:`tipkernels.ops.divergence` → :mod:`tipkernels.ops.core`
+(``RowValues``) → :func:`.stats.forward_stats` / :func:`.backward.backward` → ``stats_kernel`` / ``dlogits_kernel``
+(docs/design.md §3, §4).
 """
 
 from __future__ import annotations

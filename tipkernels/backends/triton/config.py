@@ -76,7 +76,8 @@ def default_config(prob: Problem, bwd_strategy: str = "matmul") -> Dict[str, obj
     plain = prob.student_bias is None and prob.teacher_bias is None and not capped
     return {
         "block_n": 128 if big_fwd else 64,
-        "block_v": 32 if wide else 64,  # fp32: stats_kernel (both capped, 3.9) spilled 88 B at 64, jsd_kernel (3.6) 20 B
+        # fp32 at 64: stats_kernel (both capped, Triton 3.9) spilled 88 B, jsd_kernel (3.6, grouped order) 20 B
+        "block_v": 32 if wide else 64,
         "block_d": 16 if wide else 64,
         # a soft-capped 16-bit student: dhidden_kernel (JSD, both capped) spilled 24 B at 256 (Triton 3.9)
         "block_dh": min(128 if wide or prob.student_cap is not None else 256, _pow2_at_least_16(ds)),
