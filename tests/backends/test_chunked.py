@@ -80,6 +80,7 @@ def test_torch_backend_never_allocates_n_by_v(monkeypatch, kind, beta, strategy)
     monkeypatch.setattr(torch_backend, "STRATEGY", strategy)
     monkeypatch.setattr(torch_backend, "CHUNK_BUDGET_BYTES", tile_elems * 4 * torch_backend._TILE_TEMPORARIES)
     monkeypatch.setattr(torch_backend, "FUSED_BLOCK_BYTES", 2 * tile_elems * 4)
+    monkeypatch.setattr(torch_backend, "FUSED_WORKERS", 1)  # every op on this thread, where the recorder sees it
     rows, cols = torch_backend.tile_shape(n, v)
     assert rows * cols <= tile_elems and rows < n
     assert torch_backend.fused_rows(n, v)[0] * v <= tile_elems

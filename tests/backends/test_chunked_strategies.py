@@ -28,10 +28,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 @pytest.fixture
 def strategy(monkeypatch, request):
-    """Force a strategy; fused_grad in blocks of 7 rows and sub-blocks of 3 (several blocks, ragged ends)."""
+    """Force a strategy; fused_grad in blocks of 7 rows, sub-blocks of 3 and matmul pieces of 16 vocabulary columns
+    (several blocks and pieces, ragged ends)."""
     name, workers = request.param
     monkeypatch.setattr(torch_backend, "STRATEGY", name)
-    monkeypatch.setattr(torch_backend, "ELEMENTWISE_WORKERS", workers)
+    monkeypatch.setattr(torch_backend, "FUSED_WORKERS", workers)
+    monkeypatch.setattr(torch_backend, "FUSED_VOCAB_CHUNK", 16)
     monkeypatch.setattr(torch_backend, "fused_rows", lambda n, v, itemsize=4: (min(7, n), min(3, n)))
     calls = []
     real = torch_backend.fused_value_and_grad
@@ -98,8 +100,10 @@ def test_strategies_agree(monkeypatch, kind, beta, dtype):
     out = {}
     for name, rows in (("recompute", None), ("fused_grad", None), ("fused_grad", (5, 2))):
         monkeypatch.setattr(torch_backend, "STRATEGY", name)
-        if rows is not None:
+        if rows is not None:  # small blocks, 3 workers taking ragged 50-column matmul pieces
             monkeypatch.setattr(torch_backend, "fused_rows", lambda n, v, itemsize=4, r=rows: r)
+            monkeypatch.setattr(torch_backend, "FUSED_VOCAB_CHUNK", 50)
+            monkeypatch.setattr(torch_backend, "FUSED_WORKERS", 3)
         out[(name, rows)] = _run(case, kind, beta, 1.3, "mean", w, go)
     ref = out[("recompute", None)]
     tol = 1e-12 if dtype == torch.float64 else 2e-5
@@ -207,6 +211,10 @@ def test_cache_sizes_and_tiles():
         assert 1 <= sub <= block <= 512
         assert 2 * block * vocab * 4 <= max(64 * 2**20, 2 * 64 * vocab * 4)
         assert 3 * sub * vocab * 4 <= max(2 * l2, 3 * vocab * 4)
+        fwd_cols, grad_cols = torch_backend.fused_vocab_chunks(vocab)
+        assert 1 <= fwd_cols <= grad_cols <= vocab
+        assert fwd_cols == min(vocab, max(128, min(4096, l2 // 2048)))  # [256, cols] fits half the L2
+        assert grad_cols == min(vocab, 4 * fwd_cols)
     assert torch_backend._parse_size("32768K") == 32 * 2**20 and torch_backend._parse_size("1 MiB") == 2**20
 
 
@@ -227,7 +235,7 @@ def test_compiled_update_matches_eager(monkeypatch):
     both worker threads calling it; a failing compiler falls back to the eager update with a warning."""
     case = make_case(40, 97, 12, 9, seed=12)
     monkeypatch.setattr(torch_backend, "fused_rows", lambda n, v, itemsize=4: (16, 4))  # ragged: 16 = 4·4, 8
-    monkeypatch.setattr(torch_backend, "ELEMENTWISE_WORKERS", 2)
+    monkeypatch.setattr(torch_backend, "FUSED_WORKERS", 2)
 
     def run():
         hs, ws = case.hs.detach().clone().requires_grad_(), case.ws.detach().clone().requires_grad_()
@@ -287,3 +295,34 @@ def test_fused_grad_forms_only_the_wanted_gradients(monkeypatch):
         grads[strategy] = hs.grad
     assert seen == [True]
     torch.testing.assert_close(grads["fused_grad"], grads["recompute"], rtol=1e-5, atol=1e-7)
+
+
+def test_run_pieces_slots_and_errors():
+    """fused_grad's work sharing: every piece runs once, no slot is held by two threads at once, grad mode is off
+    in the workers, and an exception in a piece reaches the caller."""
+    import threading
+
+    held, seen, lock = set(), [], threading.Lock()
+
+    def piece(p, slot):
+        with lock:
+            assert slot not in held and 0 <= slot < 3
+            held.add(slot)
+        assert not torch.is_grad_enabled()
+        torch.ones(1000).sum()  # a torch op on the worker
+        with lock:
+            held.discard(slot)
+            seen.append(p)
+
+    torch_backend._run_pieces(3, piece, list(range(50)))
+    assert sorted(seen) == list(range(50))
+    seen.clear()
+    torch_backend._run_pieces(1, piece, [7, 8])
+    assert seen == [7, 8]
+
+    def failing(p, slot):
+        if p == 5:
+            raise RuntimeError("piece 5 failed")
+
+    with pytest.raises(RuntimeError, match="piece 5 failed"):
+        torch_backend._run_pieces(2, failing, list(range(10)))

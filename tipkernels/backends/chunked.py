@@ -10,7 +10,8 @@ Two gradient strategies (docs/design.md §2), chosen in one place, :func:`grad_s
   not), :func:`fused_value_and_grad` forms the gradient in the forward's sweep: a block of ``rows`` tokens holds
   both models' full-vocabulary logits (``2 · rows · V`` floats, :func:`fused_rows`), computes their statistics,
   turns the student's block into ``dS`` in place and accumulates ``d hidden``/``d weight``/``d bias`` with
-  matmuls. No logit is computed twice; the backward only scales the stored gradients.
+  matmuls. No logit is computed twice; the backward only scales the stored gradients. Its matmuls and elementwise
+  work are pieces (vocabulary chunks, row sub-blocks) that :data:`FUSED_WORKERS` threads take one at a time.
 
 Implements the backend contract of :class:`tipkernels.backends.Backend`.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import queue
 import re
 import subprocess
 import threading
@@ -146,6 +148,24 @@ def fused_rows(n_rows: int, vocab: int, itemsize: int = 4) -> Tuple[int, int]:
     l2, _ = cache_sizes()
     sub = max(1, min(block, (2 * l2) // (3 * vocab * itemsize)))
     return block, sub
+
+
+#: Columns of fused_grad's matmul pieces (both phases); None: :func:`fused_vocab_chunks` (from the cache size).
+FUSED_VOCAB_CHUNK: Optional[int] = None
+
+
+def fused_vocab_chunks(vocab: int) -> Tuple[int, int]:
+    """fused_grad's vocabulary chunks ``(logits, gradient)``: the columns of one matmul piece. A logits piece
+    writes a ``[rows, cols]`` slice that fits half a core's L2 at 256 rows (512 columns with 1 MiB of L2); a
+    gradient piece (``d W`` and ``d h`` from one slice of ``dS``) is 4× wider. Measured single-threaded on this
+    box (benchmarks/TUNING.md, c6): the logits matmul at 128–256 rows ran at 77–83 GFLOP/s in 512-column pieces,
+    71–76 in 2048, 64–67 over the whole 65536-column vocabulary; the gradient pair at 81–86 from 1024 columns up."""
+    if FUSED_VOCAB_CHUNK is not None:
+        c = max(1, min(vocab, FUSED_VOCAB_CHUNK))
+        return c, c
+    l2, _ = cache_sizes()
+    cols = max(128, min(4096, l2 // (2 * 256 * 4)))
+    return min(vocab, cols), min(vocab, 4 * cols)
 
 
 def _chunks(total: int, size: int) -> Iterator[Tuple[int, int]]:
@@ -498,12 +518,23 @@ class _BlockSide:
         self.bias = None if bias is None else (bias.to(dtype) * self.pre)
 
     def fill(self, out: Tensor, r0: int, r1: int) -> Tensor:
+        """All ``V`` columns of rows ``r0:r1`` into ``out [r1 - r0, V]`` (one op; the safe path's refill)."""
+        return self.fill_cols(out, self.rows(r0, r1), r0, r1, 0, self.vocab)
+
+    def rows(self, r0: int, r1: int) -> Optional[Tensor]:
+        """The hidden rows ``r0:r1`` in the compute dtype, times the pre-tanh factor (None for a logits side)."""
+        return None if self.hidden is None else self.hidden[r0:r1].to(self.dtype) * self.pre
+
+    def fill_cols(self, out: Tensor, h: Optional[Tensor], r0: int, r1: int, v0: int, v1: int) -> Tensor:
+        """Columns ``v0:v1`` of rows ``r0:r1`` (``h``: :meth:`rows`) into ``out[:, v0:v1]`` of the row block
+        ``out``; BLAS writes the strided column slice in place."""
+        out = out[:, v0:v1]
         if self.hidden is None:  # widen first, then scale (as the recompute path's tiles do)
-            out = out.copy_(self.logits[r0:r1, : self.vocab]).mul_(self.pre)
+            out = out.copy_(self.logits[r0:r1, v0:v1]).mul_(self.pre)
         else:
-            h = self.hidden[r0:r1].to(self.dtype) * self.pre
-            out = (torch.mm(h, self.weight_t, out=out) if self.bias is None
-                   else torch.addmm(self.bias, h, self.weight_t, out=out))
+            w = self.weight_t[:, v0:v1]
+            out = (torch.mm(h, w, out=out) if self.bias is None
+                   else torch.addmm(self.bias[v0:v1], h, w, out=out))
         return out if self.post is None else torch.tanh_(out).mul_(self.post)
 
 
@@ -607,10 +638,16 @@ def _generic_rows(kind: str, s: Tensor, u: Optional[Tensor], g: Tensor, beta: fl
 #: fused_grad gathers the rows of nonzero upstream gradient (a ``[live, V]`` copy) before its gradient matmuls
 #: when fewer than this fraction of a block's rows are live (weights with zeros, e.g. a mask).
 _COMPACT_BELOW = 0.9
-#: Python threads that share fused_grad's elementwise work, each running single-threaded torch ops on its own
-#: sub-blocks (torch's intra-op threads would meet at a barrier after every small op: on a loaded 2-core machine
-#: a 5 × 32768 step took 10× longer with 2 intra-op threads than with 1, see benchmarks/TUNING.md).
-ELEMENTWISE_WORKERS = 2
+#: Python threads that share fused_grad's work (None: torch's thread count). Each runs single-threaded torch ops
+#: on pieces it takes from a shared list: row sub-blocks for the elementwise work, vocabulary chunks for the
+#: matmuls. torch's intra-op threads would meet at a barrier after every op: on a loaded 2-core machine a
+#: 5 × 32768 step took 10× longer with 2 intra-op threads than with 1, and a whole-vocabulary 128-row matmul split
+#: by MKL over 2 threads ran at a third of the single-threaded chunked pieces' rate (benchmarks/TUNING.md, c2, c6).
+FUSED_WORKERS: Optional[int] = None
+
+
+def fused_workers() -> int:
+    return max(1, torch.get_num_threads() if FUSED_WORKERS is None else FUSED_WORKERS)
 
 
 @lru_cache(maxsize=4)
@@ -618,6 +655,30 @@ def _pool(workers: int):
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(workers, thread_name_prefix="tipkernels-fused")
+
+
+def _run_pieces(workers: int, fn, pieces) -> None:
+    """``fn(piece, slot)`` for every piece, on ``workers`` threads that each take the next piece when done (a
+    thread the OS deschedules holds up one piece, not half the work). ``slot`` (``0 <= slot < workers``) is held
+    by one thread at a time: per-thread scratch and accumulators are indexed by it. Exceptions propagate."""
+    if workers == 1 or len(pieces) <= 1:
+        with torch.no_grad():
+            for piece in pieces:
+                fn(piece, 0)
+        return
+    slots = queue.SimpleQueue()
+    for k in range(workers):
+        slots.put(k)
+
+    @torch.no_grad()  # grad mode is per thread: the pool's threads need it too
+    def job(piece):
+        k = slots.get()
+        try:
+            fn(piece, k)
+        finally:
+            slots.put(k)
+
+    list(_pool(workers).map(job, pieces))
 
 
 @torch.no_grad()  # grad mode is per thread: the pool's threads need it too
@@ -645,7 +706,7 @@ def _elementwise(kind, beta, student, teacher, s, u, scratch, g_all, values, r0,
 
 
 class _one_thread:
-    """torch's intra-op threads set to 1 within the block (restored after, for the matmuls)."""
+    """torch's intra-op threads set to 1 within the sweep (restored after: the caller's setting)."""
 
     def __enter__(self):
         self.prev = torch.get_num_threads()
@@ -674,8 +735,9 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
         (the caller casts them). Nothing is differentiable.
 
     Memory beyond inputs and outputs: two ``[rows, V]`` blocks (:func:`fused_rows`: 64 MiB together by default,
-    or 64 rows' worth where that is more), a ``[sub, V]`` scratch per worker thread (L2-sized), with weights of
-    zero in a block one more ``[live rows, V]`` gather, and fp32 copies of 16-bit inputs (weights included).
+    or 64 rows' worth where that is more), per worker thread a ``[sub, V]`` scratch (L2-sized) and a
+    ``[rows, D_s]`` partial ``d_hidden``, with weights of zero in a block one more ``[live rows, V]`` gather, and
+    fp32 copies of 16-bit inputs (weights included).
     """
     n, vocab = prob.num_rows, prob.vocab_size
     dtype = _compute_dtype(prob.student_hidden)
@@ -697,40 +759,68 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     values = torch.empty(n, dtype=dtype, device=device)
     g_all = (row_grad.to(dtype) * transform_grad_factor(None, prob.student_scale, None, prob.temperature))[:, None]
     rows, sub = fused_rows(n, vocab, torch.finfo(dtype).bits // 8)
+    fwd_cols, grad_cols = fused_vocab_chunks(vocab)
     s_buf = torch.empty(rows, vocab, dtype=dtype, device=device)
     u_buf = torch.empty(rows, vocab, dtype=dtype, device=device) if teacher is not None else None
-    workers = max(1, min(torch.get_num_threads(), ELEMENTWISE_WORKERS))
+    workers = fused_workers()
     scratch = [torch.empty(sub, vocab, dtype=dtype, device=device) for _ in range(workers)]
+    # d hidden of a block: one partial sum over vocabulary chunks per worker, added up after the block
+    dh_parts = (torch.empty(workers, rows, weight.shape[1], dtype=dtype, device=device)
+                if d_hidden is not None else None)
     compiled = compiled_rkl(sub, vocab, dtype) if kind == "reverse_kl" and device.type == "cpu" else None
-    with torch.no_grad():
+    sides = [(student, s_buf)] + ([(teacher, u_buf)] if teacher is not None else [])
+
+    with torch.no_grad(), _one_thread():  # single-threaded ops (pieces run on the workers, see FUSED_WORKERS)
         for r0, r1 in _chunks(n, rows):
             m = r1 - r0
-            s = student.fill(s_buf[:m], r0, r1)
-            u = teacher.fill(u_buf[:m], r0, r1) if teacher is not None else None
+            s, u = s_buf[:m], (u_buf[:m] if u_buf is not None else None)
+            hs = [side.rows(r0, r1) for side, _ in sides]
+
+            def logits(piece, _slot, r0=r0, r1=r1, m=m, hs=hs):
+                k, v0, v1 = piece
+                sides[k][0].fill_cols(sides[k][1][:m], hs[k], r0, r1, v0, v1)
+
+            _run_pieces(workers, logits, [(k, v0, v1) for v0, v1 in _chunks(vocab, fwd_cols)
+                                          for k in range(len(sides))])
+
             parts = list(_chunks(m, sub))
-            halves = [parts[k::workers] for k in range(workers)]
-            jobs = [(kind, beta, student, teacher, s, u, scratch[k], g_all, values, r0, halves[k], compiled)
-                    for k in range(workers)]
-            # single-threaded ops (a worker thread's torch thread count is fixed at its first op: 1 here)
-            with _one_thread():
-                if workers == 1:
-                    _elementwise(*jobs[0])
-                else:
-                    list(_pool(workers).map(lambda job: _elementwise(*job), jobs))
+            per = max(1, -(-len(parts) // (4 * workers)))  # ~4 pieces per worker: balance, few hand-overs
+            groups = [parts[i:i + per] for i in range(0, len(parts), per)]
+
+            def elementwise(group, slot, r0=r0, s=s, u=u):
+                _elementwise(kind, beta, student, teacher, s, u, scratch[slot], g_all, values, r0, group, compiled)
+
+            _run_pieces(workers, elementwise, groups)
+
             h = prob.student_hidden[r0:r1].to(dtype)
             live = g_all[r0:r1, 0] != 0
             k = int(live.sum())
+            idx = None
             if k < m * _COMPACT_BELOW:  # rows of weight 0 have dS = 0: leave them out of the gradient matmuls
                 if k == 0:
                     continue
                 idx = live.nonzero().squeeze(1)
                 s, h = s.index_select(0, idx), h.index_select(0, idx)
-                if d_hidden is not None:
-                    d_hidden[r0:r1].index_copy_(0, idx, s @ weight)
-            elif d_hidden is not None:
-                torch.mm(s, weight, out=d_hidden[r0:r1])
-            if d_weight is not None:
-                d_weight.addmm_(s.t(), h)
-            if d_bias is not None:
-                d_bias.add_(s.sum(0))
+            dh = None
+            if dh_parts is not None:
+                dh = dh_parts[:, : s.shape[0]]
+                dh.zero_()
+
+            def grads(piece, slot, s=s, h=h, dh=dh):
+                v0, v1 = piece
+                ds = s[:, v0:v1]  # cache-resident for all three products
+                if d_weight is not None:
+                    d_weight[v0:v1].addmm_(ds.t(), h)
+                if dh is not None:
+                    dh[slot].addmm_(ds, weight[v0:v1])
+                if d_bias is not None:
+                    d_bias[v0:v1].add_(ds.sum(0))
+
+            _run_pieces(workers, grads, list(_chunks(vocab, grad_cols)))
+            if dh is not None:
+                total = dh.sum(0) if workers > 1 else dh[0]
+                if idx is None:
+                    d_hidden[r0:r1].copy_(total)
+                else:
+                    d_hidden[r0:r1].index_copy_(0, idx, total)
     return values, d_hidden, d_weight, d_bias
