@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import tipkernels as tk
+from tipkernels.opd.models import is_topk_teacher, teacher_topk_output
 from tipkernels.opd.topk_teacher import (
-    HFTopKTeacher, PrecomputedTopKTeacher, ServedTopKTeacher, TopKTable, check_teacher_output, check_topk_rows,
-    from_sglang_input_logprobs, from_vllm_prompt_logprobs, is_topk_teacher, pack_rows, read_topk_jsonl,
+    HFTopKTeacher, PrecomputedTopKTeacher, ServedTopKTeacher, TopKTable, check_topk_rows,
+    from_sglang_input_logprobs, from_vllm_prompt_logprobs, pack_rows, read_topk_jsonl,
     read_topk_safetensors, sequences_of, topk_logprobs, unpack_rows, write_topk_jsonl, write_topk_safetensors,
 )
 
@@ -54,8 +55,9 @@ def _assert_rows_match_truth(ids, lp, truth, k, *, tol, exact_topk=True):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("scale,cap", [(1.0, None), (0.25, None), (1.3, 4.0)])
-def test_topk_logprobs_matches_float64_softmax(dtype, tol, scale, cap):
+@pytest.mark.parametrize("scale,cap,temperature", [(1.0, None, 1.0), (0.25, None, 1.0), (1.3, 4.0, 1.0),
+                                                   (1.0, None, 0.7), (1.3, 4.0, 2.0)])
+def test_topk_logprobs_matches_float64_softmax(dtype, tol, scale, cap, temperature):
     g = torch.Generator().manual_seed(0)
     n, vw, v, d, k = 37, 103, 97, 16, 9
     h = torch.randn(2, n, d, generator=g, dtype=torch.float64) * 2
@@ -63,10 +65,11 @@ def test_topk_logprobs_matches_float64_softmax(dtype, tol, scale, cap):
     b = torch.randn(vw, generator=g, dtype=torch.float64)
     h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
     # odd chunks: several row tiles and vocabulary tiles, the last of each partial; a tile narrower than k too
-    out = topk_logprobs(h, w, k, bias=b, logit_scale=scale, softcap=cap, vocab_size=v, row_chunk=10, vocab_chunk=7)
+    out = topk_logprobs(h, w, k, bias=b, logit_scale=scale, softcap=cap, temperature=temperature, vocab_size=v,
+                        row_chunk=10, vocab_chunk=7)
     assert out.ids.shape == out.logprobs.shape == (2, n, k) and out.ids.dtype == torch.long
-    truth = torch.log_softmax(transform64(h.double().reshape(-1, d) @ w[:v].double().T + b[:v].double(), 1.0,
-                                          scale, cap), -1)
+    truth = torch.log_softmax(transform64(h.double().reshape(-1, d) @ w[:v].double().T + b[:v].double(),
+                                          temperature, scale, cap), -1)
     ids, lp = out.ids.reshape(-1, k), out.logprobs.reshape(-1, k)
     assert int(ids.max()) < v  # the padding rows are never ids
     _assert_rows_match_truth(ids, lp, truth, k, tol=tol)
@@ -107,7 +110,7 @@ def test_hf_teacher_is_the_models_topk_at_the_loops_positions(tok, which):
     m = attn[:, :-1].bool()  # attended hidden positions
     _assert_rows_match_truth(out.ids[m], out.logprobs[m], truth[m], k, tol=2e-5)
     # the checked form the loop uses
-    again = check_teacher_output(out, ids, vocab_size=V)
+    again = teacher_topk_output(out, ids)
     assert torch.equal(again.ids, out.ids)
 
 
@@ -233,13 +236,13 @@ def test_pack_and_unpack_are_inverse():
 def test_teacher_output_check_names_shapes():
     ids = torch.zeros(2, 5, dtype=torch.long)
     good = tk.TeacherTopK(torch.zeros(2, 4, 3, dtype=torch.long) - 1, torch.zeros(2, 4, 3))
-    check_teacher_output(good, ids)
+    teacher_topk_output(good, ids)
     with pytest.raises(ValueError, match="\\[B, T-1, K\\] = \\[2, 4, K\\].*got \\(2, 5, 3\\)"):
-        check_teacher_output((torch.zeros(2, 5, 3, dtype=torch.long), torch.zeros(2, 5, 3)), ids)
+        teacher_topk_output((torch.zeros(2, 5, 3, dtype=torch.long), torch.zeros(2, 5, 3)), ids)
     with pytest.raises(TypeError, match="must return a TeacherTopK"):
-        check_teacher_output(torch.zeros(2, 4, 3), ids)
+        teacher_topk_output(torch.zeros(2, 4, 3), ids)
     with pytest.raises(ValueError, match="\\[-1, 7\\)"):
-        check_teacher_output((torch.full((2, 4, 3), 7), torch.zeros(2, 4, 3)), ids, vocab_size=7)
+        check_topk_rows("x", torch.full((2, 4, 3), 7), torch.zeros(2, 4, 3), vocab_size=7)
     with pytest.raises(ValueError, match="distinct"):
         check_topk_rows("x", torch.tensor([[1, 1]]), torch.tensor([[-1.0, -2.0]]))
     with pytest.raises(TypeError, match="integer"):

@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from ..backends.chunked import transform_logits
+from ..inputs import check_temperature
 from ..types import TeacherTopK
-from .models import final_hidden_states, lm_head, logit_transform, unwrap
+from .models import final_hidden_states, is_topk_teacher, lm_head, logit_transform, unwrap  # noqa: F401
 
 Tensor = torch.Tensor
 #: A top-k teacher (see the module docstring).
@@ -55,13 +56,6 @@ VERSION = "1"
 #: token), per logprobs dtype.
 _SLACK = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16)
-
-
-def is_topk_teacher(teacher: Any) -> bool:
-    """Whether the loop should treat ``teacher`` as a top-k teacher: a callable that is not a Hugging Face causal
-    LM (no ``get_output_embeddings``)."""
-    return callable(teacher) and not hasattr(unwrap(teacher) if isinstance(teacher, nn.Module) else teacher,
-                                             "get_output_embeddings")
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -115,36 +109,21 @@ def check_topk_rows(name: str, ids: Tensor, logprobs: Tensor, *, vocab_size: Opt
         raise ValueError(f"{name}: a row's probabilities must sum to at most 1, row {r} sums to {float(mass[r]):.6g}")
 
 
-def check_teacher_output(out: Any, input_ids: Tensor, *, vocab_size: Optional[int] = None) -> TeacherTopK:
-    """A top-k teacher's output for ``input_ids [B, T]`` as a :class:`TeacherTopK` with ids/logprobs
-    ``[B, T-1, K]`` on ``input_ids``' device (ids int64): checked like :func:`check_topk_rows` (ValueError naming
-    the shapes when it is not shaped like the student's hidden states ``[B, T-1, ·]``)."""
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(f"a top-k teacher must return a TeacherTopK (ids, logprobs), got {type(out).__name__}")
-    ids, logprobs = out
-    B, T = input_ids.shape
-    if not isinstance(ids, Tensor) or ids.dim() != 3 or tuple(ids.shape[:2]) != (B, T - 1):
-        raise ValueError(f"the top-k teacher's output must be shaped [B, T-1, K] = [{B}, {T - 1}, K] for input_ids "
-                         f"[{B}, {T}] (hidden position i holds the distribution of token i+1), got "
-                         f"{tuple(getattr(ids, 'shape', ()))}")
-    check_topk_rows("the top-k teacher's output", ids, logprobs, vocab_size=vocab_size)
-    dev = input_ids.device
-    return TeacherTopK(ids.to(device=dev, dtype=torch.long), logprobs.to(dev))
-
-
 # --------------------------------------------------------------------------------- a local Hugging Face teacher
 
 
 @torch.no_grad()
 def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tensor] = None,
-                  logit_scale: float = 1.0, softcap: Optional[float] = None, vocab_size: Optional[int] = None,
-                  row_chunk: int = 1024, vocab_chunk: int = 8192) -> TeacherTopK:
-    """The top-``k`` of ``log_softmax(c·tanh(a·(hidden·weightᵀ + bias)/c))`` per row, never forming ``[N, V]``.
+                  logit_scale: float = 1.0, softcap: Optional[float] = None, temperature: float = 1.0,
+                  vocab_size: Optional[int] = None, row_chunk: int = 1024, vocab_chunk: int = 8192) -> TeacherTopK:
+    """The top-``k`` of ``log_softmax(c·tanh(a·(hidden·weightᵀ + bias)/c) / T)`` per row, never forming ``[N, V]``.
 
     Args:
         hidden: ``[..., D]`` float. weight: ``[V_w, D]``; bias: ``[V_w]`` or None.
         k: ids per row, ``1 ≤ k ≤ V``.
         logit_scale, softcap: the model's logit transform (docs/design.md §1; ``softcap`` None: no tanh).
+        temperature: ``T > 0``; the loss takes a top-k teacher's log-probabilities as final, so a loss at
+            temperature ``T`` wants the teacher's at ``T`` too.
         vocab_size: use only the first ``V`` rows of ``weight`` (a padded lm_head: the distribution is then over
             the shared vocabulary, as the dense teacher's in the loss); default all ``V_w``.
         row_chunk, vocab_chunk: the tile ``[row_chunk, vocab_chunk]`` of logits formed at a time.
@@ -162,6 +141,7 @@ def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tens
         raise ValueError(f"vocab_size must lie in [1, {weight.shape[0]}] (the lm_head's rows), got {vocab_size}")
     if not (isinstance(k, int) and 1 <= k <= V):
         raise ValueError(f"k must be an int in [1, {V}] (the vocabulary), got {k!r}")
+    temperature = check_temperature(temperature)
     for name, n in (("row_chunk", row_chunk), ("vocab_chunk", vocab_chunk)):
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"{name} must be an int ≥ 1, got {n!r}")
@@ -180,7 +160,7 @@ def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tens
             z = hr @ weight[v0:v1].to(cd).T
             if bias is not None:
                 z += bias[v0:v1].to(cd)
-            z = transform_logits(z, logit_scale, softcap, 1.0)
+            z = transform_logits(z, logit_scale, softcap, temperature)
             lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
             cand_v = torch.cat([best_v, z], 1)
             cand_i = torch.cat([best_i, torch.arange(v0, v1, device=h.device).expand(hr.shape[0], -1)], 1)
@@ -196,13 +176,14 @@ class HFTopKTeacher:
 
     ``teacher(input_ids [B, T], attention_mask [B, T]) -> TeacherTopK [B, T-1, k]``: the body runs under
     ``no_grad`` on ``input_ids[:, :-1]`` (on the model's device), then :func:`topk_logprobs` with the model's logit
-    transforms (:func:`tipkernels.opd.models.logit_transform`), restricted to the first ``vocab_size`` lm_head rows
-    when given (pass the student's lm_head rows for a teacher with a padded vocabulary, as the dense loss does).
+    transforms (:func:`tipkernels.opd.models.logit_transform`) and ``temperature`` (give the loss's: a top-k
+    teacher's log-probabilities are final), restricted to the first ``vocab_size`` lm_head rows when given (pass
+    the student's lm_head rows for a teacher with a padded vocabulary, as the dense loss does).
     The result is on ``input_ids``' device. The model is put in eval mode with gradients off.
     """
 
-    def __init__(self, model: nn.Module, k: int, *, vocab_size: Optional[int] = None, row_chunk: int = 1024,
-                 vocab_chunk: int = 8192):
+    def __init__(self, model: nn.Module, k: int, *, vocab_size: Optional[int] = None, temperature: float = 1.0,
+                 row_chunk: int = 1024, vocab_chunk: int = 8192):
         weight, _ = lm_head(model, "teacher")  # raises for a model without a linear head
         self.scale, self.cap = logit_transform(model, "teacher")
         V = weight.shape[0] if vocab_size is None else vocab_size
@@ -212,6 +193,7 @@ class HFTopKTeacher:
             raise ValueError(f"vocab_size must lie in [1, {weight.shape[0]}] (the teacher's lm_head rows), "
                              f"got {vocab_size!r}")
         self.model, self.k, self.vocab_size = model, k, V
+        self.temperature = check_temperature(temperature)
         self.row_chunk, self.vocab_chunk = row_chunk, vocab_chunk
         model.eval()
         model.requires_grad_(False)
@@ -225,7 +207,7 @@ class HFTopKTeacher:
             h = final_hidden_states(self.model, input_ids[:, :-1].to(dev), attention_mask[:, :-1].to(dev),
                                     who="teacher")
             out = topk_logprobs(h, w, self.k, bias=b, logit_scale=self.scale, softcap=self.cap,
-                                vocab_size=self.vocab_size, row_chunk=self.row_chunk, vocab_chunk=self.vocab_chunk)
+                                temperature=self.temperature, vocab_size=self.vocab_size, row_chunk=self.row_chunk, vocab_chunk=self.vocab_chunk)
         return TeacherTopK(out.ids.to(input_ids.device), out.logprobs.to(input_ids.device))
 
     def __repr__(self) -> str:
