@@ -13,7 +13,7 @@ The sparse-teacher variants (a teacher served elsewhere, seen through its top-K 
 w_s, teacher_topk=...)``, forward KL, ``tail="bucket"``) and ``topk_chunked@K``, the chunked PyTorch top-k
 forward KL of the VeOmni/verl kind (student logits formed in row chunks, log-softmax, gathered at the K ids,
 ``Σ_k q_k (log q_k − log p_k)``). Their loss takes the same four tensors: the teacher's top-K is computed once
-from ``(h_t, w_t)`` (vocabulary-chunked, :func:`tipkernels.opd.topk_teacher.topk_logprobs`) and cached, so a
+from ``(h_t, w_t)`` (vocabulary-chunked, :func:`tipkernels.opd.topk_logprobs`) and cached, so a
 cell times what the student's side of a served-teacher step costs. They are not in the GPU suite's default list;
 name them with ``--variants``.
 
@@ -114,7 +114,7 @@ _TOPK_CACHE: dict = {}
 def teacher_topk_of(h_t, w_t, k: int):
     """The teacher's top-``k`` log-probabilities ``[N, k]`` of ``(h_t, w_t)``, computed once per tensors and k
     (vocabulary-chunked, fp32; what a served teacher would send)."""
-    from tipkernels.opd.topk_teacher import topk_logprobs
+    from tipkernels.opd import topk_logprobs
 
     key = (h_t.data_ptr(), w_t.data_ptr(), tuple(h_t.shape), tuple(w_t.shape), h_t.dtype, k)
     if key not in _TOPK_CACHE:

@@ -115,7 +115,7 @@ def check_topk_rows(name: str, ids: Tensor, logprobs: Tensor, *, vocab_size: Opt
 @torch.no_grad()
 def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tensor] = None,
                   logit_scale: float = 1.0, softcap: Optional[float] = None, temperature: float = 1.0,
-                  vocab_size: Optional[int] = None, row_chunk: int = 1024, vocab_chunk: int = 8192) -> TeacherTopK:
+                  vocab_size: Optional[int] = None, row_chunk: int = 512, vocab_chunk: int = 4096) -> TeacherTopK:
     """The top-``k`` of ``log_softmax(c·tanh(a·(hidden·weightᵀ + bias)/c) / T)`` per row, never forming ``[N, V]``.
 
     Args:
@@ -183,7 +183,7 @@ class HFTopKTeacher:
     """
 
     def __init__(self, model: nn.Module, k: int, *, vocab_size: Optional[int] = None, temperature: float = 1.0,
-                 row_chunk: int = 1024, vocab_chunk: int = 8192):
+                 row_chunk: int = 512, vocab_chunk: int = 4096):
         weight, _ = lm_head(model, "teacher")  # raises for a model without a linear head
         self.scale, self.cap = logit_transform(model, "teacher")
         V = weight.shape[0] if vocab_size is None else vocab_size
