@@ -554,7 +554,8 @@ def granite_model(vocab, logits_scaling, seed=1):
 
 
 def model_logprobs64(model, ids, attn, vocab):
-    """Float64 log-softmax ``[B, T-1, vocab]`` of a model's real logits at the loop's positions (hidden i: token i+1)."""
+    """Float64 log-softmax ``[B, T-1, vocab]`` of a model's real logits at the loop's positions (hidden i scores
+    token i+1)."""
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
     return torch.log_softmax(logits.double()[:, :-1, :vocab], -1)

@@ -36,7 +36,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from torch import nn
 from ..backends.chunked import transform_logits
 from ..inputs import check_temperature
 from ..types import TeacherTopK
-from .models import final_hidden_states, is_topk_teacher, lm_head, logit_transform, unwrap  # noqa: F401
+from .models import final_hidden_states, lm_head, logit_transform, unwrap
 
 Tensor = torch.Tensor
 #: A top-k teacher (see the module docstring).
@@ -207,7 +207,8 @@ class HFTopKTeacher:
             h = final_hidden_states(self.model, input_ids[:, :-1].to(dev), attention_mask[:, :-1].to(dev),
                                     who="teacher")
             out = topk_logprobs(h, w, self.k, bias=b, logit_scale=self.scale, softcap=self.cap,
-                                temperature=self.temperature, vocab_size=self.vocab_size, row_chunk=self.row_chunk, vocab_chunk=self.vocab_chunk)
+                                temperature=self.temperature, vocab_size=self.vocab_size, row_chunk=self.row_chunk,
+                                vocab_chunk=self.vocab_chunk)
         return TeacherTopK(out.ids.to(input_ids.device), out.logprobs.to(input_ids.device))
 
     def __repr__(self) -> str:

@@ -381,7 +381,7 @@ class OPDTrainer:
         rank's RNG streams (the weights are the checkpoint's ``student/``, see :meth:`load_checkpoint`).
 
         Everything is checked before anything changes: a malformed state raises ValueError and leaves the trainer
-        as it was. Warns when the state was written with other prompts or another rule, ratio, divergence,
+        as it was. Warns when the state was written with other prompts or another rule, ratio, divergence, tail,
         batch size, accumulation, rollouts per prompt or seed. Under ``parallel`` every rank calls it; a state
         written by another number of processes restarts the per-rank streams from seeds (with a warning)."""
         self._prepare_state(state, "the trainer state")()
@@ -434,7 +434,7 @@ class OPDTrainer:
         if n is not None and n != len(self.prompts):
             warnings.warn(f"{where} was written with {n} prompts, this trainer has {len(self.prompts)}: the data "
                           f"order will not continue the original run's")
-        for name in ("rule", "ratio", "divergence", "batch_size", "grad_accum", "rollouts_per_prompt", "seed"):
+        for name in ("rule", "ratio", "divergence", "tail", "batch_size", "grad_accum", "rollouts_per_prompt", "seed"):
             if name in saved and saved[name] != current[name]:
                 warnings.warn(f"resuming with {name}={current[name]!r}, {where} used {saved[name]!r}")
 
