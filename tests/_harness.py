@@ -360,6 +360,96 @@ def truth_from_logits(s, u, kind, beta, temperature, reduction, go):
     return {"value": out.detach(), "d_logits": s64.grad}
 
 
+# ------------------------------------------------------------------------------------- a top-k teacher
+
+
+def make_topk(case: Case, k: int, *, seed=5, pad=True, neg_inf=False, dtype=torch.float32):
+    """A teacher's top-k ``(ids, logprobs)`` shaped ``[*case.lead, k]`` (on DEVICE) and its dense float64 log-softmax
+    ``[N, V]``: random teacher logits of std 2 over the student's vocabulary, the k largest log-probabilities in
+    random order. ``pad``: a few rows lose some ids to the padding ``-1`` (one row keeps only one id); ``neg_inf``:
+    some kept ids get log-probability ``-inf`` (the teacher gives them no mass)."""
+    g = torch.Generator().manual_seed(seed)
+    n, v = math.prod(case.lead), case.vocab
+    dense = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1)
+    lp, ids = dense.topk(k, -1)
+    perm = torch.argsort(torch.rand(n, k, generator=g), 1)
+    lp, ids = lp.gather(1, perm), ids.gather(1, perm)
+    if pad and k > 1:
+        ids[1, -1] = -1
+        ids[3, : k - 1] = -1
+        ids[n - 1, k // 2] = -1
+    if neg_inf and k > 1:
+        lp[2, 0] = -math.inf
+        lp[n - 2, -1] = -math.inf
+    lp = torch.where(ids >= 0, lp, torch.zeros_like(lp))  # padding entries are ignored: any value
+    shape = (*case.lead, k)
+    return ids.reshape(shape).to(DEVICE), lp.to(dtype).reshape(shape).to(DEVICE), dense
+
+
+def topk_bins64(s: Tensor, ids: Tensor, logprobs: Tensor, tail: str):
+    """The float64 truth of the bins (docs/design.md §1) from materialised logits ``s [N, V]``: probabilities
+    ``[N, K+1]`` (bucket: the K ids, then the rest of the vocabulary summed from the logits outside the ids, and
+    ``max(0, 1 − Q)`` for the teacher; both rests 0 when the ids cover the vocabulary) or ``[N, K]``
+    (renormalize). Padding ids have probability 0 on both sides."""
+    ids, lp = ids.reshape(s.shape[0], -1).to(s.device), logprobs.reshape(s.shape[0], -1).double().to(s.device)
+    valid = ids >= 0
+    safe = ids.clamp_min(0)
+    p_full = torch.softmax(s, -1)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    p_k = torch.where(valid, p_full.gather(1, safe), zero)
+    q_k = torch.where(valid, lp.exp(), zero)
+    if tail == "renormalize":
+        return p_k / p_k.sum(1, keepdim=True), q_k / q_k.sum(1, keepdim=True)
+    inside = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(ids)
+    inside[rows[valid], ids[valid]] = True
+    rest_p = torch.where(inside, zero, p_full).sum(1)
+    covered = valid.sum(1) == s.shape[1]
+    rest_q = torch.where(covered, zero, (1 - q_k.sum(1)).clamp_min(0))
+    return torch.cat([p_k, rest_p[:, None]], 1), torch.cat([q_k, rest_q[:, None]], 1)
+
+
+def _kl64(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a log(a / b)`` per row; terms with ``a = 0`` are exactly 0 (with zero gradient)."""
+    live = a > 0
+    one = torch.ones((), dtype=a.dtype, device=a.device)
+    a_safe, b_safe = torch.where(live, a, one), torch.where(live, b, one)
+    return torch.where(live, a * (torch.log(a_safe) - torch.log(b_safe)), torch.zeros_like(a)).sum(1)
+
+
+def bin_divergence64(p: Tensor, q: Tensor, kind: str, beta: float) -> Tensor:
+    """A divergence between distributions over bins, float64 (TRL's JSD; β = 0 / 1 the forward / reverse KL)."""
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind == "reverse_kl":
+        return _kl64(p, q)
+    if kind == "forward_kl":
+        return _kl64(q, p)
+    m = beta * q + (1 - beta) * p
+    return beta * _kl64(q, m) + (1 - beta) * _kl64(p, m)
+
+
+def truth_topk(case, ids, logprobs, kind, beta, tail, temperature, reduction, weights, go):
+    """Values and float64 gradients of the top-k divergence, from materialised float64 logits."""
+    (hs, ws, bs), s = truth_student(case, temperature)
+    values = bin_divergence64(*topk_bins64(s, ids, logprobs, tail), kind, beta)
+    out = reduce_truth(values, case.lead, reduction, weights)
+    backprop(out, go)
+    return {"value": out.detach(), **grads_of(hs, ws, bs)}
+
+
+def run_topk(case, backend, ids, logprobs, kind, beta, tail, temperature, reduction, weights, go, **kw):
+    """``tk.fused_linear_divergence(teacher_topk=...)`` on ``case``'s student (its student transform) and backprop."""
+    hs, ws, bs = leaf(case.hs), leaf(case.ws), leaf(case.bs)
+    scale, cap = case.transform("student")
+    out = tk.fused_linear_divergence(hs, ws, teacher_topk=tk.TeacherTopK(ids, logprobs), divergence=kind, beta=beta,
+                                     tail=tail, temperature=temperature, student_bias=bs, weights=weights,
+                                     reduction=reduction, backend=backend, student_logit_scale=scale,
+                                     student_softcap=cap, **kw)
+    backprop(out, go)
+    return {"value": out.detach(), **grads_of(hs, ws, bs)}
+
+
 # -------------------------------------------------------------------------------------------- the rule
 
 

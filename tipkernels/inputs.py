@@ -24,8 +24,11 @@ IGNORE_INDEX = -100
 #: ``backend=`` choices: "auto" is triton for CUDA tensors and torch elsewhere (:func:`tipkernels.backends.get_backend`).
 BACKENDS = ("auto", "torch", "triton", "reference")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-#: What a per-row value is: the student's entropy or a divergence (the backends' ``kind``).
-KINDS = ("entropy",) + DIVERGENCES
+#: What a per-row value is: the student's entropy, its log-sum-exp (the top-k teacher's student pass,
+#: docs/design.md §1) or a divergence (the backends' ``kind``).
+KINDS = ("entropy", "lse") + DIVERGENCES
+#: ``tail=`` choices of a top-k teacher (docs/design.md §1, "A teacher seen through its top-k").
+TAILS = ("bucket", "renormalize")
 REDUCTIONS = ("none", "sum", "mean")
 #: TIP selection rules (see :mod:`tipkernels.selection`) and budgets.
 RULES = ("all", "random", "entropy_topk", "entropy_sample", "soft_or", "q3", "divergence")
@@ -33,7 +36,7 @@ BUDGETS = ("per_sequence", "per_batch")
 #: Rules whose selection is random, hence can give importance weights (``all`` trivially: weights 1).
 SAMPLING_RULES = ("all", "random", "entropy_sample")
 #: The per-row value each kind's gradient reads from a forward's saved tensors (besides the LSEs).
-SAVED_VALUE = {"entropy": "entropy", "reverse_kl": "reverse_kl", "forward_kl": None, "jsd": "kl_pm"}
+SAVED_VALUE = {"entropy": "entropy", "lse": None, "reverse_kl": "reverse_kl", "forward_kl": None, "jsd": "kl_pm"}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -449,3 +452,110 @@ def build_problem(
     )
     return prob, lead
 
+
+
+# ------------------------------------------------------------------------------- a top-k teacher
+
+#: Largest log-probability accepted (rounding of a served log-softmax can leave a hair above 0), and the largest
+#: per-row total probability ``Σ e^l`` of the K ids (the rest is clamped to an empty tail, docs/design.md §1).
+TOPK_MAX_LOGPROB = 1e-4
+TOPK_MAX_MASS = 1.0 + 1e-3
+
+
+@dataclass
+class TopKTeacher:
+    """A validated top-k teacher, flattened to the rows of a :class:`Problem` (:func:`check_teacher_topk`).
+
+    ``ids`` int64 ``[N, K]`` (``-1`` where ``valid`` is False), ``logprobs`` float ``[N, K]`` (as given; read only
+    where ``valid``), ``valid`` bool ``[N, K]``, ``vocab_size`` the (global) student vocabulary the ids index.
+    Never differentiated."""
+
+    ids: Tensor
+    logprobs: Tensor
+    valid: Tensor
+    vocab_size: int
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    def rows(self, index: Tensor) -> "TopKTeacher":
+        """The rows ``index`` (int64 ``[n]``)."""
+        return TopKTeacher(self.ids.index_select(0, index), self.logprobs.index_select(0, index),
+                           self.valid.index_select(0, index), self.vocab_size)
+
+
+def check_tail(tail) -> str:
+    return check_choice("tail", tail, TAILS)
+
+
+def check_teacher_topk(teacher_topk, lead: torch.Size, vocab: int, device: torch.device, *,
+                       dense=()) -> TopKTeacher:
+    """Validate ``teacher_topk`` (a :class:`tipkernels.TeacherTopK` or an ``(ids, logprobs)`` pair) against the
+    token dims ``lead`` and the (global) student vocabulary ``vocab``; ``dense`` lists ``(name, value)`` of the
+    dense teacher arguments, which must all be None. Returns the rows flattened to ``[N, K]``.
+
+    TypeError: not a pair of tensors, float ids, integer logprobs. ValueError: a dense teacher too, shapes (ids vs
+    logprobs, token dims vs the hidden states), K = 0, another device, ids outside ``[0, V)`` other than the
+    padding ``-1``, a repeated id in a row, a NaN or a log-probability above ``TOPK_MAX_LOGPROB``, a row whose
+    ``Σ e^l`` exceeds ``TOPK_MAX_MASS``. The checks cost O(N·K log K) (the duplicate check sorts along K)."""
+    given = [name for name, value in dense if value is not None]
+    if given:
+        raise ValueError(f"give the teacher either densely ({', '.join(given)}) or as teacher_topk, not both")
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError(f"teacher_topk must be a tk.TeacherTopK or an (ids, logprobs) pair of tensors, got "
+                        f"{type(teacher_topk).__name__}")
+    ids, logprobs = teacher_topk
+    for name, t in (("teacher_topk ids", ids), ("teacher_topk logprobs", logprobs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"teacher_topk ids must be an integer tensor, got dtype {ids.dtype}")
+    if logprobs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"teacher_topk logprobs must be a floating tensor (float32, float16, bfloat16 or float64), "
+                        f"got dtype {logprobs.dtype}")
+    if ids.shape != logprobs.shape:
+        raise ValueError(f"teacher_topk ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must have one "
+                         "shape")
+    if ids.dim() < 1 or ids.shape[:-1] != lead:
+        raise ValueError(f"teacher_topk has shape {tuple(ids.shape)}; expected [*token dims, K] with token dims "
+                         f"{tuple(lead)} (the hidden states')")
+    if ids.shape[-1] == 0:
+        raise ValueError(f"teacher_topk has K = 0 ids per token (shape {tuple(ids.shape)}); give at least one")
+    for name, t in (("teacher_topk ids", ids), ("teacher_topk logprobs", logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the hidden states on {device}")
+    k = ids.shape[-1]
+    ids = ids.reshape(-1, k).long()
+    logprobs = logprobs.reshape(-1, k)
+    valid = ids != -1
+    bad = valid & ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"teacher_topk ids out of range: ids[{r}, {c}] (rows flattened) = {int(ids[r, c])}, "
+                         f"expected 0 <= id < {vocab} (the student vocabulary) or -1 for padding")
+    if k > 1:
+        ordered = ids.sort(dim=1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != -1)
+        if bool(dup.any()):
+            r, c = (int(i) for i in dup.nonzero()[0])
+            raise ValueError(f"teacher_topk ids repeat within a row: id {int(ordered[r, c])} twice in row {r} (rows "
+                             "flattened); the ids of a row must be distinct")
+    lp = logprobs.double()
+    nan = valid & torch.isnan(lp)
+    if bool(nan.any()):
+        r, c = (int(i) for i in nan.nonzero()[0])
+        raise ValueError(f"teacher_topk logprobs has a NaN at [{r}, {c}] (rows flattened)")
+    high = valid & (lp > TOPK_MAX_LOGPROB)
+    if bool(high.any()):
+        r, c = (int(i) for i in high.nonzero()[0])
+        raise ValueError(f"teacher_topk logprobs must be log-probabilities (<= 0): [{r}, {c}] (rows flattened) is "
+                         f"{float(lp[r, c])}")
+    mass = torch.where(valid, lp, torch.full_like(lp, -math.inf)).exp().sum(1)
+    over = mass > TOPK_MAX_MASS
+    if bool(over.any()):
+        r = int(over.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk logprobs of row {r} (rows flattened) sum to probability {float(mass[r]):.6g} "
+                         f"> {TOPK_MAX_MASS}; they must be the teacher's log-softmax over its full vocabulary")
+    return TopKTeacher(ids=torch.where(valid, ids, torch.full_like(ids, -1)), logprobs=logprobs, valid=valid,
+                       vocab_size=int(vocab))

@@ -20,8 +20,10 @@ from torch import nn
 from .backends import get_backend
 from .backends.vocab_parallel import global_vocab
 from .inputs import (BACKENDS, BUDGETS, DIVERGENCES, IDENTITY_TRANSFORMS, RULES, build_problem, check_beta,
-                     check_choice, check_fraction, check_mask, check_temperature, check_transforms, detach)
+                     check_choice, check_fraction, check_mask, check_tail, check_teacher_topk, check_temperature,
+                     check_transforms, detach)
 from .ops.core import detached, row_values, saved_from_stats
+from .ops.topk import topk_stats, topk_values
 from .selection import quadrant_shares, quadrants, select_tokens
 from .types import TIPLossOutput, TokenStats
 
@@ -55,10 +57,14 @@ class TIPDistillationLoss(nn.Module):
         data_process_group: data parallelism: the group of ranks that each hold a part of the batch; the
             selection's batch statistics and per-batch budget are then global (``select_tokens(process_group=)``).
             The loss stays the mean over this rank's selected tokens.
+        tail: with a top-k teacher (``forward(..., teacher_topk=)``): "bucket" (default) or "renormalize", used for
+            the scoring statistics (hence the selection) and the loss alike (docs/design.md §1).
 
     ``forward(student_hidden [B, L, D_s], student_weight [V, D_s], teacher_hidden [B, L, D_t],
     teacher_weight [V_t >= V, D_t], mask [B, L] bool, *, student_bias=None, teacher_bias=None,
-    teacher_logits=None, generator=None)`` returns :class:`TIPLossOutput`; ``loss`` is the weighted mean divergence
+    teacher_logits=None, teacher_topk=None, generator=None)`` returns :class:`TIPLossOutput`; ``teacher_topk`` (a
+    :class:`tipkernels.TeacherTopK` or ``(ids, logprobs)`` ``[B, L, K]``) replaces the dense teacher (then leave
+    ``teacher_hidden``/``teacher_weight`` None and pass ``mask`` by keyword); ``loss`` is the weighted mean divergence
     over the selected tokens, differentiable in the student hidden states, weight and bias (0, still connected to
     the graph, when nothing is selected). Position ``i`` of the hidden states scores the token it predicts: build
     ``mask`` accordingly (see ``tipkernels.opd``).
@@ -68,8 +74,9 @@ class TIPDistillationLoss(nn.Module):
                  temperature: float = 1.0, budget: str = "per_sequence", backend: str = "auto", *,
                  importance_weights: bool = False, compute_metrics: bool = True, process_group=None,
                  data_process_group=None, student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
-                 teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None):
+                 teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None, tail: str = "bucket"):
         super().__init__()
+        self.tail = check_tail(tail)
         self.rule = check_choice("rule", rule, RULES)
         self.ratio = check_fraction("ratio", ratio)
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
@@ -88,30 +95,41 @@ class TIPDistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"rule={self.rule!r}, ratio={self.ratio}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"temperature={self.temperature}, budget={self.budget!r}, backend={self.backend!r}"
+                + (f", tail={self.tail!r}" if self.tail != "bucket" else "")
                 + "".join(f", {k}={getattr(self, k)}" for k in _TRANSFORM_KEYS if getattr(self, k) != IDENTITY_TRANSFORMS[k]))
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
                 student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-                teacher_logits: Optional[Tensor] = None,
+                teacher_logits: Optional[Tensor] = None, teacher_topk=None,
                 generator: Optional[torch.Generator] = None) -> TIPLossOutput:
+        sparse = teacher_topk is not None
+        dense = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                 ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias))
+        if sparse:
+            teacher_hidden = teacher_weight = teacher_logits = teacher_bias = None
         prob, lead = build_problem(
             student_hidden, student_weight, detach(teacher_hidden), detach(teacher_weight),
             teacher_logits=detach(teacher_logits), student_bias=student_bias, teacher_bias=detach(teacher_bias),
-            temperature=self.temperature, require_teacher=True, **{k: getattr(self, k) for k in _TRANSFORM_KEYS},
+            temperature=self.temperature, require_teacher=not sparse,
+            **{k: getattr(self, k) for k in _TRANSFORM_KEYS},
         )
         if mask is None:
             mask = torch.ones(lead if len(lead) == 2 else (1, lead.numel()), dtype=torch.bool, device=prob.device)
         else:
             mask = check_mask(mask, lead, what="the hidden states' token dims", device=prob.device)
         backend = get_backend(self.backend, prob.device, self.process_group, prob.vocab_size)
+        teacher = check_teacher_topk(teacher_topk, lead, global_vocab(backend, prob), prob.device,
+                                     dense=dense) if sparse else None
         prob = backend.plan(prob)  # resolved once; the row subsets below carry it
         flat_mask = mask.reshape(-1)
 
         # 1. scoring pass over the valid rows, no grad
         valid_idx = flat_mask.nonzero().squeeze(1)
         with torch.no_grad():
-            rows = backend.forward_stats(detached(prob, "student").rows(valid_idx))
+            scored = detached(prob, "student").rows(valid_idx)
+            rows = (topk_stats(scored, teacher.rows(valid_idx), backend, self.tail) if sparse
+                    else backend.forward_stats(scored))
             full = {k: _scatter(v, valid_idx, prob.num_rows) for k, v in rows.items() if k in _STAT_ROW_FIELDS}
         stats = TokenStats.from_rows(full, mask.shape, vocab_size=global_vocab(backend, prob))
 
@@ -124,9 +142,14 @@ class TIPDistillationLoss(nn.Module):
         sel_idx = selection.mask.reshape(-1).nonzero().squeeze(1)
         sub = prob.rows(sel_idx)
         picked = {k: v.index_select(0, sel_idx) for k, v in full.items()}
-        with torch.no_grad():
-            precomputed = saved_from_stats(backend, detached(sub, "student"), self.divergence, self.beta, picked)
-        values = row_values(sub, self.divergence, self.beta, backend, precomputed=precomputed)
+        if sparse:  # the LSEs of the scoring pass; the K logits are gathered again, with grad
+            values = topk_values(sub, teacher.rows(sel_idx), self.divergence, self.beta, self.tail, backend,
+                                 precomputed_lse=picked["student_lse"])
+        else:
+            with torch.no_grad():
+                precomputed = saved_from_stats(backend, detached(sub, "student"), self.divergence, self.beta,
+                                               picked)
+            values = row_values(sub, self.divergence, self.beta, backend, precomputed=precomputed)
         w = selection.weights.reshape(-1).index_select(0, sel_idx).to(values.dtype)
         loss = (values * w).sum() / w.sum().clamp_min(torch.finfo(values.dtype).tiny)
 

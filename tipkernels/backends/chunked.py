@@ -369,10 +369,13 @@ def grad_logits_tile(kind: str, s: Tensor, u: Optional[Tensor], ls: Tensor, lt: 
     """``∂ value / ∂ s_j`` on a tile (docs/design.md §2), before the upstream gradient and 1/T.
 
     ``s``/``u`` are the temperature-scaled logits ``[n, c]``; ``ls``/``lt`` the LSEs ``[n, 1]``; ``saved_value``
-    ``[n, 1]`` is H (entropy), KL(p||q) (reverse_kl) or KL(p||m) (jsd).
+    ``[n, 1]`` is H (entropy), KL(p||q) (reverse_kl) or KL(p||m) (jsd); "lse" (the student's log-sum-exp) reads
+    neither ``u`` nor a saved value.
     """
     logp = s - ls
     p = logp.exp()
+    if kind == "lse":  # d Ls / d s_j = p_j
+        return p
     if kind == "entropy":
         return _where_live(p, -p * (logp + saved_value))
     logq = u - lt
@@ -413,7 +416,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     dtype = student.dtype
     g_all = sel(grad_rows).to(dtype)
     ls_all = sel(saved["student_lse"]).to(dtype)
-    lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and kind != "entropy" else None
+    lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and kind not in ("entropy", "lse") else None
     value_name = None if formula == "forward_kl" else SAVED_VALUE[kind]
     val_all = sel(saved[value_name]).to(dtype) if value_name is not None else None
     m = keep.numel()

@@ -141,10 +141,12 @@ def divergence(s: Tensor, u: Tensor, kind: str, beta: float = 0.5) -> Tensor:
 
 @deterministic
 def value(prob: Problem, kind: str, beta: float = 0.5) -> Tensor:
-    """Per-row differentiable value of ``kind`` (a divergence or "entropy") on materialised logits."""
+    """Per-row differentiable value of ``kind`` (a divergence, "entropy" or "lse") on materialised logits."""
     s = student_logits(prob)
     if kind == "entropy":
         return entropy(s)
+    if kind == "lse":
+        return torch.logsumexp(s, -1)
     return divergence(s, teacher_logits(prob), kind, beta)
 
 

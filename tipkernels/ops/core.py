@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 def row_forward(backend: Backend, prob: Problem, kind: str, beta: float) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Per-row values of ``kind`` and the per-row tensors its backward needs (no grad)."""
     kind = effective_kind(kind, beta)
-    if kind == "entropy" and prob.has_teacher:
+    if kind in ("entropy", "lse") and prob.has_teacher:
         prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
     stats = backend.forward_stats(prob)
     return saved_from_stats(backend, prob, kind, beta, stats)
@@ -42,6 +42,8 @@ def saved_from_stats(backend: Backend, prob: Problem, kind: str, beta: float,
     """Values and saved tensors of ``kind`` from forward stats already computed (runs JSD's second pass)."""
     kind = effective_kind(kind, beta)
     saved = {"student_lse": stats["student_lse"]}
+    if kind == "lse":  # d Ls / d s_j = p_j: the LSE itself is all the backward reads
+        return stats["student_lse"], saved
     if kind == "entropy":
         saved["entropy"] = stats["entropy"]
         return stats["entropy"], saved
@@ -95,7 +97,7 @@ class RowValues(torch.autograd.Function):
 
 def row_values(prob: Problem, kind: str, beta: float, backend: Backend,
                precomputed: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None) -> Tensor:
-    """Differentiable per-row values ``[N]`` of ``kind`` ("entropy", "reverse_kl", "forward_kl", "jsd").
+    """Differentiable per-row values ``[N]`` of ``kind`` ("entropy", "lse", "reverse_kl", "forward_kl", "jsd").
 
     An ``autograd_native`` backend (the reference) materialises the logits and autograd does the rest; otherwise
     the fused ``RowValues`` function runs. ``precomputed`` = (values, saved) from an earlier no-grad pass skips the

@@ -7,8 +7,11 @@ from typing import Optional
 import torch
 
 from ..backends import get_backend
-from ..inputs import DIVERGENCES, REDUCTIONS, build_problem, check_beta, check_choice, check_weights
+from ..backends.vocab_parallel import global_vocab
+from ..inputs import (DIVERGENCES, REDUCTIONS, build_problem, check_beta, check_choice, check_tail,
+                      check_teacher_topk, check_weights)
 from .core import reduce, reduced_row_values, row_values
+from .topk import topk_values
 
 Tensor = torch.Tensor
 
@@ -20,8 +23,10 @@ def fused_linear_divergence(
     teacher_weight: Optional[Tensor] = None,
     *,
     teacher_logits: Optional[Tensor] = None,
+    teacher_topk=None,
     divergence: str = "reverse_kl",
     beta: float = 0.5,
+    tail: str = "bucket",
     temperature: float = 1.0,
     student_logit_scale: float = 1.0,
     student_softcap: Optional[float] = None,
@@ -41,9 +46,17 @@ def fused_linear_divergence(
         student_weight: ``[V, D_s]``. Differentiable. student_bias: ``[V]`` or None. Differentiable.
         teacher_hidden / teacher_weight / teacher_bias: ``[..., D_t]``, ``[V_t >= V, D_t]``, ``[V_t]``; or
             teacher_logits ``[..., V_t]``. Never differentiated (treated as constants).
+        teacher_topk: instead of a dense teacher, a :class:`tipkernels.TeacherTopK` or ``(ids, logprobs)`` pair
+            shaped ``[*token dims, K]``: the teacher's top-k ids (``-1`` pads) and its full-vocabulary
+            log-probabilities there (not differentiated). The divergence is then taken between the binned
+            distributions of ``tail`` (docs/design.md §1, "A teacher seen through its top-k"); the teacher's
+            transform keywords do not apply (its log-probabilities are final).
         divergence: "reverse_kl" = KL(p_s || q_t) (the OPD loss), "forward_kl" = KL(q_t || p_s), or "jsd":
             generalised JSD(beta) in TRL's convention (beta=0 forward KL, beta=1 reverse KL).
         beta: in [0, 1], used by "jsd" only.
+        tail: with ``teacher_topk``: "bucket" (default; the K ids and one bin for the rest of the vocabulary,
+            a lower bound of the full divergence, exact when the teacher's rest is empty) or "renormalize" (both
+            distributions renormalised over the K ids).
         temperature: positive; divides both models' logits.
         student_logit_scale / student_softcap / teacher_logit_scale / teacher_softcap: per-model logit transforms:
             each model's logits are ``c · tanh(a · (h·Wᵀ + b) / c) / T`` with scale ``a > 0`` (default 1) and
@@ -65,16 +78,25 @@ def fused_linear_divergence(
     """
     check_choice("divergence", divergence, DIVERGENCES)
     beta = check_beta(beta)
+    tail = check_tail(tail)
+    sparse = teacher_topk is not None
+    dense = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+             ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias))
     prob, lead = build_problem(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
-        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, require_teacher=True,
+        student_hidden, student_weight, *((None, None) if sparse else (teacher_hidden, teacher_weight)),
+        teacher_logits=None if sparse else teacher_logits, student_bias=student_bias,
+        teacher_bias=None if sparse else teacher_bias, temperature=temperature, require_teacher=not sparse,
         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
     )
     weights = check_weights(weights, lead, prob.device)
     check_choice("reduction", reduction, REDUCTIONS)
     be = get_backend(backend, prob.device, process_group, prob.vocab_size)
-    return reduced_row_values(prob, divergence, beta, be, lead, reduction, weights)
+    if not sparse:
+        return reduced_row_values(prob, divergence, beta, be, lead, reduction, weights)
+    teacher = check_teacher_topk(teacher_topk, lead, global_vocab(be, prob), prob.device, dense=dense)
+    values = topk_values(be.plan(prob), teacher, divergence, beta, tail, be)
+    return reduce(values, lead, reduction, weights)
 
 
 def divergence_from_logits(

@@ -8,8 +8,9 @@ import torch
 
 from ..backends import get_backend
 from ..backends.vocab_parallel import global_vocab, shard_labels
-from ..inputs import build_problem, detach
+from ..inputs import build_problem, check_tail, check_teacher_topk, detach
 from ..types import TokenStats
+from .topk import topk_stats
 
 Tensor = torch.Tensor
 
@@ -21,6 +22,8 @@ def token_stats(
     teacher_weight: Optional[Tensor] = None,
     *,
     teacher_logits: Optional[Tensor] = None,
+    teacher_topk=None,
+    tail: str = "bucket",
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
@@ -40,6 +43,12 @@ def token_stats(
         teacher_hidden / teacher_weight: ``[..., D_t]`` and ``[V_t, D_t]`` with ``V_t >= V`` (a padded teacher
             vocabulary is cut to the first ``V`` entries and renormalised there). Optional.
         teacher_logits: ``[..., V_t]`` instead of teacher_hidden/teacher_weight.
+        teacher_topk: instead of a dense teacher, a :class:`tipkernels.TeacherTopK` or ``(ids, logprobs)`` pair
+            ``[*token dims, K]`` (see :func:`tipkernels.fused_linear_divergence`). The student's fields stay exact;
+            ``reverse_kl``/``forward_kl`` are the binned divergences of ``tail``; ``teacher_argmax`` is the id of
+            the largest log-probability (-1 for a row of padding), ``teacher_lse`` is 0 (log-probabilities are
+            logits normalised to LSE 0) and ``teacher_entropy`` is NaN (the top-k cannot give it).
+        tail: with ``teacher_topk``: "bucket" (default: the K ids and the rest) or "renormalize".
         student_bias / teacher_bias: ``[V]`` / ``[V_t]``, optional.
         labels: int ``[N]`` or ``[B, L]``; fills ``label_logprob`` (-100 entries give 0).
         temperature: positive; divides the logits of both models.
@@ -54,6 +63,12 @@ def token_stats(
         :class:`TokenStats` with fields shaped like the token dims, fp32 (fp64 for fp64 inputs); teacher fields
         are ``None`` without a teacher. ``entropy_norm = entropy / log V`` (0 when V = 1).
     """
+    tail = check_tail(tail)
+    sparse = teacher_topk is not None
+    dense = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+             ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias))
+    if sparse:
+        teacher_hidden = teacher_weight = teacher_logits = teacher_bias = None
     be = None
     if process_group is not None and isinstance(student_hidden, Tensor) and isinstance(student_weight, Tensor):
         be = get_backend(backend, student_hidden.device, process_group, student_weight.shape[0])
@@ -66,6 +81,10 @@ def token_stats(
         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
     )
     be = be or get_backend(backend, prob.device)
+    if sparse:
+        teacher = check_teacher_topk(teacher_topk, lead, global_vocab(be, prob), prob.device, dense=dense)
+        raw = topk_stats(be.plan(prob), teacher, be, tail)
+        return TokenStats.from_rows(raw, lead, vocab_size=global_vocab(be, prob))
     with torch.no_grad():
         raw = be.forward_stats(be.plan(prob))
     return TokenStats.from_rows(raw, lead, vocab_size=global_vocab(be, prob))

@@ -35,8 +35,9 @@ from .launch import cap_flags, launch, model_args, prepare, student_args, teache
 Tensor = torch.Tensor
 
 # KIND values of the kernels; the host passes the effective kind (JSD at beta = 0 / 1 is forward / reverse KL).
-K_ENTROPY, K_REVERSE_KL, K_FORWARD_KL, K_JSD = 0, 1, 2, 3
-_KIND = {"entropy": K_ENTROPY, "reverse_kl": K_REVERSE_KL, "forward_kl": K_FORWARD_KL, "jsd": K_JSD}
+K_ENTROPY, K_REVERSE_KL, K_FORWARD_KL, K_JSD, K_LSE = 0, 1, 2, 3, 4
+_KIND = {"entropy": K_ENTROPY, "reverse_kl": K_REVERSE_KL, "forward_kl": K_FORWARD_KL, "jsd": K_JSD,
+         "lse": K_LSE}
 
 
 @triton.jit
@@ -52,6 +53,8 @@ def grad_tile(s, u, ls, lt, scal, g, valid, betas, KIND: tl.constexpr):
         f = tl.where(p > 0, p * (lp - (u - lt[:, None]) - scal[:, None]), 0.0)
     elif KIND == 2:  # forward KL: p - q
         f = p - tl.exp(u - lt[:, None])
+    elif KIND == 4:  # the student's LSE: p
+        f = p
     else:  # JSD: (1 - beta) p (log p - log m - KL(p||m))
         lm = log_mixture(lp, u - lt[:, None], log_beta, log1m_beta)
         f = tl.where(p > 0, one_m_beta * p * (lp - lm - scal[:, None]), 0.0)
@@ -249,8 +252,8 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     # beta = 1 JSD's kl_pm is KL(p||q), the reverse-KL scalar).
     formula = effective_kind(kind, beta)
     k = _KIND[formula]
-    scal = None if formula == "forward_kl" else saved[SAVED_VALUE[kind]]
-    needs_teacher = kind != "entropy"
+    scal = None if formula in ("forward_kl", "lse") else saved[SAVED_VALUE[kind]]
+    needs_teacher = kind not in ("entropy", "lse")
     if needs_teacher and not prob.has_teacher:
         raise ValueError(f"kind {kind!r} needs a teacher")
     log_beta = math.log(beta) if k == K_JSD else 0.0
@@ -265,7 +268,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     teacher = teacher_args(prob) if needs_teacher else model_args(None, None, None, None, ls)
     common = dict(
         **cap_flags(prob, teacher=needs_teacher), HAS_TEACHER=needs_teacher, T_LINEAR=needs_teacher and prob.teacher_hidden is not None,
-        T_BIAS=needs_teacher and prob.teacher_bias is not None, HAS_SCAL=k != K_FORWARD_KL, KIND=k,
+        T_BIAS=needs_teacher and prob.teacher_bias is not None, HAS_SCAL=k not in (K_FORWARD_KL, K_LSE), KIND=k,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["bwd_block_d"], DOT_PRECISION=_cfg.dot_precision(prob),
         **_cfg.launch_opts(cfg, backward=True),
     )

@@ -1,0 +1,284 @@
+"""A teacher seen through its top-k log-probabilities (docs/design.md §1): values and gradients of every divergence,
+both tails, against the float64 truth of the bins on materialised logits, on every backend (the pass rule:
+tests/_harness.py); K = 1, K = V (the bucket equals the dense divergence), -inf log-probabilities, padding ids,
+token_stats, the memory probe, determinism and every validation error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tipkernels as tk
+
+from tests._harness import (ALL_BACKENDS, DEVICE, DIV_IDS, DIVS, DTYPES, NumelRecorder, TOL, assert_close64,
+                            assert_rule, axis, bin_divergence64, grid, leaf, make_case, make_topk, options,
+                            run_topk, shape_for, topk_bins64, torch_backend, truth_student, truth_topk, upstream)
+
+TAILS = ["bucket", "renormalize"]
+TEMPERATURE = 0.7
+
+
+def _case(backend, dtype, seed=3, lead=None, transforms=None):
+    n, v, ds, dt = shape_for(backend)
+    return make_case(n, v, ds, dt, seed=seed, lead=lead, teacher="none", dtype=dtype, transforms=transforms)
+
+
+def _check(backend, case, ids, lp, kind, beta, tail, dtype, reduction="none", weights=None, what=""):
+    go = upstream(reduction, case.lead)
+    truth = truth_topk(case, ids, lp, kind, beta, tail, TEMPERATURE, reduction, weights, go)
+    fast = run_topk(case, backend, ids, lp, kind, beta, tail, TEMPERATURE, reduction, weights, go)
+    if dtype == torch.float64:
+        assert_close64(fast, truth, what=what)
+    else:
+        same = run_topk(case, "reference", ids, lp, kind, beta, tail, TEMPERATURE, reduction, weights, go)
+        assert_rule(fast, same, truth, dtype, what=what)
+    return fast, truth
+
+
+@grid("backend,kind,beta,tail,dtype", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS), axis(TAILS),
+      axis(DTYPES, ["fp32", "bf16"]),
+      slow=lambda backend, kind, beta, tail, dtype: backend == "triton" and (dtype != torch.float32 or beta == 0.0))
+def test_topk_divergence(backend, kind, beta, tail, dtype):
+    """Padding ids, K = 5 of an odd vocabulary, [B, L] token dims, biases; values and d h, d W, d b."""
+    n = shape_for(backend)[0]
+    case = _case(backend, dtype, lead=(1, n))
+    ids, lp, _ = make_topk(case, 5)
+    _check(backend, case, ids, lp, kind, beta, tail, dtype, what=f"{backend} {kind} {beta} {tail}")
+
+
+@grid("backend,kind,beta,tail", axis(["torch", "reference"]), axis(DIVS, DIV_IDS), axis(TAILS))
+def test_topk_divergence_fp64(backend, kind, beta, tail):
+    """fp64 in, fp64 out: equal to the truth to 1e-10 (a scale and a soft-cap on the student, weighted mean)."""
+    case = _case(backend, torch.float64, transforms=dict(student_logit_scale=1.5, student_softcap=4.0))
+    ids, lp, _ = make_topk(case, 6, dtype=torch.float64)
+    w = torch.rand(case.lead, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    w[::3] = 0
+    _check(backend, case, ids, lp, kind, beta, tail, torch.float64, reduction="mean", weights=w)
+
+
+@grid("backend,kind,beta,tail", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS), axis(TAILS),
+      slow=lambda backend, kind, beta, tail: backend == "triton" and kind != "reverse_kl")
+def test_topk_k1_and_reductions(backend, kind, beta, tail):
+    """K = 1 (renormalize: every divergence is 0, a single bin), reduction "sum"."""
+    case = _case(backend, torch.float32, seed=4)
+    ids, lp, _ = make_topk(case, 1)
+    fast, truth = _check(backend, case, ids, lp, kind, beta, tail, torch.float32, reduction="sum")
+    if tail == "renormalize":  # both sides are 1 on the one bin (JSD's mixture log rounds to ~1e-7)
+        assert abs(fast["value"].item()) <= (1e-6 if kind == "jsd" and 0 < beta < 1 else 0.0)
+        assert all(torch.all(fast[k] == 0) for k in ("d_hidden", "d_weight", "d_bias"))
+
+
+@grid("backend,kind,beta", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS),
+      slow=lambda backend, kind, beta: backend == "triton" and kind == "jsd")
+def test_topk_covering_the_vocabulary_is_the_dense_divergence(backend, kind, beta):
+    """K = V with the teacher's full log-softmax: the rest is empty on both sides and the bucket divergence is the
+    dense one (values and gradients, same backend, fp32), whatever the order of the ids."""
+    case = _case(backend, torch.float32, seed=6)
+    ids, lp, dense = make_topk(case, case.vocab, pad=False)
+    go = upstream("none", case.lead)
+    got = run_topk(case, backend, ids, lp, kind, beta, "bucket", TEMPERATURE, "none", None, go)
+    hs, ws, bs = leaf(case.hs), leaf(case.ws), leaf(case.bs)
+    # the dense teacher's logits are its log-softmax; the temperature must not rescale them: pass T times them
+    teacher = (dense * TEMPERATURE).to(torch.float32).reshape(*case.lead, -1).to(DEVICE)
+    out = tk.fused_linear_divergence(hs, ws, teacher_logits=teacher, student_bias=bs, divergence=kind, beta=beta,
+                                     temperature=TEMPERATURE, backend=backend)
+    (out.double() * go).sum().backward()
+    want = {"value": out.detach(), "d_hidden": hs.grad, "d_weight": ws.grad, "d_bias": bs.grad}
+    for key, t in want.items():
+        scale = max(t.abs().max().item(), 1.0 if key == "value" else 0.0)
+        assert (got[key].double() - t.double()).abs().max().item() <= 2e-5 * scale, key
+
+
+@grid("backend,kind,beta,tail", axis(ALL_BACKENDS), axis(DIVS, DIV_IDS), axis(TAILS),
+      slow=lambda backend, kind, beta, tail: backend == "triton" and kind != "forward_kl")
+def test_topk_neg_inf_logprobs(backend, kind, beta, tail):
+    """Ids the teacher gives no mass (log-probability -inf): KL(q‖p), JSD finite and exact; KL(p‖q) is +inf on those
+    rows (the student has mass where the teacher has none) and exact elsewhere, with finite gradients there."""
+    case = _case(backend, torch.float32, seed=7)
+    ids, lp, _ = make_topk(case, 4, neg_inf=True)
+    eff = "forward_kl" if kind == "jsd" and beta == 0.0 else ("reverse_kl" if kind == "jsd" and beta == 1.0 else kind)
+    if eff != "reverse_kl":
+        _check(backend, case, ids, lp, kind, beta, tail, torch.float32)
+        return
+    inf_rows = torch.isneginf(lp).any(-1).reshape(-1)
+    values = tk.fused_linear_divergence(case.hs, case.ws, teacher_topk=(ids, lp), student_bias=case.bs,
+                                        divergence=kind, beta=beta, tail=tail, temperature=TEMPERATURE,
+                                        backend=backend).reshape(-1)
+    assert torch.all(torch.isposinf(values[inf_rows]))
+    keep = (~inf_rows).nonzero().squeeze(1)
+    sub = make_case(keep.numel(), case.vocab, case.hs.shape[-1], 1, seed=7, teacher="none")
+    sub.hs, sub.ws, sub.bs = case.hs[keep], case.ws, case.bs
+    _check(backend, sub, ids[keep], lp[keep], kind, beta, tail, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_topk_token_stats(backend, tail):
+    """The student's fields exact (as the dense op's), the KLs the bins', the documented teacher fields."""
+    case = _case(backend, torch.float32, seed=8, lead=(1, shape_for(backend)[0]))
+    ids, lp, _ = make_topk(case, 5)
+    got = tk.token_stats(case.hs, case.ws, teacher_topk=(ids, lp), tail=tail, student_bias=case.bs,
+                         temperature=TEMPERATURE, backend=backend)
+    plain = tk.token_stats(case.hs, case.ws, student_bias=case.bs, temperature=TEMPERATURE, backend=backend)
+    for name in ("student_lse", "entropy", "entropy_norm", "student_argmax"):
+        assert torch.equal(getattr(got, name), getattr(plain, name)), name
+    s = truth_student(case, TEMPERATURE)[1].detach()
+    p, q = topk_bins64(s, ids, lp, tail)
+    for name, kind in (("reverse_kl", "reverse_kl"), ("forward_kl", "forward_kl")):
+        want = bin_divergence64(p, q, kind, 0.5).reshape(case.lead)
+        assert getattr(got, name).dtype == torch.float32
+        assert (getattr(got, name).double() - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item()), name
+    assert torch.all(got.teacher_lse == 0) and torch.all(torch.isnan(got.teacher_entropy))
+    key = torch.where(ids >= 0, lp.double(), torch.full_like(lp, -math.inf, dtype=torch.float64))
+    want_arg = ids.gather(-1, key.argmax(-1, keepdim=True))[..., 0]
+    assert torch.equal(got.teacher_argmax, want_arg)
+    # selection reads the bins' divergences: q3 from the forward one
+    mask = torch.ones(case.lead, dtype=torch.bool, device=DEVICE)
+    sel = tk.select_tokens(got, mask, rule="q3", ratio=0.5)
+    assert int(sel.count) == case.lead[1] // 2
+
+
+def test_topk_teacher_argmax_padding_and_neg_inf():
+    """A row of padding only has teacher_argmax -1; a row whose ids all have -inf picks its first valid id."""
+    case = _case("torch", torch.float32, seed=9)
+    ids, lp, _ = make_topk(case, 3, pad=False)
+    ids[0] = -1
+    ids[1, 0] = -1
+    lp[1] = -math.inf
+    st = tk.token_stats(case.hs, case.ws, teacher_topk=(ids, lp), student_bias=case.bs, backend="torch")
+    assert st.teacher_argmax[0] == -1 and st.teacher_argmax[1] == ids[1, 1]
+    assert torch.isfinite(st.forward_kl[0]) and st.forward_kl[0] == 0  # nothing known: both bins hold everything
+
+
+def test_topk_never_allocates_n_by_v(monkeypatch):
+    """Forward + backward on the torch backend record no op output as large as N·V (N=64, V=512, D=8, K=16), for
+    both tails; the gather's chunk ``[rows, K, D]`` is bounded by its budget (rows · K · D · 4 bytes)."""
+    from tipkernels.ops import topk as topk_mod  # the budget knob of the gather
+
+    n, v, d, k = 64, 512, 8, 16
+    monkeypatch.setattr(torch_backend, "CHUNK_BUDGET_BYTES", 1024 * 4 * torch_backend._TILE_TEMPORARIES)
+    monkeypatch.setattr(topk_mod, "GATHER_BUDGET_BYTES", 16 * k * d * 4)
+    case = make_case(n, v, d, d, seed=17, teacher="none")
+    ids, lp, _ = make_topk(case, k)
+    largest_input = v * d
+    assert largest_input * 4 <= n * v
+    for tail in TAILS:
+        hs, ws, bs = leaf(case.hs), leaf(case.ws), leaf(case.bs)
+        with NumelRecorder() as rec:
+            out = tk.fused_linear_divergence(hs, ws, teacher_topk=(ids, lp), student_bias=bs, tail=tail,
+                                             reduction="mean", backend="torch")
+            out.backward()
+        biggest = max(rec.sizes)
+        assert biggest[0] <= max(largest_input, 1024, 16 * k * d) < n * v, (tail, biggest)
+    with NumelRecorder() as rec:
+        tk.fused_linear_divergence(case.hs, case.ws, teacher_topk=(ids, lp), backend="reference")
+    assert max(rec.sizes)[0] >= n * v  # the probe sees the reference's materialised logits
+
+
+def test_topk_deterministic_gradients():
+    """Two runs give bitwise-equal values and gradients (the sparse backward's order is fixed)."""
+    case = _case("torch", torch.float32, seed=10)
+    ids, lp, _ = make_topk(case, 5)
+    go = upstream("none", case.lead)
+    runs = [run_topk(case, "torch", ids, lp, "jsd", 0.3, "bucket", 1.0, "none", None, go) for _ in range(2)]
+    with tk.set_options(deterministic=True):
+        runs.append(run_topk(case, "torch", ids, lp, "jsd", 0.3, "bucket", 1.0, "none", None, go))
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]) and torch.equal(runs[0][key], runs[2][key]), key
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _bad(fn=tk.fused_linear_divergence, **kw):
+    case = make_case(6, 11, 4, 4, seed=11, lead=(2, 3), teacher="none")
+    ids = torch.tensor([[0, 1, 2]] * 6).reshape(2, 3, 3)
+    lp = torch.full((2, 3, 3), -2.0)
+    args = dict(teacher_topk=(ids, lp))
+    args.update(kw)
+    return lambda: fn(case.hs, case.ws, **args), ids, lp
+
+
+@pytest.mark.parametrize("fn", [tk.fused_linear_divergence, tk.token_stats], ids=["divergence", "stats"])
+def test_topk_validation(fn):
+    ids = torch.tensor([[0, 1, 2]] * 6).reshape(2, 3, 3)
+    lp = torch.full((2, 3, 3), -2.0)
+
+    def raises(err, match, topk=None, **kw):
+        call = _bad(fn, teacher_topk=topk if topk is not None else (ids, lp), **kw)[0]
+        with pytest.raises(err, match=match):
+            call()
+
+    raises(ValueError, "out of range", (ids.clone().index_fill_(2, torch.tensor([1]), 11), lp))
+    raises(ValueError, "out of range", (ids.clone().index_fill_(2, torch.tensor([1]), -2), lp))
+    dup = ids.clone()
+    dup[1, 2, 2] = 0
+    raises(ValueError, "repeat", (dup, lp))
+    raises(TypeError, "ids must be an integer", (ids.float(), lp))
+    raises(TypeError, "logprobs must be a floating", (ids, lp.long()))
+    high = lp.clone()
+    high[0, 1, 0] = 0.01
+    raises(ValueError, r"log-probabilities \(<= 0\)", (ids, high))
+    nan = lp.clone()
+    nan[1, 0, 2] = math.nan
+    raises(ValueError, "NaN", (ids, nan))
+    raises(ValueError, "sum to probability", (ids, torch.full((2, 3, 3), -0.5)))
+    raises(ValueError, "one shape", (ids, lp[..., :2]))
+    raises(ValueError, "token dims", (ids[:, :2], lp[:, :2]))
+    raises(ValueError, "K = 0", (ids[..., :0], lp[..., :0]))
+    raises(TypeError, "TeacherTopK or an", ids)
+    raises(TypeError, "must be a torch.Tensor", ([0, 1], lp))
+    raises(ValueError, "either densely", teacher_logits=torch.zeros(2, 3, 11))
+    raises(ValueError, "unknown tail", tail="drop")
+    # padding ids are not checked for their log-probabilities, and may repeat
+    pad = ids.clone()
+    pad[0, 0, 1:] = -1
+    odd = lp.clone()
+    odd[0, 0, 1:] = math.nan
+    _bad(fn, teacher_topk=(pad, odd))[0]()
+
+
+def test_topk_validation_dense_teacher_hidden():
+    case = make_case(4, 11, 4, 4, seed=11)
+    ids, lp = torch.tensor([[0, 1]] * 4), torch.full((4, 2), -1.0)
+    with pytest.raises(ValueError, match="teacher_hidden, teacher_weight"):
+        tk.fused_linear_divergence(case.hs, case.ws, case.ht, case.wt, teacher_topk=(ids, lp))
+    loss = tk.TIPDistillationLoss(rule="all")
+    with pytest.raises(ValueError, match="either densely"):
+        loss(case.hs[None], case.ws, case.ht[None], case.wt, teacher_topk=(ids[None], lp[None]))
+    with pytest.raises(ValueError, match="unknown tail"):
+        tk.TIPDistillationLoss(tail="none")
+
+
+@grid("backend,kind,beta,tail,rule", axis(ALL_BACKENDS), axis([("reverse_kl", 0.5), ("jsd", 0.3)], ["rkl", "jsd0.3"]),
+      axis(TAILS), axis(["soft_or", "q3"]),
+      slow=lambda backend, kind, beta, tail, rule: backend == "triton" and (kind != "reverse_kl" or rule != "q3"))
+def test_topk_tip_loss(backend, kind, beta, tail, rule):
+    """TIPDistillationLoss(tail=...)(..., teacher_topk=): the selection is made from the bins' divergences, the loss
+    is the weighted mean over the selected tokens; value and d h, d W, d b against the float64 truth."""
+    n = shape_for(backend)[0]
+    case = _case(backend, torch.float32, seed=12, lead=(1, n))
+    ids, lp, _ = make_topk(case, 5)
+    mask = torch.ones(case.lead, dtype=torch.bool, device=DEVICE)
+    mask[0, 2] = False
+    loss_fn = tk.TIPDistillationLoss(rule=rule, ratio=0.5, divergence=kind, beta=beta, temperature=TEMPERATURE,
+                                     backend=backend, tail=tail)
+    hs, ws, bs = leaf(case.hs), leaf(case.ws), leaf(case.bs)
+    out = loss_fn(hs, ws, mask=mask, student_bias=bs, teacher_topk=(ids, lp))
+    out.loss.backward()
+    w = out.selection.weights.double()
+    assert int(out.selection.count) == (n - 1) // 2
+    # the statistics are the bins' (of the loss's tail); the selection follows from them
+    (h64, w64, b64), s = truth_student(case, TEMPERATURE)
+    p, q = topk_bins64(s, ids, lp, tail)
+    for name in ("reverse_kl", "forward_kl"):
+        want = bin_divergence64(p.detach(), q, name, 0.5).reshape(case.lead) * mask
+        assert (getattr(out.stats, name).double() - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    values = bin_divergence64(p, q, kind, beta).reshape(case.lead)
+    truth = (values * w).sum() / w.sum()
+    truth.backward()
+    assert abs(out.loss.item() - truth.item()) <= 5e-4 * max(1.0, abs(truth.item()))
+    for got, want in ((hs.grad, h64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)):
+        assert (got.double() - want).abs().max() <= 5e-4 * want.abs().max(), (got - want).abs().max()
