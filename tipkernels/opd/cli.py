@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES
-from .config import PARALLEL, SCHEDULES, TAILS, TEACHER_PARALLEL, OPDConfig
+from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, TAILS
+from .config import PARALLEL, SCHEDULES, TEACHER_PARALLEL, OPDConfig
 from .tasks import TASKS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")

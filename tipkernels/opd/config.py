@@ -7,10 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, SAMPLING_RULES, check_choice, check_number
-
-#: ``tail=`` of a top-k teacher (the loss's choices; docs/design.md §1).
-TAILS = ("bucket", "renormalize")
+from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, SAMPLING_RULES, TAILS, check_choice, check_number
 
 #: OPD-only choices (the library-wide ones are in :mod:`tipkernels.inputs`).
 SCHEDULES = ("cosine", "constant")

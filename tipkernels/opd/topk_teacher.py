@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..backends.chunked import transform_logits
-from ..inputs import check_temperature
+from ..inputs import check_teacher_topk, check_temperature
 from ..types import TeacherTopK
 from .models import final_hidden_states, lm_head, logit_transform, unwrap
 
@@ -52,61 +52,24 @@ TopKTeacherFn = Callable[[Tensor, Tensor], TeacherTopK]
 
 FORMAT = "tipkernels.teacher_topk"
 VERSION = "1"
-#: How far above 0 a log-probability and above 1 a row's total mass may round (bf16 logprobs of a near-certain
-#: token), per logprobs dtype.
-_SLACK = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16)
 
 
 # --------------------------------------------------------------------------------------------- validation
 
 
 def check_topk_rows(name: str, ids: Tensor, logprobs: Tensor, *, vocab_size: Optional[int] = None) -> None:
-    """Check one top-k block: ``ids`` an int tensor ``[..., K]`` (K ≥ 1), ``logprobs`` a float tensor of its shape;
-    ids in ``[-1, vocab_size)`` (``-1`` = padding), distinct within a row; at real ids the log-probabilities are
-    ≤ 0 (up to the dtype's rounding), not NaN, not +inf, and a row's probabilities sum to at most 1.
-    TypeError/ValueError naming ``name``, the shapes and the first bad row."""
-    if not isinstance(ids, Tensor) or not isinstance(logprobs, Tensor):
-        raise TypeError(f"{name}: ids and logprobs must be tensors, got {type(ids).__name__} and "
-                        f"{type(logprobs).__name__}")
-    if ids.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name}: ids must be an integer tensor (int64/int32/int16), got {ids.dtype}")
-    if logprobs.dtype not in _SLACK:
-        raise TypeError(f"{name}: logprobs must be a floating tensor, got {logprobs.dtype}")
-    if ids.shape != logprobs.shape or ids.dim() < 1 or ids.shape[-1] < 1:
-        raise ValueError(f"{name}: ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must have one shape "
-                         f"[..., K] with K ≥ 1")
-    if ids.numel() == 0:
-        return
-    flat_ids, flat_lp = ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, ids.shape[-1])
-
-    def first(bad: Tensor) -> int:
-        return int(bad.reshape(flat_ids.shape[0], -1).any(-1).nonzero()[0, 0])
-
-    hi = f"[-1, {vocab_size})" if vocab_size is not None else "≥ -1"
-    bad = flat_ids < -1 if vocab_size is None else (flat_ids < -1) | (flat_ids >= vocab_size)
-    if bool(bad.any()):
-        r = first(bad)
-        raise ValueError(f"{name}: ids must lie in {hi} (-1 pads), row {r} of {tuple(flat_ids.shape)} has "
-                         f"{flat_ids[r].tolist()}")
-    s = flat_ids.sort(-1).values
-    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
-    if bool(dup.any()):
-        r = first(dup)
-        raise ValueError(f"{name}: a row's ids must be distinct, row {r} has {flat_ids[r].tolist()}")
-    real = flat_ids >= 0
-    lp = flat_lp.double()
-    slack = _SLACK[logprobs.dtype]
-    bad = real & (torch.isnan(lp) | (lp > slack))
-    if bool(bad.any()):
-        r = first(bad)
-        raise ValueError(f"{name}: logprobs must be log-probabilities (≤ 0, not NaN), row {r} has "
-                         f"{flat_lp[r].tolist()}")
-    mass = torch.where(real, lp.exp(), torch.zeros_like(lp)).sum(-1)
-    bad = mass > 1 + slack * ids.shape[-1]
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}: a row's probabilities must sum to at most 1, row {r} sums to {float(mass[r]):.6g}")
+    """Check one top-k block ``ids``/``logprobs`` ``[..., K]`` by the loss's own rules
+    (:func:`tipkernels.inputs.check_teacher_topk`: integer ids in ``[0, vocab_size)`` or ``-1``, distinct within a
+    row; float log-probabilities ``≤ 0`` up to rounding, not NaN, a row's mass at most 1), before anything is
+    written or packed. TypeError/ValueError prefixed with ``name``. Without ``vocab_size`` any id ``≥ 0`` passes."""
+    lead = ids.shape[:-1] if isinstance(ids, Tensor) and ids.dim() >= 1 else torch.Size([])
+    vocab = vocab_size
+    if vocab is None:
+        vocab = int(ids.max()) + 1 if isinstance(ids, Tensor) and ids.numel() and not ids.is_floating_point() else 1
+    try:
+        check_teacher_topk((ids, logprobs), lead, max(1, vocab), ids.device if isinstance(ids, Tensor) else None)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------------- a local Hugging Face teacher

@@ -110,7 +110,8 @@ class OPDTrainer:
     All checks (prompts, vocabularies, devices, dtypes) run in the constructor, before any training.
     ``train()`` returns the list of per-step metric dicts (keys: "step", "loss", "lr", "grad_norm",
     "valid_tokens", "selected_tokens", "selected_fraction", "entropy", "entropy_norm", "reverse_kl",
-    "forward_kl", "teacher_entropy" and their "*_selected" means, "q1_valid".."q4_selected" quadrant shares,
+    "forward_kl", "teacher_entropy" (not with a top-k teacher, which does not give it) and their "*_selected"
+    means, "q1_valid".."q4_selected" quadrant shares,
     "response_len", "step_time_s", "peak_mem_mb", and "eval_*" on evaluation steps). They are also appended to
     ``output_dir/metrics.jsonl``; the figure goes to ``output_dir/opd_run.png``; checkpoints to
     ``output_dir/checkpoint-<step>/`` (``student/`` via ``save_pretrained`` in safetensors, plus
@@ -154,6 +155,7 @@ class OPDTrainer:
                              f"(or set OPDConfig.device)")
         self.device = device
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.sparse_teacher = sparse
         self.eval_fn = eval_fn
         if not sparse:
             teacher.eval()
@@ -165,8 +167,7 @@ class OPDTrainer:
                                            importance_weights=config.importance_weights,
                                            data_process_group=self.process.group,
                                            student_logit_scale=a_s, student_softcap=c_s,
-                                           teacher_logit_scale=a_t, teacher_softcap=c_t,
-                                           **({"tail": config.tail} if sparse else {}))
+                                           teacher_logit_scale=a_t, teacher_softcap=c_t, tail=config.tail)
         self.process.wrap(student, teacher, self.loss_fn, device)  # before the optimizer: FSDP2 shards the student
         t_dev = device if sparse else next(teacher.parameters()).device
         if t_dev != device:  # pragma: no cover - wrap() places a sharded teacher's shards on the device
@@ -247,6 +248,8 @@ class OPDTrainer:
             for k, v in m.items():
                 if k in ("valid_tokens", "selected_tokens", "selected_fraction"):
                     continue
+                if self.sparse_teacher and k.startswith("teacher_entropy"):
+                    continue  # NaN: a top-k teacher does not give its entropy
                 w = m["selected_tokens"] if ("selected" in k) else m["valid_tokens"]
                 sums[k] = sums.get(k, 0.0) + v * w
                 weights[k] = weights.get(k, 0.0) + w
