@@ -29,7 +29,7 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import tune_triton  # noqa: E402
-from benchmarks.harness import cells, variants  # noqa: E402
+from benchmarks.harness import cells, roofline, variants  # noqa: E402
 from benchmarks.harness.inputs import SHORT_DTYPES, clear_grads, dtype_of, make_inputs  # noqa: E402
 from benchmarks.harness.memory import MIB, free_memory  # noqa: E402
 from benchmarks.harness.report import (  # noqa: E402
@@ -144,6 +144,17 @@ def goals_table(args, results: dict, rate, tip: list) -> str:
             {"goal": g, "measured": "–", "met": "–"} for g, x, fmt, ok in goals]
     return (f"Goals at N={n}, V={v}, D_s={args.d}, D_t={args.d_teacher} (TIP step: B·L={args.tip_shape[0]}×"
             f"{args.tip_shape[1]}, V={args.tip_shape[2]}):\n\n" + markdown_table(rows, ["goal", "measured", "met"]))
+
+
+def roofline_section(args, results: dict, rate) -> str:
+    """The roofline's predictions per strategy at the goal shape, the measured variants beside (the triton variant
+    runs the strategy "auto" picks; benchmarks/gpu_plan.py measures each strategy)."""
+    n, v = GOAL_SHAPE
+    others = {}
+    for (name, phase, n_, v_), r in results.items():
+        if (n_, v_) == GOAL_SHAPE and r.get("time"):
+            others.setdefault(name, {})[phase] = r["time"]
+    return roofline.table(n, v, args.d, args.d_teacher, tflops=rate or roofline.H200_TFLOPS, others=others)
 
 
 def divergence_grid(args, budget: Budget, results: dict, notes: list, write) -> None:
@@ -262,6 +273,8 @@ def main(argv=None) -> int:
                        + markdown_table(ratio_rows(tip, rate, args.d, args.d_teacher, vocab), RATIO_COLUMNS,
                                         [c if c != "ideal" else "ideal vs 1.0" for c in RATIO_COLUMNS]))
         report.set("goals", "## Goals\n\n" + goals_table(args, results, rate, tip))
+        report.set("roofline", "## 5. Roofline at the goal shape (benchmarks/harness/roofline.py)\n\n"
+                   + roofline_section(args, results, rate))
         raw.update(divergence=[{"variant": k[0], "phase": k[1], "n": k[2], "v": k[3], **r} for k, r in results.items()],
                    tip=tip, matmul_tflops=rate)
         write_json(base + ".json", raw)

@@ -386,11 +386,13 @@ def make_topk(case: Case, k: int, *, seed=5, pad=True, neg_inf=False, dtype=torc
     return ids.reshape(shape).to(DEVICE), lp.to(dtype).reshape(shape).to(DEVICE), dense
 
 
-def topk_bins64(s: Tensor, ids: Tensor, logprobs: Tensor, tail: str):
+def topk_bins64(s: Tensor, ids: Tensor, logprobs: Tensor, tail: str, floors=None):
     """The float64 truth of the bins (docs/design.md §1) from materialised logits ``s [N, V]``: probabilities
     ``[N, K+1]`` (bucket: the K ids, then the rest of the vocabulary summed from the logits outside the ids, and
     ``max(0, 1 − Q)`` for the teacher; both rests 0 when the ids cover the vocabulary) or ``[N, K]``
-    (renormalize). Padding ids have probability 0 on both sides."""
+    (renormalize). Padding ids have probability 0 on both sides. ``floors``: ``(δ_p [N], δ_q)``, the smallest rests
+    (docs/design.md §1) applied to rows that do not cover the vocabulary (the test inputs' rests are far above them
+    unless a test builds them so)."""
     ids, lp = ids.reshape(s.shape[0], -1).to(s.device), logprobs.reshape(s.shape[0], -1).double().to(s.device)
     valid = ids >= 0
     safe = ids.clamp_min(0)
@@ -406,6 +408,9 @@ def topk_bins64(s: Tensor, ids: Tensor, logprobs: Tensor, tail: str):
     rest_p = torch.where(inside, zero, p_full).sum(1)
     covered = valid.sum(1) == s.shape[1]
     rest_q = torch.where(covered, zero, (1 - q_k.sum(1)).clamp_min(0))
+    if floors is not None:
+        rest_p = torch.where(covered, zero, torch.maximum(rest_p, floors[0].to(s.dtype)))
+        rest_q = torch.where(covered, zero, rest_q.clamp_min(floors[1]))
     return torch.cat([p_k, rest_p[:, None]], 1), torch.cat([q_k, rest_q[:, None]], 1)
 
 

@@ -173,3 +173,29 @@ def test_bench_ops_collect_and_run():
     pytest.importorskip("pytest_benchmark")
     _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_bench_ops.py", "--benchmark-only",
           "--bench-shape", "32,256,16", "--bench-rounds", "1", "-k", "torch and (step or token_stats)"])
+
+
+def test_gpu_plan_dry_run_cpu(tmp_path):
+    """``benchmarks/gpu_plan.sh --dry-run-cpu``: the GPU plan's whole sequence at small shapes on the CPU (≈1–2 min):
+    every section reported, every strategy correct against the torch backend, at most 8 result files."""
+    out = tmp_path / "plan"
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)  # the script sets it
+    proc = subprocess.run(["bash", "benchmarks/gpu_plan.sh", "--dry-run-cpu", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "plan.md").read_text()
+    for title in ("1. Matmul rate", "2. Compiled correctness", "3. Goal shape", "4. TRL and Liger", "5. TIP loss",
+                  "6. Targeted compiled pytest", "7. Everything else", "Finished in"):
+        assert title in report, title
+    raw = json.loads((out / "plan.json").read_text())
+    assert raw["rate"] > 0 and raw["bw"] > 0
+    rows = raw["correct"]
+    assert len(rows) >= 4 and not any("skipped" in str(r.get("torch")) for r in rows)
+    for row in rows:
+        for name in ("fused", "cublas", "fused_grad"):
+            assert row[name].startswith("ok "), (row["shape"], name, row[name])
+    assert all(raw["goal"][s].get("step", {}).get("time", 0) > 0 for s in ("fused", "cublas", "fused_grad"))
+    assert "passed" in report.split("6. Targeted compiled pytest")[1].split("###")[0]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files

@@ -3,8 +3,9 @@
 The public ops (``tipkernels.ops``), the loss, the selection rules and the OPD config validate their arguments
 here, once, and the ops hand the backends a :class:`Problem`: 2-D tensors, the teacher already cut to the
 student's vocabulary, the temperature checked. Every choice the library accepts is spelt once below
-(:data:`BACKENDS`, :data:`DIVERGENCES`, :data:`KINDS`, :data:`REDUCTIONS`, :data:`RULES`, :data:`BUDGETS`), and so
-is the β rule of the JSD (:func:`effective_kind`). The backend contract is :class:`tipkernels.backends.Backend`.
+(:data:`BACKENDS`, :data:`DIVERGENCES`, :data:`KINDS`, :data:`REDUCTIONS`, :data:`RULES`, :data:`BUDGETS`,
+:data:`TAILS`), and so is the β rule of the JSD (:func:`effective_kind`). A top-k teacher is validated once too
+(:func:`check_teacher_topk`, giving a :class:`TopKTeacher`). The backend contract is :class:`tipkernels.backends.Backend`.
 """
 
 from __future__ import annotations

@@ -191,3 +191,78 @@ def _selection_worker(rank: int, world: int, port: int):
 
 def test_data_parallel_selection_equals_whole_batch():
     spawn(_selection_worker, (2, free_port()), nprocs=2)
+
+
+def _topk_inputs(k: int = 6):
+    """A top-k teacher over the global vocabulary (ids on every shard), padding ids, a -inf log-probability."""
+    g = torch.Generator().manual_seed(3)
+    dense = torch.log_softmax(torch.randn(N_B * N_L, V, generator=g, dtype=torch.float64) * 2, -1)
+    lp, ids = dense.topk(k, -1)
+    ids[1, -1], ids[4, 1:] = -1, -1
+    lp[2, 0] = -float("inf")
+    lp = torch.where(ids >= 0, lp, torch.zeros_like(lp))
+    return ids.reshape(N_B, N_L, k), lp.reshape(N_B, N_L, k)
+
+
+def _topk_worker(rank: int, world: int, port: int, backend: str, tf: dict):
+    """teacher_topk under vocabulary parallelism against one process on the same backend: token_stats, every
+    divergence and tail (values, d hidden, the shard's d weight / d bias), the TIP loss."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        hs, ws, bs, _, _, _, labels, mask = _inputs()
+        if backend == "triton":
+            hs, ws, bs = hs.float(), ws.float(), bs.float()
+        ids, lp = _topk_inputs()
+        lo, hi, _ = _bounds(rank, world)
+        topk = tk.TeacherTopK(ids, lp)
+        full = tk.token_stats(hs, ws, teacher_topk=topk, student_bias=bs, labels=labels, temperature=1.3,
+                              backend=backend, **tf)
+        part = tk.token_stats(hs, ws[lo:hi], teacher_topk=topk, student_bias=bs[lo:hi], labels=labels,
+                              temperature=1.3, backend=backend, process_group=group, **tf)
+        for name in ("student_lse", "entropy", "entropy_norm", "reverse_kl", "forward_kl", "student_argmax",
+                     "teacher_argmax", "teacher_lse", "label_logprob"):
+            _close(getattr(part, name), getattr(full, name), name, backend)
+        go = torch.randn(N_B, N_L, generator=torch.Generator().manual_seed(1), dtype=hs.dtype)
+        for kind, beta in (("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)):
+            for tail in ("bucket", "renormalize"):
+                leaves_full = [t.clone().requires_grad_() for t in (hs, ws, bs)]
+                leaves_part = [t.clone().requires_grad_() for t in (hs, ws[lo:hi], bs[lo:hi])]
+                kw = dict(teacher_topk=topk, divergence=kind, beta=beta, tail=tail, temperature=0.8,
+                          backend=backend, **tf)
+                a = tk.fused_linear_divergence(leaves_full[0], leaves_full[1], student_bias=leaves_full[2], **kw)
+                b = tk.fused_linear_divergence(leaves_part[0], leaves_part[1], student_bias=leaves_part[2],
+                                               process_group=group, **kw)
+                what = f"{kind} {tail}"
+                fin = torch.isfinite(a)
+                assert torch.equal(fin, torch.isfinite(b)), what
+                _close(b[fin], a[fin], f"{what} value", backend)
+                (torch.where(fin, a, 0) * go).sum().backward()
+                (torch.where(fin, b, 0) * go).sum().backward()
+                _close(leaves_part[0].grad, leaves_full[0].grad, f"{what} d_hidden", backend)
+                _close(leaves_part[1].grad, leaves_full[1].grad[lo:hi], f"{what} d_weight shard", backend)
+                _close(leaves_part[2].grad, leaves_full[2].grad[lo:hi], f"{what} d_bias shard", backend)
+        hf, wf = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        hp, wp = hs.clone().requires_grad_(), ws[lo:hi].clone().requires_grad_()
+        kw = dict(rule="q3", ratio=0.4, divergence="jsd", beta=0.6, backend=backend, **tf)
+        ref = tk.TIPDistillationLoss(**kw)(hf, wf, mask=mask, teacher_topk=topk)
+        got = tk.TIPDistillationLoss(**kw, process_group=group)(hp, wp, mask=mask, teacher_topk=topk)
+        assert torch.equal(got.selection.mask, ref.selection.mask)
+        _close(got.loss, ref.loss, "loss", backend)
+        got.loss.backward()
+        ref.loss.backward()
+        _close(hp.grad, hf.grad, "loss d_hidden", backend)
+        _close(wp.grad, wf.grad[lo:hi], "loss d_weight shard", backend)
+    finally:
+        dist.destroy_process_group()
+
+
+STUDENT_TRANSFORMS = dict(student_logit_scale=4.0, student_softcap=3.0)
+
+
+@pytest.mark.parametrize("world,backend,tf", [(2, "torch", {}), (3, "torch", STUDENT_TRANSFORMS),
+                                              (2, "triton", STUDENT_TRANSFORMS)],
+                         ids=["2-torch", "3-torch-transforms", "2-triton-transforms"])
+def test_vocab_parallel_topk_equals_single_process(world, backend, tf):
+    spawn(_topk_worker, (world, free_port(), backend, tf), nprocs=world)

@@ -12,7 +12,7 @@ import pytest
 
 from tipkernels.opd.cli import main as cli_main
 from tipkernels.opd.demo import Entry, build_tokenizer, parse_compare
-from tipkernels.opd.tasks import TASKS, add_scratchpad, get_task
+from tipkernels.opd.tasks import TASKS, add_scratchpad, add_task, digit_score, get_task
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -42,12 +42,13 @@ def test_registry_names_and_vocabularies():
         get_task("nope")
 
 
-def test_add_task_answers_and_lengths():
-    task = get_task("add")
+@pytest.mark.parametrize("digits, lo, hi", [((5, 5), 32, 33), ((5, 8), 32, 51)])
+def test_add_task_answers_and_lengths(digits, lo, hi):
+    task = get_task("add") if digits == (5, 5) else add_task(*digits)  # the default, and unequal operand lengths
     lengths = []
     for p, a in task.examples(3000, seed=7):
         x, y, columns, answer = _parse_scratchpad(p, a)
-        assert 5 <= len(str(x)) <= 8 and 5 <= len(str(y)) <= 8
+        assert digits[0] <= len(str(x)) <= digits[1] and digits[0] <= len(str(y)) <= digits[1]
         assert answer == x + y  # checked with Python's integers, not the generator's column arithmetic
         assert len(columns) == max(len(str(x)), len(str(y)))
         carry = 0
@@ -62,9 +63,10 @@ def test_add_task_answers_and_lengths():
         assert task.min_response <= m <= task.max_response
         assert math.floor(0.2 * m) >= 6  # ρ = 0.2 keeps at least 6 tokens of every sequence
         assert task.check(p, a)
-    assert min(lengths) == task.min_response == 32 and max(lengths) == task.max_response == 51
+    assert min(lengths) == task.min_response == lo and max(lengths) == task.max_response == hi
     assert 30 <= min(lengths) and max(lengths) <= 80
     assert add_scratchpad(4728, 915) == "8503;2114;7906;4015;|5643"
+    assert add_scratchpad(47281, 91536) == "1607;8301;2518;7108;4903;|138817"
 
 
 def test_add_checker_rejects_wrong_answers():
@@ -74,6 +76,25 @@ def test_add_checker_rejects_wrong_answers():
     assert task.check(p, "garbage|5643")  # the scratchpad is not graded, only the final answer
     for bad in ("", "8503;2114;7906;4015;|5644", "8503;2114;7906;4015;5643", "|05643", "|5643x", "|", "|56|43"):
         assert not task.check(p, bad), bad
+
+
+def test_digit_score_partial_credit():
+    assert digit_score("5643", "5643") == 1.0
+    assert digit_score("5643", "5644") == 0.75  # right-aligned: the last digit is wrong
+    assert digit_score("5643", "643") == 0.75  # a missing leading digit costs one position of four
+    assert digit_score("5643", "15643") == 0.8  # an extra digit: four of five positions agree
+    assert digit_score("5643", "") == 0.0 and digit_score("", "") == 1.0
+    task = get_task("add")
+    p = "47281+91536="
+    assert task.score(p, add_scratchpad(47281, 91536)) == 1.0
+    assert task.score(p, "anything|138817") == 1.0  # the scratchpad is not graded
+    assert task.score(p, "1607;|138807") == pytest.approx(5 / 6)
+    assert task.score(p, "1607;8301;") == 0.0  # no answer
+    for prompt, a in task.examples(200, seed=3):  # 1.0 exactly when the checker accepts
+        for resp in (a, a[:-1], a + "1", a.replace("|", "")):
+            assert (task.score(prompt, resp) == 1.0) == task.check(prompt, resp)
+    sort = get_task("sort")
+    assert sort.score("50391>", "01359") == 1.0 and sort.score("50391>", "01395") == 0.6
 
 
 def test_sort_checker_matches_exact_answers():
@@ -151,6 +172,10 @@ def test_quick_compare_on_add_task(tmp_path, capsys):
     assert summary["task"] == "add" and summary["seeds"] == [0, 1]
     assert 0 <= summary["teacher_accuracy"] <= 1
     assert len(summary["student_accuracy_before_per_seed"]) == 2
+    assert len(summary["student_digit_accuracy_before_per_seed"]) == 2
+    # the warm start checks for its target every 10 steps: it stops at a multiple of 10, or runs all 20 steps
+    assert all(w in (10, 20) for w in summary["student_warm_start_steps_per_seed"])
+    assert 0 <= summary["teacher_accuracy"] <= summary["teacher_digit_accuracy"] <= 1
     labels = ["all", "random@0.2", "soft_or@0.5", "q3@0.2"]
     assert list(summary["entries"]) == labels
     steps = summary["settings"]["opd_steps"]
@@ -159,8 +184,10 @@ def test_quick_compare_on_add_task(tmp_path, capsys):
         e = summary["entries"][label]
         assert len(e["per_seed"]) == 2
         for run in e["per_seed"]:
-            assert 0 <= run["accuracy_after"] <= 1
+            assert 0 <= run["accuracy_after"] <= run["digit_accuracy_after"] <= 1  # exact match gets every digit
             assert [s for s, _ in run["curve"]][0] == 0 and run["curve"][-1][0] == steps
+            assert [s for s, _ in run["digit_curve"]] == [s for s, _ in run["curve"]]
+            assert run["digit_curve"][-1][1] == run["digit_accuracy_after"]
             assert abs(sum(run[f"Q{q}"] for q in range(1, 5)) - 1) < 1e-6
             assert 0 < run["tokens_trained"] <= run["tokens_valid"]
         mean = sum(r["accuracy_after"] for r in e["per_seed"]) / 2
@@ -175,7 +202,7 @@ def test_quick_compare_on_add_task(tmp_path, capsys):
     assert valid is not None and valid > 0
     mem = {label: summary["entries"][label]["loss_step_memory_mb"] for label in labels}
     assert mem["all"] >= max(mem.values())  # the same batch: keeping every token saves the most for backward
-    assert "±" in table and "Q1" in table and "loss-step saved activations" in table
+    assert "±" in table and "Q1" in table and "loss-step saved activations" in table and "digits after" in table
     assert "accuracy" in text and "peak" in text
     if summary["figure"]:
         assert (out / "compare.png").is_file()

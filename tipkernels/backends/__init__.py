@@ -34,7 +34,8 @@ class Backend(Protocol):
         name: the registry name ("torch", "triton", "reference"; a vocabulary-parallel wrapper has its local's).
         autograd_native: the backend materialises the logits and ``value`` is differentiable by ordinary autograd
             (the reference); otherwise the ops run the fused :class:`tipkernels.ops.core.RowValues` function,
-            whose backward calls ``backward``.
+            whose backward calls ``backward``. Such a backend also gives ``student_logits(prob)`` (the
+            materialised ``[N, V]`` logits a top-k teacher's logits are gathered from, docs/design.md §1).
         supports_vocab_parallel: it can run on a vocabulary shard under :class:`.vocab_parallel.VocabParallelBackend`
             (needs ``jsd_sums`` and a backward that reads only the saved global LSEs and values).
         has_jsd_sums: it implements ``jsd_sums`` (the reference gives ``jsd_forward`` only).

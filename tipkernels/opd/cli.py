@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="embedded demo: train a tiny teacher on a synthetic task, distil a smaller "
                        "student on-policy with TIP selection (no downloads)",
                        description="Train a tiny teacher supervised on a synthetic task (sort: digit sorting, the "
-                       "quick default; add: multi-digit addition with a carry scratchpad, 32-51-token responses), "
+                       "quick default; add: 5-digit addition with a carry scratchpad, 32-33-token responses), "
                        "distil a smaller, weakly pre-trained student on its own rollouts with a TIP rule, and report "
                        "held-out accuracy before/after, tokens trained on, quadrant shares, peak memory and a figure.")
     d.add_argument("--task", default="sort", choices=tuple(TASKS),
-                   help="sort (default, ~1-2 min; responses 5-9 tokens) or add (responses 32-51 tokens, the TIP "
+                   help="sort (default, ~1-2 min; responses 5-9 tokens) or add (responses 32-33 tokens, the TIP "
                         "paper's regime where ρ=0.2 keeps ≥ 6 tokens per sequence)")
     d.add_argument("--quick", action="store_true", help="smaller task and schedules (CI, well under a minute)")
     d.add_argument("--rule", default="soft_or", choices=RULES, help="TIP rule (default soft_or)")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each seed draws its own starting student)")
     d.add_argument("--teacher-target", type=float, default=None, metavar="ACC",
                    help="stop the teacher's training once a held-out check set reaches this accuracy (default: "
-                        "sort none, add 0.97; checked every 250 steps)")
+                        "sort none, add 0.98; checked every 100 steps)")
     d.add_argument("--jobs", type=int, default=1, help="processes running the seeds in parallel (default 1)")
     d.add_argument("--steps", type=int, default=None, help="OPD steps (default: sort 300, add 80; fewer with "
                    "--quick)")

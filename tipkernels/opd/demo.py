@@ -1,15 +1,17 @@
 """``tipkernels demo``: on-policy distillation with TIP selection on a synthetic task, no downloads.
 
 Tasks (:mod:`tipkernels.opd.tasks`): ``sort`` (the quick default, ``"50391>"`` → ``"01359"``, responses of 5–9
-tokens) and ``add`` (5–8-digit addition written out column by column with the carry, responses of 32–51 tokens:
+tokens) and ``add`` (5-digit addition written out column by column with the carry, responses of 32–33 tokens:
 the regime where a retention ratio of 0.2 still keeps ≥ 6 tokens of every sequence). A char-level tokenizer is
 built in code (``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``, so ``generate``,
 ``save_pretrained`` and ``AutoTokenizer`` all work). Two tiny Llama-architecture models are built from configs: a
 teacher, trained supervised to high accuracy, and a smaller student, pre-trained only briefly so that it starts
-weak. The student is then distilled on its own rollouts with :class:`OPDTrainer` and a TIP rule; greedy held-out
-accuracy (the task's answer checker) is measured before and after. ``--compare`` repeats the distillation from the
-same starting student for several ``rule@ratio`` entries, over one or more seeds, and writes a table (a toy analogue
-of the TIP paper's Table 5) and a figure of accuracy against steps.
+weak (``add``: until a check set first reaches 20%; its accuracy jumps from 0 to near 1 within a few dozen
+steps, so a fixed step count would start some seeds at 0 and others near the teacher). The student is then
+distilled on its own rollouts with :class:`OPDTrainer` and a TIP rule; greedy held-out accuracy (the task's answer
+checker, and the per-digit accuracy of the answer beside it) is measured before and after. ``--compare`` repeats
+the distillation from the same starting student for several ``rule@ratio`` entries, over one or more seeds, and
+writes a table (a toy analogue of the TIP paper's Table 5) and a figure of accuracy against steps.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from .config import OPDConfig
 from .rollout import decode_responses, generate
-from .tasks import DIGITS, Task, get_task, sort_task
+from .tasks import DIGITS, Task, digit_score, get_task, sort_task
 from .trainer import OPDTrainer, lr_lambda, peak_memory_mb
 
 SPECIALS = ("<pad>", "<eos>")
@@ -142,21 +144,27 @@ def supervised_train(model, tokenizer, task: Task, *, steps: int, batch_size: in
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_size: int = 512,
-             task: Optional[Task] = None) -> float:
-    """Greedy-decoding accuracy on ``(prompt, target)`` pairs: ``task.check(prompt, response)`` when a task is
-    given, else exact match with the target."""
-    correct = 0
+def evaluate(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_size: int = 512,
+             task: Optional[Task] = None) -> Dict[str, float]:
+    """Greedy decoding on ``(prompt, target)`` pairs: "accuracy" (``task.check(prompt, response)`` when a task is
+    given, else exact match with the target) and "digit_accuracy" (the mean of ``task.score``, else of
+    :func:`~tipkernels.opd.tasks.digit_score` against the target: partial credit, a smoother signal)."""
+    correct, digits = 0, 0.0
     max_new = task.max_new_tokens if task is not None else max(len(a) for _, a in examples) + 1
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         roll = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=max_new, temperature=0.0)
         outs = decode_responses(tokenizer, roll)
-        if task is not None:
-            correct += sum(task.check(p, out) for out, (p, _) in zip(outs, chunk))
-        else:
-            correct += sum(out == a for out, (_, a) in zip(outs, chunk))
-    return correct / len(examples)
+        for out, (p, a) in zip(outs, chunk):
+            correct += task.check(p, out) if task is not None else out == a
+            digits += task.score(p, out) if task is not None else digit_score(a, out)
+    return {"accuracy": correct / len(examples), "digit_accuracy": digits / len(examples)}
+
+
+def accuracy(model, tokenizer, examples: Sequence[Tuple[str, str]], batch_size: int = 512,
+             task: Optional[Task] = None) -> float:
+    """The "accuracy" of :func:`evaluate`."""
+    return evaluate(model, tokenizer, examples, batch_size, task)["accuracy"]
 
 
 # --------------------------------------------------------------------------------------------- compare entries
@@ -234,6 +242,10 @@ class DemoSettings:
     max_positions: int = 64
     teacher_target: float = 0.0  # > 0: stop the teacher's training once a check set reaches this accuracy
     teacher_check_every: int = 250
+    # > 0: stop the student's warm start once a check set reaches this accuracy (a task whose accuracy jumps from
+    # 0 to near 1 within a few dozen steps has no fixed step count that starts every seed weak but not at zero)
+    student_target: float = 0.0
+    student_check_every: int = 10
 
     @classmethod
     def for_task(cls, name: str, quick: bool = False) -> "DemoSettings":
@@ -248,17 +260,20 @@ class DemoSettings:
 
         if quick:  # a smoke test of the pipeline: 3–4-digit sums, a barely trained teacher
             return cls(task=add_task(3, 4), teacher_steps=80, sft_batch=32, student_warmup_steps=20, opd_steps=8,
-                       opd_batch=16, n_prompts=200, n_eval=48, eval_interval=4, max_positions=48)
-        return cls(task=add_task(), teacher_steps=3000, teacher_lr=2e-3, teacher_target=0.97,
-                   teacher_check_every=250, student_warmup_steps=ADD_WARMUP_STEPS, opd_steps=ADD_OPD_STEPS,
-                   opd_batch=32, n_eval=200, eval_interval=10, max_positions=96)
+                       opd_batch=16, n_prompts=200, n_eval=48, eval_interval=4, max_positions=48,
+                       student_target=ADD_STUDENT_TARGET)
+        return cls(task=add_task(), teacher_steps=1000, teacher_lr=3e-3, teacher_target=0.98,
+                   teacher_check_every=100, student_warmup_steps=ADD_WARMUP_STEPS,
+                   student_target=ADD_STUDENT_TARGET, opd_steps=ADD_OPD_STEPS, opd_lr=1e-3,
+                   opd_batch=32, n_eval=200, eval_interval=10, max_positions=64)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls.for_task("sort", quick=True)
 
 
-ADD_WARMUP_STEPS = 60
+ADD_WARMUP_STEPS = 600  # at most; the warm start stops at ADD_STUDENT_TARGET
+ADD_STUDENT_TARGET = 0.2
 ADD_OPD_STEPS = 80
 
 
@@ -307,6 +322,27 @@ def _teacher(settings: DemoSettings, tokenizer, seed: int, device, cache: Option
         teacher.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return teacher, time.perf_counter() - t0, False
+
+
+def starting_student(settings: DemoSettings, tokenizer, seed: int, device, progress: bool = False):
+    """The starting student of ``seed``: initialised from ``seed + 1``, warm-started supervised (data from
+    ``seed + 20``) for ``settings.student_warmup_steps`` steps, or until a check set of its own reaches
+    ``settings.student_target``. Returns (model in eval mode, warm-start steps taken)."""
+    tk = settings.task
+    base = build_model(STUDENT, len(tokenizer), seed=seed + 1, max_positions=settings.max_positions).to(device)
+    checks: List[bool] = []
+    reach = partial(_reaches, tokenizer=tokenizer, examples=tk.examples(128, seed=seed + 4000), task=tk,
+                    target=settings.student_target)  # disjoint seeds from the eval set, prompts, teacher's check
+
+    def check(model) -> bool:
+        checks.append(reach(model))
+        return checks[-1]
+
+    supervised_train(base, tokenizer, tk, steps=settings.student_warmup_steps, batch_size=settings.sft_batch,
+                     lr=settings.lr_sft_student, seed=seed + 20, desc="student warm start", progress=progress,
+                     check=check if settings.student_target else None, check_every=settings.student_check_every)
+    warm = settings.student_check_every * len(checks) if checks and checks[-1] else settings.student_warmup_steps
+    return base, warm
 
 
 def _summary(history: List[Dict[str, float]]) -> Dict[str, float]:
@@ -422,13 +458,14 @@ def _run_seed(job: Dict[str, object], log=None) -> Dict[str, object]:
         teacher = HFTopKTeacher(teacher, job["teacher_topk"], vocab_size=len(tokenizer))
     eval_set, train_prompts, progress = job["eval_set"], job["train_prompts"], job["progress"]
     out_dir = Path(job["output_dir"])
-    base = build_model(STUDENT, len(tokenizer), seed=s + 1, max_positions=settings.max_positions).to(dev)
-    supervised_train(base, tokenizer, tk, steps=settings.student_warmup_steps, batch_size=settings.sft_batch,
-                     lr=settings.lr_sft_student, seed=s + 20, desc="student warm start", progress=progress)
-    before = accuracy(base, tokenizer, eval_set, task=tk)
+    base, warm = starting_student(settings, tokenizer, s, dev, progress)
+    start = evaluate(base, tokenizer, eval_set, task=tk)
+    before = start["accuracy"]
     n_s = sum(p.numel() for p in base.parameters())
     say(f"seed {s}: student {n_s / 1e3:.0f}k params, brief supervised warm start "
-        f"({settings.student_warmup_steps} steps), held-out accuracy {before:.1%}")
+        f"({warm} steps" + (f", stopped at a check set's {settings.student_target:.0%}" if warm <
+                            settings.student_warmup_steps else "") + f"), held-out accuracy {before:.1%} "
+        f"(digits {start['digit_accuracy']:.1%})")
     memory: Dict[str, Optional[float]] = {}
     if first and multi:  # the loss step's memory: one fixed batch, the same for every entry
         for e in job["entries"]:
@@ -436,7 +473,7 @@ def _run_seed(job: Dict[str, object], log=None) -> Dict[str, object]:
                                                  job["backend"], dev, s)
 
     def eval_fn(model):
-        return {"accuracy": accuracy(model, tokenizer, eval_set, task=tk)}
+        return evaluate(model, tokenizer, eval_set, task=tk)
 
     runs: Dict[str, Dict[str, object]] = {}
     first_runs: Dict[str, Dict[str, object]] = {}
@@ -453,17 +490,22 @@ def _run_seed(job: Dict[str, object], log=None) -> Dict[str, object]:
         history = trainer.train()
         secs = time.perf_counter() - t0
         after = history[-1].get("eval_accuracy", float("nan"))
+        digits_after = history[-1].get("eval_digit_accuracy", float("nan"))
         summ = _summary(history)
-        run = {"seed": s, "accuracy_before": before, "accuracy_after": after, "seconds": secs,
-               "curve": [(r["step"], r["accuracy"]) for r in trainer.eval_history], **summ}
+        run = {"seed": s, "accuracy_before": before, "accuracy_after": after,
+               "digit_accuracy_before": start["digit_accuracy"], "digit_accuracy_after": digits_after,
+               "seconds": secs, "curve": [(r["step"], r["accuracy"]) for r in trainer.eval_history],
+               "digit_curve": [(r["step"], r["digit_accuracy"]) for r in trainer.eval_history], **summ}
         runs[e.label] = run
         if first:
             first_runs[e.label] = {**run, "history": history, "evals": trainer.eval_history}
         say(f"OPD {e.label} seed {s}: {settings.opd_steps} steps in {secs:.1f}s; student accuracy "
-            f"{before:.1%} -> {after:.1%}; trained on {summ['tokens_trained']:.0f} of {summ['tokens_valid']:.0f} "
-            f"response tokens ({summ['fraction']:.1%}); selected quadrant shares "
+            f"{before:.1%} -> {after:.1%} (digits {start['digit_accuracy']:.1%} -> {digits_after:.1%}); trained on "
+            f"{summ['tokens_trained']:.0f} of {summ['tokens_valid']:.0f} response tokens ({summ['fraction']:.1%}); "
+            f"selected quadrant shares "
             + " ".join(f"Q{q} {summ[f'Q{q}']:.0%}" for q in range(1, 5)))
-    return {"before": before, "memory": memory, "runs": runs, "first_runs": first_runs, "log": lines}
+    return {"before": before, "digits_before": start["digit_accuracy"], "warm_steps": warm, "memory": memory,
+            "runs": runs, "first_runs": first_runs, "log": lines}
 
 
 def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", ratio: float = 0.5,
@@ -484,12 +526,14 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     (:class:`tipkernels.opd.topk_teacher.HFTopKTeacher`, the path of a teacher served elsewhere; ``k`` at most
     the vocabulary) instead of its full distribution.
 
-    Returns a dict with "task", "teacher_accuracy", "student_accuracy_before" (per seed), "entries" (per label:
-    "rule", "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "tokens_trained", "fraction",
-    "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)]), the same keys as
-    "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs" (per label — the rule's name when
-    ``compare`` is None — the first seed's run with its
-    "history" and "evals", for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
+    Returns a dict with "task", "teacher_accuracy" and "teacher_digit_accuracy", "student_accuracy_before" (the
+    mean over seeds; the first seed's alone for one seed), "student_accuracy_before_per_seed",
+    "student_digit_accuracy_before_per_seed", "student_warm_start_steps_per_seed", "entries" (per label: "rule",
+    "ratio", "per_seed" (list of per-run dicts: "accuracy_after", "digit_accuracy_after", "tokens_trained",
+    "fraction", "Q1".."Q4", "kl_end", "response_len", "seconds", "curve" [(step, accuracy)], "digit_curve"
+    [(step, per-digit accuracy)]), the same keys as "<key>_mean"/"<key>_std", and "loss_step_memory_mb"), "runs"
+    (per label — the rule's name when ``compare`` is None — the first seed's run with its "history" and "evals",
+    for the single-run figure), "table" (Markdown), "figure", "peak_mem_mb", "seconds".
     """
     t_start = time.perf_counter()
     settings = DemoSettings.for_task(task, quick=quick)
@@ -536,14 +580,17 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
 
     teacher, t_teacher, cached = _teacher(settings, tokenizer, seed, dev, out_dir if cache_teacher else None,
                                           progress, log)
-    teacher_acc = accuracy(teacher, tokenizer, eval_set, task=tk)
+    teacher_eval = evaluate(teacher, tokenizer, eval_set, task=tk)
+    teacher_acc = teacher_eval["accuracy"]
     n_t = sum(p.numel() for p in teacher.parameters())
     log(f"teacher: {n_t / 1e3:.0f}k params, {'loaded from cache' if cached else 'trained'} in {t_teacher:.1f}s, "
-        f"held-out accuracy {teacher_acc:.1%}")
+        f"held-out accuracy {teacher_acc:.1%} (digits {teacher_eval['digit_accuracy']:.1%})")
 
     per_seed: Dict[str, List[Dict[str, object]]] = {e.label: [] for e in entries}
     first_runs: Dict[str, Dict[str, object]] = {}
     befores: List[float] = []
+    digit_befores: List[float] = []
+    warm_steps: List[int] = []
     memory: Dict[str, Optional[float]] = {}
     common = dict(task=task, quick=quick, steps=steps, entries=entries, first_seed=seed, seeds=seeds,
                   compare=compare is not None, eval_set=eval_set, train_prompts=train_prompts, backend=backend,
@@ -567,6 +614,8 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
             for line in res["log"]:
                 log(line)
         befores.append(res["before"])
+        digit_befores.append(res["digits_before"])
+        warm_steps.append(res["warm_steps"])
         memory.update(res["memory"])
         for e in entries:
             per_seed[e.label].append(res["runs"][e.label])
@@ -578,8 +627,8 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
         runs = per_seed[e.label]
         agg: Dict[str, object] = {"rule": e.rule, "ratio": e.ratio, "per_seed": runs,
                                   "loss_step_memory_mb": memory.get(e.label)}
-        for k in ("accuracy_after", "tokens_trained", "fraction", "Q1", "Q2", "Q3", "Q4", "kl_end", "seconds",
-                  "response_len"):
+        for k in ("accuracy_after", "digit_accuracy_after", "tokens_trained", "fraction", "Q1", "Q2", "Q3", "Q4",
+                  "kl_end", "seconds", "response_len"):
             agg[f"{k}_mean"], agg[f"{k}_std"] = _spread([r[k] for r in runs])
         results[e.label] = agg
     before_mean, before_std = _spread(befores)
@@ -608,11 +657,13 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
 
     total = time.perf_counter() - t_start
     if multi:
-        table = format_table(results, before_mean, before_std, seeds=seeds, steps=settings.opd_steps, device=dev)
+        table = format_table(results, before_mean, before_std, seeds=seeds, steps=settings.opd_steps, device=dev,
+                             digits_before=_spread(digit_befores))
         (out_dir / "compare.md").write_text(
             f"# tipkernels demo --task {tk.name}: {len(entries)} entries x {seeds} seeds, {settings.opd_steps} OPD "
             f"steps\n\nTask: {tk.summary}; responses {min(lens)}-{max(lens)} tokens with EOS. Teacher held-out "
-            f"accuracy {teacher_acc:.1%}; starting student {before_mean:.1%} ± {before_std:.1%}. Total "
+            f"accuracy {teacher_acc:.1%} (digits {teacher_eval['digit_accuracy']:.1%}); starting student "
+            f"{before_mean:.1%} ± {before_std:.1%} (digits {statistics.fmean(digit_befores):.1%}). Total "
             f"{total:.0f}s.\n\n{table}\n")
         log("")
         log(table)
@@ -621,8 +672,10 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     summary = {"task": tk.name, "task_summary": tk.summary, "settings": {
                    k: v for k, v in asdict(replace(settings, task=None)).items() if k != "task"},
                "response_len_eval": {"min": min(lens), "max": max(lens), "mean": statistics.fmean(lens)},
-               "teacher_accuracy": teacher_acc, "student_accuracy_before": befores[0] if seeds == 1 else before_mean,
-               "student_accuracy_before_per_seed": befores, "seeds": [seed + i for i in range(seeds)],
+               "teacher_accuracy": teacher_acc, "teacher_digit_accuracy": teacher_eval["digit_accuracy"],
+               "student_accuracy_before": befores[0] if seeds == 1 else before_mean,
+               "student_accuracy_before_per_seed": befores, "student_digit_accuracy_before_per_seed": digit_befores,
+               "student_warm_start_steps_per_seed": warm_steps, "seeds": [seed + i for i in range(seeds)],
                "ratio": ratio, "peak_mem_mb": peak, "figure": str(figure) if figure else None, "seconds": total,
                "table": table, "entries": results,
                "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("history", "evals")}
@@ -639,23 +692,31 @@ def _pm(mean: float, std: float, pct: bool = True, seeds: int = 1) -> str:
 
 
 def format_table(results: Dict[str, Dict[str, object]], before: float, before_std: float = 0.0, *, seeds: int = 1,
-                 steps: Optional[int] = None, device: Optional[torch.device] = None) -> str:
-    """A Markdown table of the compared entries (mean ± sample standard deviation over seeds)."""
+                 steps: Optional[int] = None, device: Optional[torch.device] = None,
+                 digits_before: Optional[Tuple[float, float]] = None) -> str:
+    """A Markdown table of the compared entries (mean ± sample standard deviation over seeds). ``digits_before``:
+    the starting student's per-digit accuracy (mean, std); the digit columns appear when it is given."""
     mem = ("loss-step peak (MiB)" if device is not None and device.type == "cuda"
            else "loss-step saved activations (MiB)")
-    head = (f"| rule | ρ | acc. before | acc. after | tokens trained | share | Q1 | Q2 | Q3 | Q4 | KL end | {mem} "
-            f"| time/run |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    lines = [head]
+    dig = digits_before is not None
+    cols = ["rule", "ρ", "acc. before", "acc. after"] + (["digits before", "digits after"] if dig else []) + [
+        "tokens trained", "share", "Q1", "Q2", "Q3", "Q4", "KL end", mem, "time/run"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for label, v in results.items():
         rho = "1" if v["rule"] == "all" else f"{v['ratio']:g}"
         m = v.get("loss_step_memory_mb")
-        lines.append(f"| {v['rule']} | {rho} | {_pm(before, before_std, seeds=seeds)} | "
-                     f"{_pm(v['accuracy_after_mean'], v['accuracy_after_std'], seeds=seeds)} | "
-                     f"{_pm(v['tokens_trained_mean'], v['tokens_trained_std'], pct=False, seeds=seeds)} | "
-                     f"{v['fraction_mean']:.0%} | " + " | ".join(f"{v[f'Q{q}_mean']:.0%}" for q in range(1, 5)) +
-                     f" | {v['kl_end_mean']:.3f} | {'n/a' if m is None else f'{m:.1f}'} | {v['seconds_mean']:.0f}s |")
+        cells = [v["rule"], rho, _pm(before, before_std, seeds=seeds),
+                 _pm(v["accuracy_after_mean"], v["accuracy_after_std"], seeds=seeds)]
+        if dig:
+            cells += [_pm(*digits_before, seeds=seeds),
+                      _pm(v["digit_accuracy_after_mean"], v["digit_accuracy_after_std"], seeds=seeds)]
+        cells += [_pm(v["tokens_trained_mean"], v["tokens_trained_std"], pct=False, seeds=seeds),
+                  f"{v['fraction_mean']:.0%}", *(f"{v[f'Q{q}_mean']:.0%}" for q in range(1, 5)),
+                  f"{v['kl_end_mean']:.3f}", "n/a" if m is None else f"{m:.1f}", f"{v['seconds_mean']:.0f}s"]
+        lines.append("| " + " | ".join(cells) + " |")
     note = (f"\n\nMean ± sample standard deviation over {seeds} seeds" if seeds > 1 else "\n\nOne seed") + \
         (f", {steps} OPD steps per run" if steps else "") + \
+        ("; acc.: exact match of the greedy answer; digits: its per-digit accuracy" if dig else "") + \
         "; Q1–Q4: quadrant shares of the selected tokens (token-weighted over the run). Loss-step memory: one OPD " \
         "loss step on one fixed batch of the starting student's rollouts; " + \
         ("the CUDA peak above the step's start." if device is not None and device.type == "cuda" else
@@ -665,8 +726,9 @@ def format_table(results: Dict[str, Dict[str, object]], before: float, before_st
 
 def plot_compare(results: Dict[str, Dict[str, object]], path, *, before: Sequence[float] = (),
                  title: Optional[str] = None) -> Path:
-    """Held-out accuracy against OPD steps per entry (mean over seeds, min–max band), and the quadrant shares of
-    the selected tokens per entry (stacked bars). Raises ImportError without matplotlib."""
+    """Held-out accuracy (exact match, and per digit where the runs recorded it) against OPD steps per entry (mean
+    over seeds, min–max band), and the quadrant shares of the selected tokens per entry (stacked bars). Raises
+    ImportError without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -675,20 +737,26 @@ def plot_compare(results: Dict[str, Dict[str, object]], path, *, before: Sequenc
         raise ImportError("matplotlib is needed for the comparison figure") from e
     from .plot import save_figure
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
-    for label, v in results.items():
-        curves = [dict(r["curve"]) for r in v["per_seed"]]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        vals = [[c[s] for c in curves] for s in steps]
-        mean = [statistics.fmean(x) for x in vals]
-        line, = ax.plot(steps, mean, marker="o", ms=2.5, label=label)
-        if len(curves) > 1:
-            ax.fill_between(steps, [min(x) for x in vals], [max(x) for x in vals], color=line.get_color(),
-                            alpha=0.15)
-    ax.set_xlabel("OPD step")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    keys = [("curve", "held-out accuracy (exact match)")]
+    if all("digit_curve" in r for v in results.values() for r in v["per_seed"]):
+        keys.append(("digit_curve", "held-out per-digit accuracy"))
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(6.5 * len(keys) + 5, 4.4),
+                             gridspec_kw={"width_ratios": [1.4] * len(keys) + [1]})
+    for ax, (key, name) in zip(axes, keys):
+        for label, v in results.items():
+            curves = [dict(r[key]) for r in v["per_seed"]]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            vals = [[c[s] for c in curves] for s in steps]
+            mean = [statistics.fmean(x) for x in vals]
+            line, = ax.plot(steps, mean, marker="o", ms=2.5, label=label)
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(x) for x in vals], [max(x) for x in vals], color=line.get_color(),
+                                alpha=0.12)
+        ax.set_xlabel("OPD step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    bx = axes[-1]
     labels = list(results)
     bottom = [0.0] * len(labels)
     for q, c in zip(range(1, 5), ("tab:red", "tab:orange", "tab:purple", "tab:green")):

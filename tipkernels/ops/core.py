@@ -129,9 +129,10 @@ def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, 
         t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
     known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
     choose = getattr(backend, "grad_strategy", None)
+    if known and choose is not None:
+        prob = backend.plan(prob)  # one resolution for the choice and the call (row_values keeps a planned prob)
     if not known or choose is None or choose(prob, True) != "fused_grad":
         return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
-    prob = backend.plan(prob)
     call = _Call(prob=prob, kind=effective_kind(kind, beta), beta=beta, backend=backend)
     if call.kind == "entropy" and prob.has_teacher:
         call.prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
@@ -197,12 +198,14 @@ def reduce(values: Tensor, lead: torch.Size, reduction: str, weights: Optional[T
     """Apply ``reduction`` to per-row ``values [N]``, reshaped to the token dims ``lead``.
 
     "none" returns ``values`` (times ``weights`` if given) shaped ``lead``; "sum" the (weighted) sum; "mean" the
-    mean, or ``Σ w·v / Σ w`` with weights. Empty inputs or zero total weight give 0, never NaN.
+    mean, or ``Σ w·v / Σ w`` with weights. Empty inputs or zero total weight give 0, never NaN; a row of weight 0
+    gives 0 and no gradient even where its value is +inf (a top-k teacher's reverse KL can be).
     """
     check_choice("reduction", reduction, REDUCTIONS)
     values = values.reshape(lead)
     if weights is not None:
-        values = values * weights.to(values.dtype)
+        w = weights.to(values.dtype)
+        values = torch.where(w == 0, torch.zeros((), dtype=values.dtype, device=values.device), values * w)
     if reduction == "none":
         return values
     total = values.sum()

@@ -26,7 +26,8 @@ import torch
 
 from ..backends import Backend
 from ..backends.chunked import transform_grad_factor, transform_logits
-from ..backends.reference import _nonneg, _xlogy_sum
+from ..backends.reference import _nonneg
+from ..backends.vocab_parallel import VocabParallelBackend
 from ..inputs import Problem, TopKTeacher, effective_kind
 from ..options import deterministic_scope
 from .core import row_values
@@ -74,12 +75,27 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(inside, out, torch.full_like(out, -math.inf))
 
 
+def rest_floors(lse: Tensor, logprob_dtype: torch.dtype, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(log δ_p [N], log δ_q [N])``: the logs of the smallest rests that the inputs resolve (docs/design.md §1).
+
+    ``log P = logsumexp_k s_k − Ls`` is a difference of two numbers of size ``|Ls|``, so it is known to about
+    ``δ_p = 4·eps·max(1, |Ls|)`` (eps of the compute dtype); ``Q`` sums log-probabilities rounded to their dtype, so
+    it is known to about ``δ_q = eps`` of that dtype (and a served log-softmax rounds its top entry to 0 whenever the
+    teacher is confident). A rest below its floor is taken at the floor: a rounded-away rest would make a KL +inf
+    (``q_rest·log(q_rest/0)``) where the true value is small. Not differentiated."""
+    eps = torch.finfo(dtype).eps
+    floor_p = math.log(4 * eps) + torch.log(lse.detach().abs().clamp_min(1.0))
+    floor_q = torch.full_like(floor_p, math.log(torch.finfo(logprob_dtype).eps))
+    return floor_p, floor_q
+
+
 def bin_logprobs(s_k: Tensor, lse: Optional[Tensor], teacher: TopKTeacher, tail: str) -> Tuple[Tensor, Tensor]:
     """The student's and teacher's log-probabilities over the bins: ``[N, K+1]`` for ``tail="bucket"`` (the K ids,
     then the rest), ``[N, K]`` for "renormalize". Padding ids (and an empty rest) are ``-inf`` on both sides.
 
     ``s_k [N, K]`` the student's (transformed) logits at the ids, ``lse [N]`` its full-vocabulary LSE (unused by
-    "renormalize"). Differentiable in ``s_k`` and ``lse``."""
+    "renormalize"). Each rest is at least its floor (:func:`rest_floors`) unless the ids cover the vocabulary.
+    Differentiable in ``s_k`` and ``lse``."""
     valid = teacher.valid
     neg = torch.full((), -math.inf, dtype=s_k.dtype, device=s_k.device)
     l_k = torch.where(valid, teacher.logprobs.to(s_k.dtype), neg)
@@ -89,33 +105,48 @@ def bin_logprobs(s_k: Tensor, lse: Optional[Tensor], teacher: TopKTeacher, tail:
         logq = torch.where(valid & torch.isfinite(log_q_mass), l_k - log_q_mass, neg)
         return logp, logq
     logp = torch.where(valid, s_k - lse[:, None], neg)
-    log_p_mass = masked_logsumexp(logp, valid).clamp_max(0.0)  # log P; rounding can leave a hair above 0
+    log_p_mass = masked_logsumexp(logp, valid)  # log P
     log_q_mass = masked_logsumexp(l_k, valid)  # log Q
-    rest_p, rest_q = log1mexp(log_p_mass), log1mexp(log_q_mass)
+    floor_p, floor_q = rest_floors(lse, teacher.logprobs.dtype, s_k.dtype)
+    rest_p = torch.maximum(log1mexp(log_p_mass), floor_p)
+    rest_q = torch.maximum(log1mexp(log_q_mass), floor_q)
     covered = valid.sum(1) == teacher.vocab_size  # K = V: the rest is empty on both sides, exactly
     rest_p = torch.where(covered, neg, rest_p)
     rest_q = torch.where(covered, neg, rest_q)
     return torch.cat([logp, rest_p[:, None]], 1), torch.cat([l_k, rest_q[:, None]], 1)
 
 
+def _kl(loga: Tensor, logb: Tensor) -> Tensor:
+    """``Σ a (log a − log b)`` per row over bins: a term with ``a = 0`` is exactly 0; one with ``a > 0 = b`` makes
+    the row +inf as a constant, so that the row's gradient stays finite (a row given an upstream gradient of 0, a
+    masked or unweighted one, then contributes 0, not 0·inf = NaN)."""
+    a = loga.exp()
+    live = a > 0
+    infinite = live & torch.isneginf(logb)
+    zero = torch.zeros((), dtype=loga.dtype, device=loga.device)
+    terms = torch.where(live & ~infinite,
+                        a * (torch.where(live, loga, zero) - torch.where(infinite, zero, logb)), zero)
+    return terms.sum(1) + torch.where(infinite.any(1), math.inf, 0.0).to(loga.dtype)
+
+
 def bin_divergence(logp: Tensor, logq: Tensor, kind: str, beta: float = 0.5) -> Tensor:
     """``kind`` ("reverse_kl", "forward_kl", "jsd" with TRL's β) between two distributions given as log-probabilities
     over bins ``[N, B]``, per row, clamped at 0 (gradient of the unclamped value). A bin empty on both sides
     contributes exactly 0 (0·log 0 = 0) and no gradient; a bin with mass on the weighting side only makes the KL
-    +inf, as in the dense ops."""
+    +inf, as in the dense ops (with a finite gradient from the other bins: :func:`_kl`)."""
     empty = torch.isneginf(logp) & torch.isneginf(logq)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp, logq = torch.where(empty, zero, logp), torch.where(empty, zero, logq)  # then equal: every term is 0
     kind = effective_kind(kind, beta)
     if kind == "reverse_kl":
-        return _nonneg(_xlogy_sum(logp, logp - logq))
+        return _nonneg(_kl(logp, logq))
     if kind == "forward_kl":
-        return _nonneg(_xlogy_sum(logq, logq - logp))
+        return _nonneg(_kl(logq, logp))
     if kind != "jsd":
         raise ValueError(f"unknown divergence {kind!r}")
     logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
-    kl_qm = _nonneg(_xlogy_sum(logq, logq - logm))
-    kl_pm = _nonneg(_xlogy_sum(logp, logp - logm))
+    kl_qm = _nonneg(_kl(logq, logm))
+    kl_pm = _nonneg(_kl(logp, logm))
     return beta * kl_qm + (1.0 - beta) * kl_pm
 
 
@@ -132,13 +163,12 @@ def _owned(teacher: TopKTeacher, backend) -> Tuple[Tensor, Tensor, Optional[obje
     """``(local ids [N, K] (0 where not owned), owned [N, K], group)``: under vocabulary parallelism the ids this
     rank's shard holds, shifted to local rows; otherwise every valid id."""
     ids, valid = teacher.ids, teacher.valid
-    group = getattr(backend, "group", None)
-    if group is None:
+    if not isinstance(backend, VocabParallelBackend):
         return torch.where(valid, ids, torch.zeros_like(ids)), valid, None
     lo = backend.vocab_offset
     hi = lo + backend.sizes[backend.rank]
     owned = valid & (ids >= lo) & (ids < hi)
-    return torch.where(owned, ids - lo, torch.zeros_like(ids)), owned, group
+    return torch.where(owned, ids - lo, torch.zeros_like(ids)), owned, backend.group
 
 
 def _index_add_rows(target: Tensor, index: Tensor, values: Tensor) -> None:
