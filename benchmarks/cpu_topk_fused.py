@@ -1,5 +1,5 @@
 """CPU: a top-k teacher's step (forward + backward, mean reverse KL from hidden states, fp32) against the dense
-teacher's, the torch backend, alternated in fresh processes (benchmarks/TUNING.md, c8).
+teacher's, the torch backend, alternated in fresh processes (benchmarks/TUNING.md, c9).
 
 - ``dense``: the teacher as hidden states and lm_head (``fused_grad``: both models' logits in the sweep);
 - ``bucket``: ``teacher_topk`` with ``tail="bucket"`` (default strategy: the bin maths in the student's sweep);

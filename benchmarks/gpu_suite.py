@@ -8,7 +8,9 @@ Sections, each written to the report when done: 1. ``pytest tests`` in a subproc
 ``--tune``, ``benchmarks/tune_triton.py`` at the goal shape (later triton cells use its table); 2. the dense matmul
 rate (the GEMM floor's denominator); 3. reverse KL, fused linear: forward, backward, step and the no-grad scoring
 pass (median time, peak beyond inputs and gradients, fraction of the floor) per variant of
-``benchmarks/harness/variants.py``; 4. the TIP loss step per rule and ratio. Every cell fails alone (``OOM``,
+``benchmarks/harness/variants.py`` (the sparse-teacher cells ``topk_triton@K``, ``topk_torch@K``,
+``topk_chunked@K`` for K in 20, 64, 128 run when named: ``--variants triton,topk_triton@20,topk_triton@64,
+topk_triton@128,topk_chunked@64``); 4. the TIP loss step per rule and ratio. Every cell fails alone (``OOM``,
 ``error: …``, ``timeout``); ``--budget-s`` bounds the run; the goal shape N=8192, V=151936 runs first.
 """
 
@@ -27,7 +29,7 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import tune_triton  # noqa: E402
-from benchmarks.harness import cells, variants  # noqa: E402
+from benchmarks.harness import cells, roofline, variants  # noqa: E402
 from benchmarks.harness.inputs import SHORT_DTYPES, clear_grads, dtype_of, make_inputs  # noqa: E402
 from benchmarks.harness.memory import MIB, free_memory  # noqa: E402
 from benchmarks.harness.report import (  # noqa: E402
@@ -95,7 +97,7 @@ def parse_args(argv=None):
     args.n, args.v = parse_csv(args.n, int), parse_csv(args.v, int)
     args.d_teacher = args.d_teacher or args.d
     args.variants = parse_csv(args.variants or ",".join(
-        ALL_VARIANTS if cuda else ("torch", "reference", "compiled", "compiled_ref", "trl")))
+        variants.DENSE_NAMES if cuda else ("torch", "reference", "compiled", "compiled_ref", "trl")))
     args.phases = parse_csv(args.phases)
     for flag, names, known in (("variant", args.variants, ALL_VARIANTS), ("phase", args.phases, ALL_PHASES)):
         for name in names:
@@ -114,7 +116,7 @@ def divergence_tables(args, results: dict, rate) -> str:
     """One table per phase: rows (V, N), a column per variant: time (fraction of floor) +peak."""
     out = []
     for phase in [p for p in ALL_PHASES if p in args.phases]:
-        names = [v for v in args.variants if phase != "scoring" or v in variants.BACKENDS]
+        names = [v for v in args.variants if phase != "scoring" or v in variants.SCORING]
         if names:
             floor = lambda n, v, p=phase: gemm_floor_flops(n, v, args.d, args.d_teacher, 1.0, p)  # noqa: E731
             pair = ("triton", "liger") if "triton" in names and "liger" in names else None
@@ -144,6 +146,17 @@ def goals_table(args, results: dict, rate, tip: list) -> str:
             f"{args.tip_shape[1]}, V={args.tip_shape[2]}):\n\n" + markdown_table(rows, ["goal", "measured", "met"]))
 
 
+def roofline_section(args, results: dict, rate) -> str:
+    """The roofline's predictions per strategy at the goal shape, the measured variants beside (the triton variant
+    runs the strategy "auto" picks; benchmarks/gpu_plan.py measures each strategy)."""
+    n, v = GOAL_SHAPE
+    others = {}
+    for (name, phase, n_, v_), r in results.items():
+        if (n_, v_) == GOAL_SHAPE and r.get("time"):
+            others.setdefault(name, {})[phase] = r["time"]
+    return roofline.table(n, v, args.d, args.d_teacher, tflops=rate or roofline.H200_TFLOPS, others=others)
+
+
 def divergence_grid(args, budget: Budget, results: dict, notes: list, write) -> None:
     """Section 3: every (N, V) of the grid, goal shape first, for every variant; ``write()`` after each cell."""
     device = args.device
@@ -155,7 +168,7 @@ def divergence_grid(args, budget: Budget, results: dict, notes: list, write) -> 
         inputs = None
         for name, var in built.items():
             groups = ([train] if train else []) + (
-                [["scoring"]] if "scoring" in args.phases and name in variants.BACKENDS else [])
+                [["scoring"]] if "scoring" in args.phases and name in variants.SCORING else [])
             why = var.unavailable or skips.reason(name, (n, v)) if groups else "nothing to run"
             if inputs is None and why is None:
                 try:
@@ -260,6 +273,8 @@ def main(argv=None) -> int:
                        + markdown_table(ratio_rows(tip, rate, args.d, args.d_teacher, vocab), RATIO_COLUMNS,
                                         [c if c != "ideal" else "ideal vs 1.0" for c in RATIO_COLUMNS]))
         report.set("goals", "## Goals\n\n" + goals_table(args, results, rate, tip))
+        report.set("roofline", "## 5. Roofline at the goal shape (benchmarks/harness/roofline.py)\n\n"
+                   + roofline_section(args, results, rate))
         raw.update(divergence=[{"variant": k[0], "phase": k[1], "n": k[2], "v": k[3], **r} for k, r in results.items()],
                    tip=tip, matmul_tflops=rate)
         write_json(base + ".json", raw)

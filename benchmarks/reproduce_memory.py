@@ -13,6 +13,11 @@ selected response tokens + ``backward`` + ``AdamW.step``, for three loss impleme
   is evaluated there.
 * ``fused``: ``tk.TIPDistillationLoss`` on the final hidden states and lm_head weights (tipkernels; ``auto``
   backend: triton on CUDA, the chunked torch backend on the CPU): no ``[tokens, vocab]`` tensor at all.
+* ``fused_topk@K`` (K = 20, 64, 128): the sparse-teacher path of ``tipkernels opd --teacher-topk K``: the
+  teacher's top-K log-probabilities per position are taken from its hidden states over vocabulary chunks
+  (``tipkernels.opd.topk_logprobs``, no grad), then ``tk.TIPDistillationLoss(...)(h_s, W_s, mask=mask,
+  teacher_topk=...)`` (tail "bucket"). A teacher served elsewhere sends the same ``[B, T-1, K]`` message, and its
+  weights are then not in the process at all.
 
 All three select with the same TIP rule (``--rule``, default ``soft_or``) from the same statistics. Random
 weights (memory does not depend on them): Hugging Face Qwen3 causal LMs built from configs, no download.
@@ -62,7 +67,8 @@ from benchmarks.harness.report import (  # noqa: E402
 )
 from benchmarks.harness.runner import run_in_fork, run_json_worker  # noqa: E402
 
-IMPLS = ("materialized_all", "materialized_selected", "fused")
+TOPK_IMPLS = ("fused_topk@20", "fused_topk@64", "fused_topk@128")
+IMPLS = ("materialized_all", "materialized_selected", "fused") + TOPK_IMPLS
 RATIOS = (1.0, 0.5, 0.2, 0.1)
 #: The paper's peak memory (GB) at 100 / 50 / 20 / 10% of the tokens.
 PAPER = {
@@ -203,6 +209,15 @@ def opd_step(impl: str, student, teacher, opt, batch, *, rule: str, ratio: float
         out = tk.TIPDistillationLoss(rule=rule, ratio=ratio, compute_metrics=False)(
             h_s, w_s, h_t, w_t.detach(), mask)
         loss, selected = out.loss, out.selection.mask
+    elif impl in TOPK_IMPLS:
+        from tipkernels.opd import topk_logprobs
+
+        with torch.no_grad():  # the teacher's [B, T-1, K] message (what a served teacher sends)
+            topk = topk_logprobs(h_t, w_t, int(impl.split("@")[1]), vocab_size=vocab)
+        del h_t
+        out = tk.TIPDistillationLoss(rule=rule, ratio=ratio, compute_metrics=False)(
+            h_s, w_s, mask=mask, teacher_topk=topk)
+        loss, selected = out.loss, out.selection.mask
     elif impl == "materialized_all":
         s_logits = F.linear(h_s, w_s)                       # [B, T-1, V], kept for backward
         with torch.no_grad():
@@ -322,7 +337,7 @@ def tables(records: List[dict], ratios) -> str:
             if r is not None:
                 row[f"{q:g}"] = f"{r['step_extra_mib']:.0f}"
         extra_rows.append(row)
-    sel = {q: peak[(IMPLS[-1], q)]["selected"] for q in ratios if (IMPLS[-1], q) in peak}
+    sel = {q: peak[("fused", q)]["selected"] for q in ratios if ("fused", q) in peak}
     tok = next(iter(peak.values()))["tokens"] if peak else 0
     return "\n\n".join([
         markdown_table(rows, cols, heads),
@@ -335,7 +350,7 @@ def tables(records: List[dict], ratios) -> str:
 def plot(records: List[dict], ratios, path: str, title: str) -> None:
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for impl, style in zip(IMPLS, ("o-", "s--", "^-")):
+    for impl, style in zip(IMPLS, ("o-", "s--", "^-", "v:", "D:", "x:")):
         pts = [(100 * r["ratio"], r["peak_mib"]) for q in ratios for r in records
                if r["impl"] == impl and r["ratio"] == q]
         if pts:

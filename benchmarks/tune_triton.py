@@ -10,7 +10,9 @@ For each key in turn, its candidate values are tried with the other keys fixed a
 teacher: LSEs, entropies, KLs, argmaxes), backward keys on the reverse-KL backward over every row (``d hidden``,
 ``d weight``). A candidate is correct when its error against the chunked torch backend (fp32 accumulation) is at
 most twice the starting config's plus 1e-6; a candidate that fails to compile or launch (e.g. too much shared
-memory) is recorded and skipped.
+memory) is recorded and skipped. With ``--screen`` (the default on CUDA) every candidate is first compiled for sm_90
+without running (``benchmarks/inspect_kernels.py --screen``, changed alone from the start) and those that spill are
+recorded as such and never timed.
 
 Output: the table as ``tipkernels.backends.triton.config.tuned_config`` reads it (``--merge`` keeps the other entries of an
 existing file; an entry with the same device, dtype and ranges is replaced), and a Markdown notes file listing every
@@ -42,19 +44,26 @@ from benchmarks.harness.runner import describe_error  # noqa: E402
 from benchmarks.harness.timing import timeit  # noqa: E402
 
 # Candidate values per key: (forward keys, backward keys). All powers of two >= 16 where they are tl.dot blocks.
+# "full" (the GPU's space) holds only tiles that can compile well for sm_90 (docs/design.md §4): no 32-row or
+# 32-column logit tile (each warpgroup's wgmma would be m64n32 or mma.sync), no 256-wide vocabulary tile (the fp32
+# logit tiles alone would take 128+ registers per thread); no "tiles" backward (D / block_dh times the logit
+# recompute: at D = 4096 never faster than "matmul"), hence no block_dh. What still spills at the shape is screened
+# out by compiling each candidate first (--screen, the default on CUDA).
 SPACES = {
     "full": (
-        {"block_n": [32, 64, 128], "block_v": [64, 128, 256], "block_d": [32, 64, 128], "num_warps": [4, 8],
-         "num_stages": [2, 3, 4]},
-        {"bwd_block_n": [32, 64, 128], "bwd_block_v": [32, 64, 128], "bwd_block_d": [32, 64, 128],
-         "block_dh": [64, 128, 256], "bwd_num_warps": [4, 8], "bwd_num_stages": [2, 3, 4],
-         "bwd_strategy": ["matmul", "tiles"], "bwd_chunk_mib": [16, 32, 64]},
+        {"block_n": [64, 128], "block_v": [64, 128], "block_d": [32, 64, 128], "group_n": [4, 8, 16],
+         "num_warps": [4, 8], "num_stages": [2, 3, 4]},
+        {"bwd_block_n": [64, 128], "bwd_block_v": [64, 128], "bwd_block_d": [32, 64, 128], "bwd_num_warps": [4, 8],
+         "bwd_num_stages": [2, 3, 4], "bwd_chunk_mib": [16, 32, 64]},
     ),
     "quick": (
         {"block_n": [16, 32], "block_v": [16, 32]},
         {"bwd_block_v": [16, 32], "block_dh": [16, 32], "bwd_strategy": ["matmul", "tiles"]},
     ),
 }
+
+
+SHORT_DTYPES_BY_DTYPE = {name: dtype_of(name) for name in SHORT_DTYPES}
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -105,14 +114,54 @@ def measure(p: Pass, cfg: dict, device, repeats: int) -> Tuple[Optional[float], 
         return None, None, describe_error(e, limit=120)
 
 
+def screen_candidates(n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, start: dict, space: str,
+                      log: Callable[[str], None] = print) -> dict:
+    """``{(key, value): problems}`` for every candidate of ``space`` that, changed alone from ``start``, compiles
+    badly for sm_90 at the shape (spills, too many registers or too much shared memory, or fails): one subprocess of
+    ``benchmarks/inspect_kernels.py --screen`` (a compiling Triton with ptxas' report and a fresh cache, whatever this
+    process runs), which compiles each distinct kernel once."""
+    import subprocess
+    import tempfile
+
+    cands = [(k, val) for keys in SPACES[space] for k, vals in keys.items() for val in vals if val != start.get(k)]
+    name = next(k for k, val in SHORT_DTYPES_BY_DTYPE.items() if val == dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
+        with open(src, "w") as f:
+            json.dump([dict(start, **{k: val}) for k, val in cands], f)
+        cmd = [sys.executable, os.path.join(_HERE, "inspect_kernels.py"), "--n", str(n), "--v", str(v), "--d",
+               str(d_s), "--d-teacher", str(d_t), "--dtype", name, "--jobs", str(min(8, os.cpu_count() or 2)),
+               "--screen", src, dst]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=_ROOT), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"screening failed:\n{proc.stderr[-3000:]}")
+        with open(dst) as f:
+            problems = json.load(f)
+    bad = {c: p for c, p in zip(cands, problems) if p}
+    log(f"[tune] screened {len(cands)} candidates for sm_90 in {time.monotonic() - t0:.0f} s: "
+        f"{len(bad)} compile badly {sorted(f'{k}={val}' for k, val in bad)}")
+    return bad
+
+
+def _short_problem(msg: str) -> str:
+    """``"compiles badly: stats_kernel: ptxas spills 808 bytes (255 registers)"`` from an ``aot.check_resources``
+    message (kernel, constexprs, pointer types, then what is wrong)."""
+    return f"compiles badly: {msg.split()[0]}: {msg.rsplit(']', 1)[-1].lstrip(': ').splitlines()[0][:80]}"
+
+
 def tune(*, n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, space: str = "full", sweeps: int = 2,
-         repeats: int = 5, budget_s: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
-    """Run the search; return ``{"start", "best", "rows", "passes", "stopped_early"}`` (configs as full dicts)."""
+         repeats: int = 5, budget_s: Optional[float] = None, screen: bool = False,
+         log: Callable[[str], None] = print) -> dict:
+    """Run the search; return ``{"start", "best", "rows", "passes", "stopped_early"}`` (configs as full dicts).
+    With ``screen``, candidates that compile badly for sm_90 when changed alone from the start
+    (:func:`screen_candidates`) are recorded as such and never timed."""
     device = torch.device(device)
     t0 = time.monotonic()
     prob, passes = build_passes(n, v, d_s, d_t, dtype, device)
     start = lib.triton_backend().config.resolve(prob, None)
     best = dict(start)
+    bad = screen_candidates(n, v, d_s, d_t, dtype, start, space, log) if screen else {}
     rows: List[dict] = []
     summary = {}
     stopped = False
@@ -132,6 +181,10 @@ def tune(*, n: int, v: int, d_s: int, d_t: int, dtype: torch.dtype, device, spac
                         stopped = stopped or value != best.get(key)
                         continue
                     cand = dict(best, **{key: value})
+                    if (key, value) in bad:
+                        rows.append(dict(p=p.name, change=f"{key}={value}", time=None, ratio=None, err=None,
+                                         outcome=_short_problem(bad[key, value][0])))
+                        continue
                     s, err, outcome = measure(p, cand, device, repeats)
                     if s is not None and err > tol:
                         outcome = f"wrong (error {err:.2e} > {tol:.2e})"
@@ -192,6 +245,8 @@ def parse_args(argv=None):
     ap.add_argument("--sweeps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=None, help="start no candidate after this many seconds")
+    ap.add_argument("--screen", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile every candidate for sm_90 first and skip those that spill (default: on CUDA)")
     ap.add_argument("--d-range", default=None, help="lo,hi of student hidden sizes the entry covers (default D/2,2D)")
     ap.add_argument("--v-range", default=None, help="lo,hi of vocabulary sizes the entry covers (default V/2,2V)")
     ap.add_argument("--out", default=None, help="the table to write (default benchmarks/results/tuned_configs.json)")
@@ -208,6 +263,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.space = args.space or ("quick" if q or not cuda else "full")
     args.sweeps = args.sweeps or (1 if q else 2)
+    args.screen = cuda if args.screen is None else args.screen
     args.repeats = args.repeats or (1 if q or not cuda else 5)
     for name, val, default in (("d_range", args.d_range, (args.d // 2, 2 * args.d)),
                                ("v_range", args.v_range, (args.v // 2, 2 * args.v))):
@@ -229,7 +285,8 @@ def main(argv=None) -> int:
         print("the CPU needs Triton's interpreter: run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     result = tune(n=args.n, v=args.v, d_s=args.d, d_t=args.d_teacher, dtype=dtype_of(args.dtype), device=args.device,
-                  space=args.space, sweeps=args.sweeps, repeats=args.repeats, budget_s=args.budget_s)
+                  space=args.space, sweeps=args.sweeps, repeats=args.repeats, budget_s=args.budget_s,
+                  screen=args.screen)
     entry = {"device": lib.triton_backend().config.device_key(args.device), "dtype": args.dtype,
              "d_min": args.d_range[0], "d_max": args.d_range[1], "v_min": args.v_range[0], "v_max": args.v_range[1],
              "config": result["best"],

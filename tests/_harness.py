@@ -40,6 +40,7 @@ import tipkernels as tk
 from tipkernels.opd import OPDConfig
 from tipkernels.opd import checkpoint as ckpt
 from tipkernels.opd.demo import ModelSize, build_model
+from tipkernels.opd.models import position_ids
 
 # ---------------------------------------------------------------------------------- library internals
 # The only imports of tipkernels' internal modules in the test suite: tests import them from here
@@ -614,6 +615,45 @@ def opd_config(tmp_path, **kw):
                 seed=0, output_dir=str(tmp_path / "run"), progress=False, plot=False, backend="torch")
     base.update(kw)
     return OPDConfig(**base)
+
+
+# Tiny models whose logits are transformed (scale, soft-cap), for the logit-transform tests of the OPD loop.
+
+TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+
+
+def gemma2_model(vocab, softcap, seed=0):
+    """A tiny Gemma 2 (final_logit_softcapping), lm_head scaled up so that its logits reach the cap."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=vocab, head_dim=16, final_logit_softcapping=softcap, attn_logit_softcapping=None,
+                       sliding_window=16, **TINY_LM)
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+    return model.eval()
+
+
+def granite_model(vocab, logits_scaling, seed=1):
+    """A tiny Granite: logits divided by ``logits_scaling``."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(vocab_size=vocab, logits_scaling=logits_scaling, **TINY_LM)
+    torch.manual_seed(seed)
+    model = GraniteForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    return model.eval()
+
+
+def model_logprobs64(model, ids, attn, vocab):
+    """Float64 log-softmax ``[B, T-1, vocab]`` of a model's real logits at the loop's positions (hidden i scores
+    token i+1)."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
+    return torch.log_softmax(logits.double()[:, :-1, :vocab], -1)
 
 
 # ------------------------------------------------- checkpoints whose full unpickling would run a command

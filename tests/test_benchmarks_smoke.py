@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # each test runs a benchmark script in a subprocess
 
@@ -36,13 +37,18 @@ def test_reproduce_memory_quick(tmp_path):
     _run(["benchmarks/reproduce_memory.py", "--device", "cpu", "--quick", "--ratios", "1,0.1",
           "--out-dir", str(out_dir), "--json", str(js)])
     records = json.loads(js.read_text())
-    assert len(records) == 6
+    assert len(records) == 12
     for r in records:
         assert {"impl", "ratio", "peak_mib"} <= set(r)
         assert r["peak_mib"] > 0 and math.isfinite(r["peak_mib"])
         assert r["step_extra_mib"] >= 0
     peak = {(r["impl"], r["ratio"]): r for r in records}
-    assert {i for i, _ in peak} == {"materialized_all", "materialized_selected", "fused"}
+    topk = ("fused_topk@20", "fused_topk@64", "fused_topk@128")
+    assert {i for i, _ in peak} == {"materialized_all", "materialized_selected", "fused", *topk}
+    for impl in topk:  # the sparse teacher: the same selection budget, a finite loss, no [tokens, vocab] tensor
+        assert peak[(impl, 1.0)]["selected"] == peak[(impl, 1.0)]["tokens"] and math.isfinite(peak[(impl, 1.0)]["loss"])
+        assert peak[(impl, 0.1)]["selected"] == peak[("fused", 0.1)]["selected"]
+        assert peak[(impl, 1.0)]["peak_mib"] < peak[("materialized_all", 1.0)]["peak_mib"]
     # the selection budget: ⌊ρ·m⌋ per sequence of m response tokens
     assert peak[("fused", 0.1)]["selected"] < peak[("fused", 1.0)]["selected"] == peak[("fused", 1.0)]["tokens"]
     # the claims the full run makes, at tiny shapes too
@@ -98,6 +104,55 @@ def test_cpu_backends_tiny(tmp_path):
         assert abs(got["grad_norm_w"] / ref["grad_norm_w"] - 1) <= 1e-3, name
 
 
+def test_cpu_topk_tiny(tmp_path):
+    md = tmp_path / "t.md"
+    _run(["benchmarks/cpu_topk.py", "--shape", "300x2048x32", "--ks", "20,64", "--rounds", "2", "--repeats", "1",
+          "--out", str(md)])
+    text = md.read_text()
+    for variant in ("dense", "topk_torch@20", "topk_chunked@20", "topk_torch@64", "topk_chunked@64"):
+        assert f"| {variant} |" in text, variant
+    assert "Command: `PYTHONPATH=. python benchmarks/cpu_topk.py --shape 300x2048x32" in text
+    got = json.loads(md.with_suffix(".json").read_text())["rounds"][0]
+    for k in (20, 64):  # the bucket KL (a coarsening) bounds the full KL from below, and grows with K
+        dense, bucket = got["dense"]["loss"], got[f"topk_torch@{k}"]["loss"]
+        assert 0 < bucket <= dense * (1 + 1e-5), (k, dense, bucket)
+        assert math.isfinite(got[f"topk_chunked@{k}"]["loss"])
+    assert got["topk_torch@20"]["loss"] <= got["topk_torch@64"]["loss"] * (1 + 1e-5)
+
+
+def test_chunked_topk_baseline_is_its_float64_formula():
+    from benchmarks.harness import variants
+    from benchmarks.harness.inputs import make_inputs
+
+    hs, ws, ht, wt = make_inputs(300, 1000, 32, 24, torch.float32, "cpu")
+    topk = variants.teacher_topk_of(ht, wt, 20)
+    variants.chunked_topk_forward_kl(hs, ws, topk, rows=128).backward()
+    h64, w64 = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
+    logq = topk.logprobs.double()
+    want = (logq.exp() * (logq - torch.log_softmax(h64 @ w64.T, -1).gather(-1, topk.ids))).sum(-1).mean()
+    want.backward()
+    got = variants.chunked_topk_forward_kl(hs.detach(), ws.detach(), topk, rows=128)
+    assert abs(float(got) - float(want.detach())) < 1e-5 * float(want.detach())
+    for g, g64 in ((hs.grad, h64.grad), (ws.grad, w64.grad)):
+        assert float((g.double() - g64).abs().max()) < 1e-5 * float(g64.abs().max())
+
+
+def test_gpu_suite_runs_the_sparse_cells_on_the_cpu(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    names = "torch,topk_torch@20,topk_chunked@20,topk_torch@128,topk_triton@64"
+    out = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--device", "cpu", "--quick", "--skip-tests",
+                          "--skip-tip", "--n", "48", "--v", "997", "--variants", names, "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    raw = json.loads(next(tmp_path.glob("*.json")).read_text())
+    cells = {(r["variant"], r["phase"]): r for r in raw["divergence"]}
+    for name in ("topk_torch@20", "topk_torch@128"):
+        assert all(cells[(name, p)].get("time", 0) > 0 for p in ("scoring", "forward", "backward", "step")), name
+    assert cells[("topk_chunked@20", "step")].get("time", 0) > 0 and ("topk_chunked@20", "scoring") not in cells
+    assert cells[("topk_triton@64", "step")]["text"] == "n/a (needs CUDA)"
+
+
 def test_gpu_suite_tunes_then_uses_the_table(tmp_path):
     # the GPU suite's tuning section on the CPU (interpreter, tiny shape): the table is written and put first in
     # $TIPKERNELS_TRITON_CONFIGS for the cells after it
@@ -118,3 +173,29 @@ def test_bench_ops_collect_and_run():
     pytest.importorskip("pytest_benchmark")
     _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_bench_ops.py", "--benchmark-only",
           "--bench-shape", "32,256,16", "--bench-rounds", "1", "-k", "torch and (step or token_stats)"])
+
+
+def test_gpu_plan_dry_run_cpu(tmp_path):
+    """``benchmarks/gpu_plan.sh --dry-run-cpu``: the GPU plan's whole sequence at small shapes on the CPU (≈1–2 min):
+    every section reported, every strategy correct against the torch backend, at most 8 result files."""
+    out = tmp_path / "plan"
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)  # the script sets it
+    proc = subprocess.run(["bash", "benchmarks/gpu_plan.sh", "--dry-run-cpu", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "plan.md").read_text()
+    for title in ("1. Matmul rate", "2. Compiled correctness", "3. Goal shape", "4. TRL and Liger", "5. TIP loss",
+                  "6. Targeted compiled pytest", "7. Everything else", "Finished in"):
+        assert title in report, title
+    raw = json.loads((out / "plan.json").read_text())
+    assert raw["rate"] > 0 and raw["bw"] > 0
+    rows = raw["correct"]
+    assert len(rows) >= 4 and not any("skipped" in str(r.get("torch")) for r in rows)
+    for row in rows:
+        for name in ("fused", "cublas", "fused_grad"):
+            assert row[name].startswith("ok "), (row["shape"], name, row[name])
+    assert all(raw["goal"][s].get("step", {}).get("time", 0) > 0 for s in ("fused", "cublas", "fused_grad"))
+    assert "passed" in report.split("6. Targeted compiled pytest")[1].split("###")[0]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files

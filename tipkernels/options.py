@@ -11,8 +11,8 @@ before the process starts, else PyTorch raises a RuntimeError naming it). Indepe
 atomics: every output element is written by one program / one chunk, in a fixed order, so the torch backend on the
 CPU and the triton backend (fixed grid, host-side merge of the vocabulary splits) are already reproducible run to
 run; the flag makes that a checked guarantee for the PyTorch ops involved.
-``triton_config`` (default None): a dict of Triton launch options (block sizes, warps, stages, backward strategy; the
-keys of ``tipkernels.backends.triton.config.KEYS``) applied to every triton call, over the defaults and the tuned
+``triton_config`` (default None): a dict of Triton launch options (block sizes, warps, stages, backward strategy, the
+forward/gradient strategies ``strategy`` / ``grad_strategy``; the keys of ``tipkernels.backends.triton.config.KEYS``) applied to every triton call, over the defaults and the tuned
 tables; validated when set (KeyError for an unknown key, ValueError for a bad value). Needs triton installed.
 """
 

@@ -213,12 +213,13 @@ class Attempt:
 
 
 def run_pytest(extra_args: Sequence[str], *, timeout: float, logfile: str,
-               log: Callable[[str], None] = print) -> str:
-    """``pytest -q tests`` (without the benchmark smoke tests) in a subprocess group killed after ``timeout``;
-    the whole output goes to ``logfile``. Returns a Markdown summary: the command, the result, first failures."""
+               log: Callable[[str], None] = print, paths: Sequence[str] = ("tests",)) -> str:
+    """``pytest -q tests`` (or ``paths``; without the benchmark smoke tests) in a subprocess group killed after
+    ``timeout``; the whole output goes to ``logfile``. Returns a Markdown summary: the command, the result, first
+    failures."""
     import importlib.util
 
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *paths,
            "--ignore=tests/test_benchmarks_smoke.py"]
     workers = min(8, os.cpu_count() or 1)
     if workers > 1 and importlib.util.find_spec("xdist") is not None:  # Triton's compiles are CPU-bound

@@ -127,3 +127,14 @@ def dense_matmul_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int = 81
     del a, b, out
     free_memory(device)
     return 2.0 * n**3 / seconds / 1e12
+
+
+def copy_bandwidth_tbs(device, nbytes: int = 2**31, warmup: int = 3, repeats: int = 10) -> float:
+    """Measured device-to-device copy bandwidth (TB/s, bytes read plus bytes written, median) of ``nbytes``."""
+    device = torch.device(device)
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    b = torch.empty_like(a)
+    seconds = timeit(lambda: b.copy_(a), device=device, warmup=warmup, repeats=repeats)
+    del a, b
+    free_memory(device)
+    return 2.0 * nbytes / seconds / 1e12

@@ -8,6 +8,15 @@ the library's reference backend), and the peers ``trl`` (TRL's ChunkedDivergence
 (Liger-Kernel's LigerFusedLinearJSD, jsd_beta=1), each where importable: a peer that is not installed is a
 variant with ``unavailable`` set, never an error.
 
+The sparse-teacher variants (a teacher served elsewhere, seen through its top-K log-probabilities; docs/design.md
+§9), at each K of :data:`TOPK_KS`: ``topk_triton@K`` and ``topk_torch@K`` (``tk.fused_linear_divergence(h_s,
+w_s, teacher_topk=...)``, forward KL, ``tail="bucket"``) and ``topk_chunked@K``, the chunked PyTorch top-k
+forward KL of the VeOmni/verl kind (student logits formed in row chunks, log-softmax, gathered at the K ids,
+``Σ_k q_k (log q_k − log p_k)``). Their loss takes the same four tensors: the teacher's top-K is computed once
+from ``(h_t, w_t)`` (vocabulary-chunked, :func:`tipkernels.opd.topk_logprobs`) and cached, so a
+cell times what the student's side of a served-teacher step costs. They are not in the GPU suite's default list;
+name them with ``--variants``.
+
 Also the step closures the scripts time: the all-token loss step and the TIP loss step.
 """
 
@@ -30,8 +39,18 @@ from . import lib
 from .inputs import clear_grads
 from .runner import REPO_ROOT, describe_error
 
-NAMES = ("triton", "torch", "reference", "compiled", "compiled_ref", "trl", "liger")
+#: The dense-teacher variants (the GPU suite's default list).
+DENSE_NAMES = ("triton", "torch", "reference", "compiled", "compiled_ref", "trl", "liger")
 BACKENDS = ("triton", "torch", "reference")
+#: K of the sparse-teacher variants, and their names ``topk_<impl>@K``.
+TOPK_KS = (20, 64, 128)
+TOPK_IMPLS = ("triton", "torch", "chunked")
+TOPK_NAMES = tuple(f"topk_{impl}@{k}" for impl in TOPK_IMPLS for k in TOPK_KS)
+NAMES = DENSE_NAMES + TOPK_NAMES
+#: Variants with a no-grad scoring pass (``tk.token_stats``).
+SCORING = BACKENDS + tuple(n for n in TOPK_NAMES if not n.startswith("topk_chunked"))
+#: Rows per chunk of the chunked top-k baseline (each chunk's ``[rows, V]`` fp32 logits live at a time).
+TOPK_CHUNK_ROWS = 512
 
 LABELS = {
     "triton": "tk.fused_linear_divergence(backend='triton')",
@@ -42,6 +61,15 @@ LABELS = {
     "trl": "trl ChunkedDivergenceFunction(beta=1.0) = reverse KL (chunked, no [N, V] logits)",
     "liger": "liger_kernel LigerFusedLinearJSD(jsd_beta=1.0) = reverse KL; computes its gradients inside forward",
 }
+for _k in TOPK_KS:
+    LABELS.update({
+        f"topk_triton@{_k}": f"tk.fused_linear_divergence(teacher_topk=top-{_k}, forward_kl, tail='bucket', "
+                             f"backend='triton')",
+        f"topk_torch@{_k}": f"tk.fused_linear_divergence(teacher_topk=top-{_k}, forward_kl, tail='bucket', "
+                            f"backend='torch')",
+        f"topk_chunked@{_k}": f"chunked PyTorch top-{_k} forward KL (VeOmni/verl kind): {TOPK_CHUNK_ROWS}-row "
+                              f"chunks of log_softmax(h·Wᵀ) under checkpoint, gathered at the ids",
+    })
 
 
 @dataclass
@@ -70,6 +98,60 @@ def materialised_reverse_kl(h_s, w_s, h_t, w_t):
     """Mean reverse KL on materialised fp32 logits, as a trainer would write it, with the library's reference
     formula (the compiled baseline)."""
     return lib.reference.reverse_kl((h_s @ w_s.t()).float(), (h_t @ w_t.t()).float()).mean()
+
+
+def parse_topk(name: str):
+    """``"topk_torch@64"`` → ``("torch", 64)``; None for a dense variant's name."""
+    if not name.startswith("topk_") or "@" not in name:
+        return None
+    impl, k = name[len("topk_"):].split("@", 1)
+    return impl, int(k)
+
+
+_TOPK_CACHE: dict = {}
+
+
+def teacher_topk_of(h_t, w_t, k: int):
+    """The teacher's top-``k`` log-probabilities ``[N, k]`` of ``(h_t, w_t)``, computed once per tensors and k
+    (vocabulary-chunked, fp32; what a served teacher would send)."""
+    from tipkernels.opd import topk_logprobs
+
+    key = (h_t.data_ptr(), w_t.data_ptr(), tuple(h_t.shape), tuple(w_t.shape), h_t.dtype, k)
+    if key not in _TOPK_CACHE:
+        _TOPK_CACHE.clear()  # one input set at a time
+        _TOPK_CACHE[key] = topk_logprobs(h_t, w_t, k)
+    return _TOPK_CACHE[key]
+
+
+def topk_backend_loss(backend: str, k: int, divergence: str = "forward_kl", tail: str = "bucket") -> Callable:
+    """``tk.fused_linear_divergence(h_s, w_s, teacher_topk=top-k of (h_t, w_t), reduction="mean")``."""
+    def loss(h_s, w_s, h_t, w_t):
+        return tk.fused_linear_divergence(h_s, w_s, teacher_topk=teacher_topk_of(h_t, w_t, k),
+                                          divergence=divergence, tail=tail, reduction="mean", backend=backend)
+    return loss
+
+
+def _chunk_topk_forward_kl(h, w, ids, logq):
+    logp = torch.log_softmax((h @ w.t()).float(), -1)
+    valid = ids >= 0
+    lpk = logp.gather(-1, ids.clamp_min(0))
+    logq = logq.float()
+    return torch.where(valid, logq.exp() * (logq - lpk), torch.zeros_like(lpk)).sum()
+
+
+def chunked_topk_forward_kl(h_s, w_s, topk, rows: int = TOPK_CHUNK_ROWS):
+    """The chunked PyTorch top-k forward KL (the VeOmni/verl approach), mean over rows: per chunk of ``rows``
+    tokens, ``log_softmax(h·Wᵀ)`` in fp32, gathered at the teacher's ids, ``Σ_k q_k (log q_k − log p_k)`` (no
+    tail term); each chunk under ``torch.utils.checkpoint`` so that the backward holds one chunk's logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    ids, logq = topk
+    total = h_s.new_zeros((), dtype=torch.float32)
+    for r0 in range(0, h_s.shape[0], rows):
+        r1 = r0 + rows
+        total = total + checkpoint(_chunk_topk_forward_kl, h_s[r0:r1], w_s, ids[r0:r1], logq[r0:r1],
+                                   use_reentrant=False)
+    return total / h_s.shape[0]
 
 
 def _set_dynamo_limits() -> None:
@@ -140,6 +222,18 @@ def build_variant(name: str, device, liger_wheel: Optional[str] = None) -> Varia
     """The variant ``name`` (one of :data:`NAMES`) on ``device``; ``unavailable`` says why it cannot run here."""
     device = torch.device(device)
     v = Variant(name)
+    topk = parse_topk(name)
+    if topk is not None and name in TOPK_NAMES:
+        impl, k = topk
+        if impl == "chunked":
+            v.loss = lambda hs, ws, ht, wt: chunked_topk_forward_kl(hs, ws, teacher_topk_of(ht, wt, k))
+        elif impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            v.unavailable = "n/a (needs CUDA)"
+        else:
+            v.loss = topk_backend_loss(impl, k)
+            v.score = lambda hs, ws, ht, wt: tk.token_stats(hs, ws, teacher_topk=teacher_topk_of(ht, wt, k),
+                                                            backend=impl)
+        return v
     if name in BACKENDS:
         if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             v.unavailable = "n/a (needs CUDA)"

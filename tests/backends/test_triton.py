@@ -75,6 +75,32 @@ def test_forward_stats_default_config_and_splits():
         check_stats(prob, tb.forward_stats(prob, config={**SMALL, "split_v": split}), 5e-4)
 
 
+@pytest.mark.parametrize("group_n", [1, 4, 64])
+def test_grouped_program_order(group_n):
+    """Forward, JSD pass and both students' dS kernels in grouped program order (docs/design.md §4): 6 row blocks in
+    groups of 1 / 4 (the last group of 2) / all, 3 vocabulary splits and 6 dS vocabulary tiles per chunk."""
+    cfg = dict(SMALL, group_n=group_n, split_v=3, bwd_chunk_mib=1.0)
+    for variant in ("linear", "student_logits"):
+        prob = make_problem(variant, n=83, vocab=83, seed=12)
+        out = tb.forward_stats(prob, config=cfg)
+        check_stats(prob, out, 5e-4)
+        jsd, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], 0.3, config=cfg)
+        tj, tk = ref.jsd_forward(f64(prob), None, None, 0.3)
+        sj, sk = ref.jsd_forward(prob, None, None, 0.3)
+        check("jsd", jsd, tj, sj, 5e-4)
+        check("kl_pm", kl_pm, tk, sk, 5e-4)
+        grad = grad_rows_for(prob.num_rows, seed=4)
+        got = tb.backward(prob, "jsd", grad, {**out, "kl_pm": kl_pm}, 0.3, config=cfg)
+        check_backward(prob, "jsd", 0.3, grad, got, 5e-4)
+
+
+def test_group_n_is_validated():
+    for bad in (0, None, 2.0, True):
+        with pytest.raises(ValueError, match="group_n"):
+            tb.config.validate({"group_n": bad})
+    assert tb.config.validate({"group_n": 3}) == {"group_n": 3}
+
+
 def test_forward_stats_fp16_and_fp64():
     check_stats(make_problem("linear", torch.float16), tb.forward_stats(make_problem("linear", torch.float16),
                                                                           config=SMALL), 1e-2)

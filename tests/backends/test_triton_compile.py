@@ -1,27 +1,25 @@
 """Every Triton kernel specialisation the backend launches compiles for Hopper (sm_90), on a machine without a GPU.
 
 The other Triton tests run the kernels in Triton's CPU interpreter, which never compiles them. Here each case
-builds a small CPU problem, runs the backend's entry points with ``tipkernels.backends.triton.recorded_launches()`` (so the
-kernels, arguments, constexprs and launch options are exactly the backend's own), turns each launch into a
-signature with Triton's own JIT binder (same int/alignment specialisation as a real launch) and compiles it
-ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: TTIR -> TTGIR -> LLVM ->
-PTX -> cubin with the ptxas bundled in the wheel. No CUDA driver is needed for that.
+builds a small CPU problem, runs the backend's entry points with ``tipkernels.backends.triton.recorded_launches()``
+(so the kernels, arguments, constexprs and launch options are exactly the backend's own) and compiles the distinct
+specialisations ahead of time for sm_90 with ``tipkernels.backends.triton.aot`` (Triton's own JIT binder for the
+signature, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: TTIR -> TTGIR -> LLVM -> PTX -> cubin
+with the ptxas bundled in the wheel; no CUDA driver needed). ``benchmarks/inspect_kernels.py`` uses the same module.
 
-The compiling runs in one subprocess (``python tests/backends/test_triton_compile.py OUT.json``) because the test
-session runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit`` functions
-cannot be compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
+The compiling runs in one subprocess (``python tests/backends/test_triton_compile.py OUT.json [CASE ...]``) because
+the test session runs Triton in interpreter mode (TRITON_INTERPRET=1, fixed at import), where ``@triton.jit``
+functions cannot be compiled; it uses a fresh Triton cache, so every run really compiles, two kernels at a time.
 
-Checked per compiled kernel: it compiles; shared memory fits an H100 block (227 KiB); ptxas neither spills nor
-uses more than 255 registers and one block of num_warps fits the 64K-register file; 16-bit inputs use Hopper's
-wgmma tensor-core MMA (fp32 "ieee" uses none, fp32 "tf32" uses wgmma tf32).
+Checked per compiled kernel (``aot.check_resources``): it compiles; shared memory fits an H100 block (227 KiB);
+ptxas neither spills nor uses more than 255 registers and one block of num_warps fits the 64K-register file; 16-bit
+inputs use Hopper's wgmma tensor-core MMA (fp32 "ieee" uses none, fp32 "tf32" uses wgmma tf32), at least n64 wide in
+the forward, JSD and dS kernels of linear models at the default configs.
 
-Checked with Triton 3.9 (this venv; ~35-60 s on 2 cores idle, ~4 min loaded) and 3.6.0 (the GPU machines' version;
-~25 s) when the kernels took flat arguments: 71 distinct kernels then. Since the kernels take one argument tuple per
-model (tuples as ``@triton.jit`` arguments: Triton >= 3.2, the interpreter >= 3.3), checked with 3.9: 89 distinct
-kernels (the same count as with flat arguments just before the change),
-all compile, none spills; 3.6 not re-run yet. The logit soft-cap specialisations (S_CAP / T_CAP, the ``caps`` cases)
-compile without spills with 3.9 given two capped defaults of ``config.default_config`` (fp32: block_v 32; a capped
-16-bit student: block_dh 128); 3.6 not run on them yet.
+Checked with Triton 3.9 (this venv) and 3.6.0 (the GPU machines' version; its wheel installed with ``pip install
+--no-deps --target DIR`` and put first on PYTHONPATH for the worker): 114 distinct kernels, all compile, none spills
+(the Hopper defaults of docs/design.md §4; ~5-6 min each on 2 loaded cores). Triton 3.6 needed fp32's block_v 32
+(its JSD kernel spilled 20 B at 64 with the grouped program order).
 
 Left out, on purpose:
 - float64 inputs: the backend casts them to fp32 before launching, so they are the fp32 cases.
@@ -36,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,11 +41,16 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow  # one subprocess compiles ~70 kernels (35-60 s on 2 cores)
+pytestmark = pytest.mark.slow  # one subprocess compiles 114 kernels (~5 min on 2 loaded cores)
 
-H100_SMEM_PER_BLOCK = 227 * 1024
-REGISTER_FILE = 64 * 1024
-TARGET = ("cuda", 90, 32)
+
+
+def _aot():
+    """The shared ahead-of-time compile machinery (``tipkernels.backends.triton.aot``)."""
+    from tests._harness import triton_backend as tb
+
+    return tb.aot
+
 
 # model spec: student "L" (linear), "Lb" (linear + bias), "Z" (logits); teacher the same or "" (none);
 # labels None / "i64" / "i32"; "strided": non-contiguous hidden states and teacher logits views.
@@ -179,144 +181,17 @@ def _record(case):
     return launches
 
 
-def _specialise(kernel, backend, args, kwargs):
-    """``(signature, constexprs, attrs, options)`` of ``kernel[grid](*args, **kwargs)``, as the JIT would compile it.
-
-    Triton 3.6 - 3.9 share this path (the JIT's binder, then ``_pack_args``); older or newer versions without it
-    get a plain signature built here (no int / alignment specialisation; still a valid compile)."""
-    from triton.runtime import jit
-
-    if hasattr(jit, "create_function_from_signature") and hasattr(kernel, "_pack_args"):
-        binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, spec, opts = binder(*args, **kwargs)
-        options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
-        return sig, constexprs, attrs, dict(options.__dict__)
-    import torch
-
-    def type_of(value):
-        if isinstance(value, tuple):  # a per-model argument tuple
-            return tuple(type_of(v) for v in value)
-        if isinstance(value, torch.Tensor):
-            return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                          torch.int64: "i64", torch.int32: "i32"}[value.dtype]
-        if isinstance(value, bool):
-            return "i1"
-        if isinstance(value, int):
-            return "i32" if -2**31 <= value < 2**31 else "i64"
-        return "fp32"
-
-    names = kernel.arg_names
-    sig, constexprs = {}, {}
-    launch_opts = {}
-    for name, value in zip(names, args):
-        sig[name] = type_of(value)
-    for name, value in kwargs.items():
-        if name in names:
-            sig[name], constexprs[name] = "constexpr", value
-        else:
-            launch_opts[name] = value
-    return {n: sig[n] for n in names}, constexprs, {}, launch_opts
-
-
-def _ast_source(kernel, sig, constexprs, attrs):
-    """ASTSource across versions: 3.2+ take ``constexprs=``/``attrs=`` (3.0/3.1 named them ``constants=``)."""
-    import inspect
-
-    from triton.compiler import ASTSource
-
-    params = inspect.signature(ASTSource.__init__).parameters
-    key = "constexprs" if "constexprs" in params else "constants"
-    return ASTSource(kernel, sig, **{key: constexprs, "attrs": attrs})
-
-
-_PTXAS_INFO = re.compile(r"Used (\d+) registers")
-_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_STACK = re.compile(r"(\d+) bytes stack frame")
-
-
-_WORK: list = []  # (kernel, signature, constexprs, attrs, options); forked workers get it by index
-
-
-def _compile_one(index):
-    """Compile one specialisation; a dict of what the checks need (or the error)."""
-    import contextlib
-    import io
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    kernel, sig, constexprs, attrs, options = _WORK[index]
-    start = time.perf_counter()
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v goes to stdout
-            compiled = triton.compile(_ast_source(kernel, sig, constexprs, attrs), target=GPUTarget(*TARGET),
-                                      options=options)
-    except Exception as e:  # noqa: BLE001  (reported, then asserted on in the test)
-        return dict(ok=False, error=f"{type(e).__name__}: {e}"[-4000:], seconds=time.perf_counter() - start)
-    ptx, text = compiled.asm["ptx"], log.getvalue()
-    regs, spills, stack = _PTXAS_INFO.search(text), _SPILLS.search(text), _STACK.search(text)
-    md = compiled.metadata
-    return dict(
-        ok=True, seconds=time.perf_counter() - start, shared=int(md.shared), num_warps=int(md.num_warps),
-        num_stages=int(md.num_stages), cubin_bytes=len(compiled.asm["cubin"]),
-        ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1],
-        registers=int(regs[1]) if regs else None,
-        spill_bytes=int(spills[1]) + int(spills[2]) if spills else None,
-        stack_bytes=int(stack[1]) if stack else None,
-        mma=sorted(set(re.findall(r"\b(wgmma\.mma_async\.\S+|mma\.sync\.\S+)", ptx))),
-    )
-
-
-def _leaves(types):
-    """The type strings of a signature's values, tuple arguments (one per model) flattened."""
-    for t in types:
-        if isinstance(t, (tuple, list)):
-            yield from _leaves(t)
-        else:
-            yield t
-
-
-def _describe(kernel, sig, constexprs, options):
-    names = kernel.arg_names
-    const = {(names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
-    ptr_types = sorted({t for t in _leaves(sig.values()) if t.startswith("*")})
-    return dict(kernel=kernel.__name__, constexprs={k: (v if isinstance(v, (bool, int, float, str)) else repr(v))
-                                                    for k, v in const.items() if k.isupper()},
-                pointer_types=ptr_types, num_warps=options.get("num_warps"))
-
-
 def worker(out_path: str, case_ids=(), jobs: int = 2) -> None:
-    """Record the cases' launches (all cases, or those named), compile the distinct specialisations for sm_90,
-    write a JSON report."""
-    import multiprocessing
-
+    """Record the cases' launches (all cases, or those named), compile the distinct specialisations for sm_90
+    (``triton_backend.aot``, shared with benchmarks/inspect_kernels.py), write a JSON report."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
+
+    from tests._harness import triton_backend as tb
 
     t0 = time.perf_counter()
-    backend = make_backend(GPUTarget(*TARGET))
-    work, keys, cases = _WORK, {}, {}
-    for case in CASES:
-        if case_ids and case["id"] not in case_ids:
-            continue
-        cases[case["id"]] = []
-        for launch in _record(case):
-            sig, constexprs, attrs, options = _specialise(launch.kernel, backend, launch.args, launch.kwargs)
-            key = repr((launch.kernel.__name__, sorted(sig.items()), sorted(constexprs.items(), key=repr),
-                        sorted(attrs.items(), key=repr), sorted(options.items(), key=repr)))
-            if key not in keys:
-                keys[key] = len(work)
-                work.append((launch.kernel, sig, constexprs, attrs, options))
-            cases[case["id"]].append(keys[key])
-    # heaviest kinds first, so the two workers finish together
-    order = sorted(range(len(work)), key=lambda i: work[i][0].__name__ not in ("stats_kernel", "dweight_kernel"))
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs) as pool:
-        results = dict(zip(order, pool.map(_compile_one, order, chunksize=1)))
-    specs = [dict(_describe(k, s, c, o), **results[i]) for i, (k, s, c, a, o) in enumerate(work)]
-    report = dict(triton=triton.__version__, target=list(TARGET), cases=cases, specs=specs,
+    work, cases = tb.aot.distinct({c["id"]: _record(c) for c in CASES if not case_ids or c["id"] in case_ids})
+    specs = tb.aot.compile_all(work, jobs=jobs)
+    report = dict(triton=triton.__version__, target=list(tb.aot.TARGET_SM90), cases=cases, specs=specs,
                   seconds=time.perf_counter() - t0)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1)
@@ -331,8 +206,7 @@ def report():
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/backends/ -> repo
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=os.path.join(tmp, "cache"),
-                   TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=repo)
+        env = dict(os.environ, **_aot().compile_env(os.path.join(tmp, "cache")), PYTHONPATH=repo)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=repo,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -350,14 +224,11 @@ def test_compiles_for_sm90(report, case):
     assert specs, "the case launched no kernel"
     assert len(specs) >= len(case["calls"])
     for sp in specs:
-        what = f"{sp['kernel']} {sp['constexprs']} {sp['pointer_types']}"
-        assert sp["ok"], f"{what} does not compile for sm_90:\n{sp['error']}"
-        assert sp["ptx_target"] == "sm_90a", what
-        assert sp["cubin_bytes"] > 0, what
-        assert 0 < sp["shared"] <= H100_SMEM_PER_BLOCK or sp["shared"] == 0, (what, sp["shared"])
-        assert sp["registers"] is not None and sp["spill_bytes"] is not None, f"{what}: no ptxas -v report"
-        assert sp["registers"] <= 255 and sp["registers"] * 32 * sp["num_warps"] <= REGISTER_FILE, (what, sp)
-        assert sp["spill_bytes"] == 0, f"{what}: ptxas spills {sp['spill_bytes']} bytes ({sp['registers']} regs)"
+        # compiles for sm_90a; shared memory fits a block; <= 255 registers, one block fits the file; no spills
+        problems = _aot().check_resources(sp)
+        assert not problems, "\n".join(problems)
+        assert sp["ptx_target"] == "sm_90a" and sp["cubin_bytes"] > 0 and 0 <= sp["shared"], sp
+        assert sp["registers"] <= 255 and sp["spill_bytes"] == 0, sp
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -376,11 +247,28 @@ def test_tensor_cores_match_the_dtype(report, case):
             assert sp["mma"] == [], f"fp32 ieee must not use tensor cores: {sp}"
         else:
             assert sp["mma"] and all(ptx_type in m for m in sp["mma"]), sp
-            # 64-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it (mma.sync), and
-            # so is fp32's 32-row dweight tile (tf32 is opt-in; fp32's default "ieee" uses no MMA at all)
+            # 64- and 128-row tiles use Hopper's warpgroup MMA; the 16-row test tiles are too small for it
+            # (mma.sync), and so is fp32's 32-row dweight tile (tf32 is opt-in; fp32's default "ieee" uses no MMA)
             if case["dtype"] != "float32":
                 kind = "wgmma.mma_async" if case["config"] == "default" else "mma.sync"
                 assert all(m.startswith(kind) for m in sp["mma"]), sp
+
+
+def test_forward_and_ds_kernels_use_wide_wgmma(report):
+    """At the default configs, every 16-bit forward (stats, JSD) and dS kernel of linear models issues wgmma at least
+    n64 wide per warpgroup (docs/design.md §4: a 64 x 64 tile at 8 warps split into m64n32). A model given as logits
+    keeps the 64-row forward tile (that pass reads [N, V] logits)."""
+    aot, checked = _aot(), 0
+    for case in CASES:
+        linear = case["student"].startswith("L") and case["teacher"] in ("", "L", "Lb")
+        if case["config"] != "default" or case["dtype"] == "float32" or not linear:
+            continue
+        for sp in _specs(report, case["id"]):
+            if sp["kernel"] in ("stats_kernel", "jsd_kernel", "dlogits_kernel") and sp["mma"]:
+                widths = aot.wgmma_n(sp["mma"])
+                assert widths and min(widths) >= 64, (case["id"], sp["kernel"], sp["mma_shapes"], sp["constexprs"])
+                checked += 1
+    assert checked >= 20, checked  # 24 with the cases above
 
 
 def test_cases_cover_every_specialisation_axis(report):
@@ -412,6 +300,26 @@ def test_cases_cover_every_specialisation_axis(report):
     assert {16, 32, 64, 128, 256} <= values(all_kernels, "BLOCK_DH") | values(all_kernels, "BLOCK_V")
 
 
+def test_inspect_kernels_script(tmp_path):
+    """benchmarks/inspect_kernels.py at a CI-sized shape (the GPU plan's dry run): the forward, JSD and dS kernels
+    compile with wide wgmma and no spill (--strict), the table names them, each one's .ptx and .cubin is written."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dump = tmp_path / "dump"
+    env = dict(os.environ, PYTHONPATH=repo, TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "inspect_kernels.py"), "--n", "100",
+                           "--d", "256", "--v", "1000", "--kinds", "jsd", "--strategies", "matmul", "--strict",
+                           "--dump", str(dump)], env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads((dump / "kernels.json").read_text())
+    assert [r["kernel"].rsplit("_", 1)[0] for r in report["rows"]] == ["stats_kernel", "jsd_kernel", "dlogits_kernel"]
+    for row in report["rows"]:
+        assert row["kernel"] in proc.stdout and row["ok"] == "ok" and row["spill"] == 0, row
+        assert row["mma"].startswith("wgmma m64n") and "bf16" in row["mma"], row
+        for ext in ("ptx", "cubin"):
+            assert (dump / f"{row['kernel']}.{ext}").stat().st_size > 0
+    assert "wgmma.mma_async" in (dump / f"{report['rows'][0]['kernel']}.ptx").read_text()
+
+
 def test_config_rejects_blocks_a_gpu_cannot_compile():
     """tl.dot needs power-of-two tiles of at least 16; the interpreter would run other sizes, a GPU would not."""
     import torch
@@ -433,7 +341,9 @@ def test_compile_report(report):
               f"smem={sp.get('shared')} warps={sp.get('num_warps')} stages={sp.get('num_stages')} "
               f"{sp.get('seconds', 0):.1f}s {sp['constexprs']}")
     print(f"triton {report['triton']}: {len(report['specs'])} kernels in {report['seconds']:.1f}s")
-    assert report["seconds"] < 300
+    # 114 kernels, the 128-row tiles compile slower: 289-419 s at a load of 11 on 2 cores (2026-12-01); the
+    # subprocess itself is stopped at 600 s
+    assert report["seconds"] < 540
 
 
 if __name__ == "__main__":

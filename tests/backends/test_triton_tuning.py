@@ -230,3 +230,20 @@ def test_tables_are_read_once_and_a_call_resolves_its_config_once(monkeypatch, t
     ht = torch.randn(5, 24, generator=g, device=DEVICE)
     tk.fused_linear_divergence(hs, ws, ht, wt, divergence="jsd", reduction="sum", backend="triton").backward()
     assert len(calls) == 1  # forward stats, the JSD pass and the backward share one resolution
+
+
+@pytest.mark.slow
+def test_screen_skips_candidates_that_spill(monkeypatch):
+    """The tuner's compile screening (``--screen``): a candidate whose sm_90 kernels spill at the shape is found
+    before any timing (a 128 x 128 forward tile spills in the statistics kernel), one that compiles cleanly is not
+    (a 64-wide hidden chunk in the reverse-KL dS kernel). Compiles in a subprocess, as on a GPU machine."""
+    from benchmarks import tune_triton as tt
+
+    monkeypatch.setitem(tt.SPACES, "screen-test", ({"block_v": [64, 128]}, {"bwd_block_d": [64]}))
+    z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16)  # noqa: E731
+    prob, _ = build_problem(z(64, 4096), z(1000, 4096), z(64, 4096), z(1000, 4096))
+    start = trc.resolve(prob)
+    assert start["block_v"] == 64 and start["bwd_block_d"] == 32
+    bad = tt.screen_candidates(64, 1000, 4096, 4096, torch.bfloat16, start, "screen-test", log=lambda m: None)
+    assert set(bad) == {("block_v", 128)}, bad
+    assert "stats_kernel" in bad["block_v", 128][0] and "spills" in bad["block_v", 128][0]

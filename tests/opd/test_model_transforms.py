@@ -11,39 +11,13 @@ import tipkernels as tk
 from tipkernels.opd import logit_transform, sequence_tip_loss
 from tipkernels.opd.models import lm_head, position_ids, tip_loss_for
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-            max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-
-
-def _gemma2(vocab, softcap, seed=0):
-    """A tiny Gemma 2 (final_logit_softcapping), lm_head scaled up so that its logits reach the cap."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    cfg = Gemma2Config(vocab_size=vocab, head_dim=16, final_logit_softcapping=softcap, attn_logit_softcapping=None,
-                       sliding_window=16, **TINY)
-    torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(200.0)
-    return model.eval()
-
-
-def _granite(vocab, logits_scaling, seed=1):
-    """A tiny Granite: logits divided by ``logits_scaling``."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    cfg = GraniteConfig(vocab_size=vocab, logits_scaling=logits_scaling, **TINY)
-    torch.manual_seed(seed)
-    model = GraniteForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    return model.eval()
+from tests._harness import TINY_LM, gemma2_model, granite_model, model_logprobs64
 
 
 def _cohere(vocab, logit_scale, seed=2):
     from transformers import CohereConfig, CohereForCausalLM
 
-    cfg = CohereConfig(vocab_size=vocab, logit_scale=logit_scale, **TINY)
+    cfg = CohereConfig(vocab_size=vocab, logit_scale=logit_scale, **TINY_LM)
     torch.manual_seed(seed)
     return CohereForCausalLM(cfg).eval()
 
@@ -58,19 +32,13 @@ def _batch(vocab, seed=3):
     return ids, attn, resp
 
 
-def _logprobs(model, ids, attn, vocab):
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
-    return torch.log_softmax(logits.double()[:, :-1, :vocab], -1)
-
-
 def test_logit_transform_reads_configs_like_trl():
-    assert logit_transform(_gemma2(40, 5.0)) == (1.0, 5.0)
-    assert logit_transform(_granite(40, 4.0)) == (0.25, None)  # Granite divides
+    assert logit_transform(gemma2_model(40, 5.0)) == (1.0, 5.0)
+    assert logit_transform(granite_model(40, 4.0)) == (0.25, None)  # Granite divides
     assert logit_transform(_cohere(40, 0.0625)) == (0.0625, None)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, **TINY))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, **TINY_LM))
     assert logit_transform(llama) == (1.0, None)
     llama.config.lm_head_multiplier = 3.0  # Falcon-H1's name: multiplies
     assert logit_transform(llama) == (3.0, None)
@@ -85,7 +53,7 @@ def test_logit_transform_reads_configs_like_trl():
 def test_inexpressible_transforms_are_refused(name, value, match):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, **TINY))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, **TINY_LM))
     setattr(llama.config, name, value)
     with pytest.raises(ValueError, match=match):
         lm_head(llama, "student")
@@ -96,12 +64,12 @@ def test_loop_loss_equals_loss_on_real_logits(divergence, beta):
     """Gemma 2 student (soft-capped at 5, saturating) against a Granite teacher (logits / 4, V_t > V): the loop's
     loss and gradient equal those of the models' own logits."""
     vocab = 40
-    student, teacher = _gemma2(vocab, 5.0), _granite(vocab + 3, 4.0)
+    student, teacher = gemma2_model(vocab, 5.0), granite_model(vocab + 3, 4.0)
     ids, attn, resp = _batch(vocab)
     loss_fn = tk.TIPDistillationLoss(rule="all", divergence=divergence, beta=beta, backend="torch")
     out = sequence_tip_loss(loss_fn, student, teacher, ids, attn, resp)
 
-    ls, lt = _logprobs(student, ids, attn, vocab), _logprobs(teacher, ids, attn, vocab)
+    ls, lt = model_logprobs64(student, ids, attn, vocab), model_logprobs64(teacher, ids, attn, vocab)
     with torch.no_grad():
         raw = student(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
     assert (raw.abs() > 4.9).float().mean() > 0.05  # the cap saturates
@@ -121,7 +89,7 @@ def test_loop_loss_equals_loss_on_real_logits(divergence, beta):
 
 
 def test_loss_with_other_transforms_is_refused():
-    student, teacher = _gemma2(40, 5.0), _granite(40, 4.0)
+    student, teacher = gemma2_model(40, 5.0), granite_model(40, 4.0)
     fn = tk.TIPDistillationLoss(rule="all", backend="torch")
     adapted = tip_loss_for(fn, student, teacher)
     assert adapted is not fn and (adapted.student_softcap, adapted.teacher_logit_scale) == (5.0, 0.25)

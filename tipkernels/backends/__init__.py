@@ -63,12 +63,13 @@ class Backend(Protocol):
         backend resolves per call in ``prob.backend_config`` (the triton backend: its launch config), which the
         other methods then reuse. Rows taken with ``prob.rows`` keep it.
 
-    Optional (today the torch backend only; :func:`tipkernels.ops.core.reduced_row_values` looks them up):
+    Optional (the torch and triton backends; :func:`tipkernels.ops.core.reduced_row_values` looks them up):
     ``grad_strategy(prob, upstream_known) -> "fused_grad" | "recompute"`` and
     ``fused_value_and_grad(prob, kind, beta, row_grad) -> (values, d_hidden, d_weight, d_bias)``: the gradient
         formed in the forward's sweep when each row's upstream gradient is known up to one scalar (reductions
-        "sum"/"mean"), so the backward recomputes nothing (docs/design.md §2); ``kind`` a dense kind or a row
-        function of the student's logits (a top-k teacher's bucket, :class:`tipkernels.ops.topk.BucketRows`).
+        "sum"/"mean"), so the backward recomputes nothing (docs/design.md §2); ``kind`` a dense kind, or, where
+        the backend sets ``fused_row_functions = True`` (the torch backend), a row function of the student's
+        logits (a top-k teacher's bucket, :class:`tipkernels.ops.topk.BucketRows`).
     """
 
     name: str

@@ -44,6 +44,8 @@ name = "torch"
 autograd_native = False
 supports_vocab_parallel = True
 has_jsd_sums = True
+#: fused_value_and_grad takes a row function in place of a dense kind (a top-k teacher's bucket, ops/topk.py).
+fused_row_functions = True
 
 #: Bytes of fp32 temporaries alive for one logits tile of the recompute strategy; None: :func:`tile_budget_bytes`
 #: (derived from the cache size).

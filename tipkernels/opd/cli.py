@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES
+from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, TAILS
 from .config import PARALLEL, SCHEDULES, TEACHER_PARALLEL, OPDConfig
 from .tasks import TASKS
 
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernel backend (auto: triton on CUDA, torch on CPU)")
     d.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    d.add_argument("--teacher-topk", type=int, default=None, metavar="K",
+                   help="distil from the teacher's top-K log-probabilities only (the path of a teacher served "
+                        "elsewhere), K at most the task's vocabulary (13 tokens)")
     d.add_argument("--no-cache", action="store_true", help="retrain the teacher even if a cached one exists")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -99,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data parallelism under torchrun: ddp, fsdp (FSDP2, the student sharded) or none; auto "
                         "(default): ddp when launched by torchrun with more than one process, else none. "
                         "--batch-size is per process")
+    o.add_argument("--teacher-topk", type=int, default=None, metavar="K",
+                   help="distil from the teacher's top-K log-probabilities per token (the sparse path a teacher "
+                        "served elsewhere takes), computed locally over vocabulary chunks, instead of its full "
+                        "distribution")
+    o.add_argument("--tail", default="bucket", choices=TAILS,
+                   help="with --teacher-topk: bucket (default; the K ids plus one bin for the rest of the "
+                        "vocabulary) or renormalize (both distributions renormalised over the K ids)")
     o.add_argument("--teacher-parallel", default="replicate", choices=TEACHER_PARALLEL,
                    help="replicate (default): every process holds the whole teacher; fsdp: the teacher's weights "
                         "sharded across the processes (FSDP2), one layer gathered at a time, for teachers larger "
@@ -141,7 +151,9 @@ def _run_opd(args) -> int:
                            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
                            grad_clip=args.grad_clip, seed=args.seed, save_interval=args.save_interval,
                            output_dir=args.output_dir, progress=not args.no_progress, device=device,
-                           parallel=args.parallel, teacher_parallel=args.teacher_parallel)
+                           parallel=args.parallel, teacher_parallel=args.teacher_parallel, tail=args.tail)
+        if args.teacher_topk is not None and args.teacher_topk < 1:
+            raise SetupError(f"--teacher-topk must be ≥ 1, got {args.teacher_topk}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -151,6 +163,15 @@ def _run_opd(args) -> int:
             kw["dtype"] = getattr(torch, args.dtype)
         student = AutoModelForCausalLM.from_pretrained(s_dir, **kw)
         teacher = AutoModelForCausalLM.from_pretrained(t_dir, **kw)
+        if args.teacher_topk is not None:  # the sparse path: the loss sees only the teacher's top-k
+            from .models import lm_head
+            from .topk_teacher import HFTopKTeacher
+
+            if args.teacher_parallel != "replicate":
+                raise SetupError("--teacher-topk runs the teacher whole on each process: use --teacher-parallel "
+                                 "replicate")
+            teacher = HFTopKTeacher(teacher.to(device), args.teacher_topk,
+                                    vocab_size=lm_head(student, "student")[0].shape[0], temperature=args.temperature)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         trainer = OPDTrainer(student, teacher, tokenizer, prompts, config, teacher_tokenizer=teacher_tok)
@@ -184,6 +205,8 @@ def _run_demo(args) -> int:
             raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
         if args.jobs < 1:
             raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+        if args.teacher_topk is not None and args.teacher_topk < 1:
+            raise ValueError(f"--teacher-topk must be ≥ 1, got {args.teacher_topk}")
         if args.teacher_target is not None and not 0 < args.teacher_target <= 1:
             raise ValueError(f"--teacher-target must lie in (0, 1], got {args.teacher_target}")
         compare = parse_compare(args.compare, args.ratio) if args.compare is not None else None
@@ -193,7 +216,7 @@ def _run_demo(args) -> int:
     run_demo(quick=args.quick, task=args.task, rule=args.rule, ratio=args.ratio, compare=compare, seeds=args.seeds,
              jobs=args.jobs, steps=args.steps, seed=args.seed, output_dir=args.output_dir, backend=args.backend,
              device=args.device, progress=not args.no_progress, cache_teacher=not args.no_cache,
-             teacher_target=args.teacher_target)
+             teacher_target=args.teacher_target, teacher_topk=args.teacher_topk)
     return 0
 
 

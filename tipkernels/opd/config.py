@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, SAMPLING_RULES, check_choice, check_number
+from ..inputs import BACKENDS, BUDGETS, DIVERGENCES, RULES, SAMPLING_RULES, TAILS, check_choice, check_number
 
 #: OPD-only choices (the library-wide ones are in :mod:`tipkernels.inputs`).
 SCHEDULES = ("cosine", "constant")
@@ -23,7 +23,9 @@ class OPDConfig:
         rule: TIP rule, one of ``tipkernels.inputs.RULES``; ratio: retention ratio ρ in (0, 1];
         divergence: "reverse_kl" (OPD's), "forward_kl" or "jsd"; beta: JSD's β; temperature: divides both models'
         logits in the loss; budget: "per_sequence" or "per_batch"; backend: "auto" (triton on CUDA, torch
-        elsewhere), "torch", "triton" or "reference"; importance_weights: unbiased weights for sampling rules.
+        elsewhere), "torch", "triton" or "reference"; importance_weights: unbiased weights for sampling rules;
+        tail: with a top-k teacher only, "bucket" (the K ids plus one bin for the rest of the vocabulary) or
+        "renormalize" (both distributions renormalised over the K ids), docs/design.md §1 and §9.
 
     Rollouts (student ``generate``):
         max_new_tokens; rollout_temperature (sampling temperature; 0 = greedy); top_p; top_k (0 = off);
@@ -64,6 +66,7 @@ class OPDConfig:
     budget: str = "per_sequence"
     backend: str = "auto"
     importance_weights: bool = False
+    tail: str = "bucket"
 
     max_new_tokens: int = 64
     rollout_temperature: float = 1.0
@@ -105,6 +108,7 @@ class OPDConfig:
         choice("rule", RULES)
         choice("divergence", DIVERGENCES)
         choice("budget", BUDGETS)
+        choice("tail", TAILS)
         choice("backend", BACKENDS)
         choice("schedule", SCHEDULES)
         choice("parallel", PARALLEL)

@@ -452,6 +452,10 @@ def _run_seed(job: Dict[str, object], log=None) -> Dict[str, object]:
         from transformers import AutoModelForCausalLM
 
         teacher = AutoModelForCausalLM.from_pretrained(teacher).to(dev).eval()
+    if job.get("teacher_topk"):  # the sparse path: the loss sees the teacher's top-k log-probabilities only
+        from .topk_teacher import HFTopKTeacher
+
+        teacher = HFTopKTeacher(teacher, job["teacher_topk"], vocab_size=len(tokenizer))
     eval_set, train_prompts, progress = job["eval_set"], job["train_prompts"], job["progress"]
     out_dir = Path(job["output_dir"])
     base, warm = starting_student(settings, tokenizer, s, dev, progress)
@@ -507,7 +511,8 @@ def _run_seed(job: Dict[str, object], log=None) -> Dict[str, object]:
 def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", ratio: float = 0.5,
              compare=None, seeds: int = 1, jobs: int = 1, steps: Optional[int] = None, seed: int = 0,
              output_dir: str = "runs/demo", backend: str = "auto", device: str = "auto", progress: bool = True,
-             cache_teacher: bool = True, teacher_target: Optional[float] = None, log=print) -> Dict[str, object]:
+             cache_teacher: bool = True, teacher_target: Optional[float] = None, log=print,
+             teacher_topk: Optional[int] = None) -> Dict[str, object]:
     """Run the demo and return its results (also printed through ``log`` and written to ``output_dir``).
 
     ``compare``: None (one run of ``rule`` at ``ratio``), a string in ``--compare`` syntax (see
@@ -517,6 +522,9 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     ``jobs`` > 1 runs the seeds in that many processes (same results up to floating-point summation order).
     ``teacher_target``: stop the teacher's supervised training at the first check (every
     ``teacher_check_every`` steps) where a held-out check set reaches this accuracy (default: the task's).
+    ``teacher_topk``: distil every entry from the teacher's top-k log-probabilities only
+    (:class:`tipkernels.opd.topk_teacher.HFTopKTeacher`, the path of a teacher served elsewhere; ``k`` at most
+    the vocabulary) instead of its full distribution.
 
     Returns a dict with "task", "teacher_accuracy" and "teacher_digit_accuracy", "student_accuracy_before" (the
     mean over seeds; the first seed's alone for one seed), "student_accuracy_before_per_seed",
@@ -558,6 +566,10 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     torch.manual_seed(seed)
     tk = settings.task
     tokenizer = build_tokenizer(tk.vocab)
+    if teacher_topk is not None and (isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int)
+                                     or not 1 <= teacher_topk <= len(tokenizer)):
+        raise ValueError(f"teacher_topk must be an int in [1, {len(tokenizer)}] (the {tk.name} task's vocabulary), "
+                         f"got {teacher_topk!r}")
     eval_set = tk.examples(settings.n_eval, seed=seed + 1000)
     train_prompts = [p for p, _ in tk.examples(settings.n_prompts, seed=seed + 2000)]
     lens = [len(a) + 1 for _, a in eval_set]
@@ -582,7 +594,7 @@ def run_demo(*, quick: bool = False, task: str = "sort", rule: str = "soft_or", 
     memory: Dict[str, Optional[float]] = {}
     common = dict(task=task, quick=quick, steps=steps, entries=entries, first_seed=seed, seeds=seeds,
                   compare=compare is not None, eval_set=eval_set, train_prompts=train_prompts, backend=backend,
-                  device=str(dev), output_dir=str(out_dir))
+                  device=str(dev), output_dir=str(out_dir), teacher_topk=teacher_topk)
     if jobs > 1 and seeds > 1:  # one process per seed; each loads the teacher from disk
         import concurrent.futures
         import multiprocessing

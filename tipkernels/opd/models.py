@@ -21,7 +21,7 @@ from torch import nn
 
 from ..inputs import IDENTITY_TRANSFORMS
 from ..loss import TIPDistillationLoss
-from ..types import TIPLossOutput
+from ..types import TeacherTopK, TIPLossOutput
 
 Tensor = torch.Tensor
 
@@ -71,6 +71,32 @@ def lm_head(model: nn.Module, who: str = "model") -> Tuple[Tensor, Optional[Tens
                                  f"c·tanh(a·(h·Wᵀ+b)/c) from the final hidden states and would not match it")
     logit_transform(model, who)  # its errors too
     return weight, getattr(head, "bias", None)
+
+
+def is_topk_teacher(teacher: Any) -> bool:
+    """Whether ``teacher`` is a *top-k teacher* (a callable ``(input_ids, attention_mask) -> TeacherTopK``, see
+    :mod:`tipkernels.opd.topk_teacher`) rather than a Hugging Face causal LM: callable, without
+    ``get_output_embeddings``."""
+    return callable(teacher) and not hasattr(unwrap(teacher) if isinstance(teacher, nn.Module) else teacher,
+                                             "get_output_embeddings")
+
+
+def teacher_topk_output(out: Any, input_ids: Tensor) -> TeacherTopK:
+    """A top-k teacher's output for ``input_ids [B, T]`` as a :class:`TeacherTopK` ``[B, T-1, K]`` on
+    ``input_ids``' device: TypeError when it is not an ``(ids, logprobs)`` pair of tensors, ValueError naming the
+    shapes when it is not shaped like the student's hidden states ``[B, T-1, ·]`` (hidden position ``i`` holds the
+    distribution of token ``i + 1``). The values are checked by the loss."""
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+        raise TypeError(f"a top-k teacher must return a TeacherTopK (ids, logprobs) of tensors, got "
+                        f"{type(out).__name__}")
+    ids, logprobs = out
+    B, T = input_ids.shape
+    if ids.dim() != 3 or tuple(ids.shape[:2]) != (B, T - 1) or logprobs.shape != ids.shape:
+        raise ValueError(f"the top-k teacher's output must be ids and logprobs shaped [B, T-1, K] = [{B}, {T - 1}, K] "
+                         f"for input_ids [{B}, {T}] (hidden position i holds the distribution of token i+1), got "
+                         f"{tuple(ids.shape)} and {tuple(logprobs.shape)}")
+    dev = input_ids.device
+    return TeacherTopK(ids.to(dev), logprobs.to(dev))
 
 
 def full_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -179,11 +205,13 @@ def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer=None, teacher_
 
     Errors (ValueError): the teacher has fewer lm_head rows than the student; the tokenizer has more tokens than the
     student's lm_head rows; a given teacher tokenizer maps some token to a different id than the student's (a
-    different vocabulary; extra padding rows in either lm_head are fine).
+    different vocabulary; extra padding rows in either lm_head are fine). A top-k teacher (:func:`is_topk_teacher`)
+    has no lm_head: ``V_teacher`` is then the student's (its ids are checked against it by the loss) and only the
+    tokenizers are compared.
     """
     ws, _ = lm_head(student, "student")
-    wt, _ = lm_head(teacher, "teacher")
-    vs, vt = ws.shape[0], wt.shape[0]
+    vs = ws.shape[0]
+    vt = vs if is_topk_teacher(teacher) else lm_head(teacher, "teacher")[0].shape[0]
     if vt < vs:
         raise ValueError(f"the teacher's lm_head has {vt} rows, fewer than the student's {vs}: the teacher must "
                          f"cover the student's vocabulary (extra teacher rows, e.g. padding, are fine)")
@@ -212,7 +240,11 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     Args:
         loss_fn: a :class:`tipkernels.TIPDistillationLoss`. The models' logit transforms (scale, soft-cap) are
             read from their configs and applied (:func:`tip_loss_for`).
-        student, teacher: Hugging Face causal LMs sharing a vocabulary (teacher lm_head rows ≥ student's).
+        student, teacher: Hugging Face causal LMs sharing a vocabulary (teacher lm_head rows ≥ student's); or
+            ``teacher`` a top-k teacher (:func:`is_topk_teacher`): called under ``no_grad`` as
+            ``teacher(input_ids, attention_mask)`` on the whole sequences, it returns a :class:`tipkernels.TeacherTopK`
+            ``[B, T-1, K]`` for the hidden positions (``[b, i]``: the teacher's log-probabilities of token ``i+1``),
+            which the loss takes as ``teacher_topk=`` (the loss's ``tail``; see :mod:`tipkernels.opd.topk_teacher`).
         input_ids: int64 ``[B, T]``.
         attention_mask: ``[B, T]`` (1 = attend), or None for all ones.
         token_mask: bool ``[B, T]``, True on the tokens to distil (e.g. response tokens up to and including EOS).
@@ -237,6 +269,13 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     mask = token_mask[:, 1:].bool() & attn.bool()         # hidden i scores token i+1 (attention_mask on i too)
 
     ws, bs = lm_head(student, "student")
+    loss_fn = tip_loss_for(loss_fn, student, teacher)
+    if is_topk_teacher(teacher):
+        with torch.no_grad():
+            topk = teacher_topk_output(teacher(input_ids, attention_mask), input_ids)
+        h_s = final_hidden_states(student, ids, attn, who="student").to(ws.dtype)
+        with torch.autocast(h_s.device.type, enabled=False):
+            return loss_fn(h_s, ws, mask=mask, student_bias=bs, teacher_topk=topk, generator=generator)
     wt, bt = lm_head(teacher, "teacher")
     with torch.no_grad():
         h_t = final_hidden_states(teacher, ids, attn, who="teacher")
@@ -248,8 +287,7 @@ def sequence_tip_loss(loss_fn: TIPDistillationLoss, student: nn.Module, teacher:
     h_t, wt = h_t.to(dt), wt.detach().to(dt)
     bt = None if bt is None else bt.detach().to(dt)
     with torch.autocast(h_s.device.type, enabled=False):  # the kernels choose their own accumulation precision
-        return tip_loss_for(loss_fn, student, teacher)(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt,
-                                                      generator=generator)
+        return loss_fn(h_s, ws, h_t, wt, mask, student_bias=bs, teacher_bias=bt, generator=generator)
 
 
 def apply_weights(model: nn.Module, sd: Dict[str, Tensor], where: Any) -> None:

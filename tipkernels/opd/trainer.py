@@ -4,8 +4,10 @@ One optimizer step = ``grad_accum`` micro-batches of::
 
     prompts ──student.generate──▶ rollouts (response mask: up to and including EOS)
             ──teacher body, no_grad──▶ h_t [B, T-1, D_t]
+              (or a top-k teacher, no_grad──▶ TeacherTopK [B, T-1, K]: its top-k log-probabilities)
             ──student body──▶ h_s [B, T-1, D_s]        (hidden i scores token i+1; no logits formed)
             ──TIPDistillationLoss(h_s, W_s, h_t, W_t, mask)──▶ loss ──backward──▶
+              (or TIPDistillationLoss(h_s, W_s, mask=mask, teacher_topk=...))
 then grad clipping, AdamW, and the warm-up + cosine schedule.
 
 Everything that depends on the number of processes goes through ``trainer.process``, a
@@ -31,7 +33,7 @@ from torch import nn
 from ..loss import TIPDistillationLoss
 from . import checkpoint, distributed
 from .config import OPDConfig
-from .models import check_vocab, lm_head, logit_transform, unwrap
+from .models import check_vocab, is_topk_teacher, lm_head, logit_transform, unwrap
 from .process import legacy_rng_state, python_rng_list, python_rng_tuple, rng_state
 from .rollout import Rollouts, generate, pad_id
 
@@ -89,7 +91,15 @@ class OPDTrainer:
     Args:
         student: a Hugging Face causal LM (``*ForCausalLM``), trained in place.
         teacher: a Hugging Face causal LM sharing the tokenizer; its lm_head may have more rows (padding) but not
-            fewer. It is put in eval mode and never receives gradients.
+            fewer. It is put in eval mode and never receives gradients. Or a *top-k teacher* (a teacher served
+            elsewhere, or precomputed): a callable ``teacher(input_ids [B, T], attention_mask [B, T]) ->
+            tipkernels.TeacherTopK`` with ids/logprobs ``[B, T-1, K]``, called under ``no_grad`` on each
+            micro-batch's whole sequences; ``[b, i]`` holds the teacher's log-probabilities of token ``i+1`` of row
+            ``b`` (the positions of the student's hidden states ``h_s [B, T-1, D]`` it is compared with; see
+            :mod:`tipkernels.opd.topk_teacher` for adapters: a local model, vLLM/SGLang, offline files). The loss
+            then takes ``teacher_topk=`` with ``config.tail``; the trainer neither moves nor wraps it (it returns
+            tensors on any device; they are moved to the student's) and ``teacher_parallel`` must be
+            "replicate".
         tokenizer: the shared tokenizer (needs a pad or EOS token; EOS ends responses).
         prompts: list of prompt strings (or token-id lists), sampled without replacement, reshuffled each epoch.
         config: :class:`OPDConfig` (default ``OPDConfig()``).
@@ -100,7 +110,8 @@ class OPDTrainer:
     All checks (prompts, vocabularies, devices, dtypes) run in the constructor, before any training.
     ``train()`` returns the list of per-step metric dicts (keys: "step", "loss", "lr", "grad_norm",
     "valid_tokens", "selected_tokens", "selected_fraction", "entropy", "entropy_norm", "reverse_kl",
-    "forward_kl", "teacher_entropy" and their "*_selected" means, "q1_valid".."q4_selected" quadrant shares,
+    "forward_kl", "teacher_entropy" (not with a top-k teacher, which does not give it) and their "*_selected"
+    means, "q1_valid".."q4_selected" quadrant shares,
     "response_len", "step_time_s", "peak_mem_mb", and "eval_*" on evaluation steps). They are also appended to
     ``output_dir/metrics.jsonl``; the figure goes to ``output_dir/opd_run.png``; checkpoints to
     ``output_dir/checkpoint-<step>/`` (``student/`` via ``save_pretrained`` in safetensors, plus
@@ -127,22 +138,28 @@ class OPDTrainer:
         if not hasattr(unwrap(student), "generate"):
             raise TypeError(f"student must be a Hugging Face causal LM with generate(), got {type(student).__name__}")
         check_vocab(student, teacher, tokenizer, teacher_tokenizer)
+        sparse = is_topk_teacher(teacher)
+        if sparse and config.teacher_parallel != "replicate":
+            raise ValueError(f"OPDConfig.teacher_parallel={config.teacher_parallel!r} shards a teacher model; a top-k "
+                             f"teacher ({type(teacher).__name__}) has none: use teacher_parallel='replicate'")
         self.process = distributed.setup(config, eval_fn)
         device = distributed.device_for(config.device) if config.device else next(student.parameters()).device
         sharded_teacher = config.teacher_parallel == "fsdp"  # moved to the device shard by shard, in wrap()
         if config.device:
             student.to(device)
-            if not sharded_teacher:
+            if not sharded_teacher and not sparse:
                 teacher.to(device)
-        t_dev = next(teacher.parameters()).device
+        t_dev = device if sparse else next(teacher.parameters()).device
         if t_dev != device and not (sharded_teacher and t_dev.type == "cpu"):
             raise ValueError(f"student is on {device} but teacher on {t_dev}: put both on one device "
                              f"(or set OPDConfig.device)")
         self.device = device
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.sparse_teacher = sparse
         self.eval_fn = eval_fn
-        teacher.eval()
-        teacher.requires_grad_(False)
+        if not sparse:
+            teacher.eval()
+            teacher.requires_grad_(False)
         (a_s, c_s), (a_t, c_t) = logit_transform(student, "student"), logit_transform(teacher, "teacher")
         self.loss_fn = TIPDistillationLoss(rule=config.rule, ratio=config.ratio, divergence=config.divergence,
                                            beta=config.beta, temperature=config.temperature,
@@ -150,9 +167,9 @@ class OPDTrainer:
                                            importance_weights=config.importance_weights,
                                            data_process_group=self.process.group,
                                            student_logit_scale=a_s, student_softcap=c_s,
-                                           teacher_logit_scale=a_t, teacher_softcap=c_t)
+                                           teacher_logit_scale=a_t, teacher_softcap=c_t, tail=config.tail)
         self.process.wrap(student, teacher, self.loss_fn, device)  # before the optimizer: FSDP2 shards the student
-        t_dev = next(teacher.parameters()).device
+        t_dev = device if sparse else next(teacher.parameters()).device
         if t_dev != device:  # pragma: no cover - wrap() places a sharded teacher's shards on the device
             raise ValueError(f"the teacher's shards are on {t_dev}, the student on {device}")
         params = [p for p in student.parameters() if p.requires_grad]
@@ -231,6 +248,8 @@ class OPDTrainer:
             for k, v in m.items():
                 if k in ("valid_tokens", "selected_tokens", "selected_fraction"):
                     continue
+                if self.sparse_teacher and k.startswith("teacher_entropy"):
+                    continue  # NaN: a top-k teacher does not give its entropy
                 w = m["selected_tokens"] if ("selected" in k) else m["valid_tokens"]
                 sums[k] = sums.get(k, 0.0) + v * w
                 weights[k] = weights.get(k, 0.0) + w
@@ -365,7 +384,7 @@ class OPDTrainer:
         rank's RNG streams (the weights are the checkpoint's ``student/``, see :meth:`load_checkpoint`).
 
         Everything is checked before anything changes: a malformed state raises ValueError and leaves the trainer
-        as it was. Warns when the state was written with other prompts or another rule, ratio, divergence,
+        as it was. Warns when the state was written with other prompts or another rule, ratio, divergence, tail,
         batch size, accumulation, rollouts per prompt or seed. Under ``parallel`` every rank calls it; a state
         written by another number of processes restarts the per-rank streams from seeds (with a warning)."""
         self._prepare_state(state, "the trainer state")()
@@ -418,7 +437,7 @@ class OPDTrainer:
         if n is not None and n != len(self.prompts):
             warnings.warn(f"{where} was written with {n} prompts, this trainer has {len(self.prompts)}: the data "
                           f"order will not continue the original run's")
-        for name in ("rule", "ratio", "divergence", "batch_size", "grad_accum", "rollouts_per_prompt", "seed"):
+        for name in ("rule", "ratio", "divergence", "tail", "batch_size", "grad_accum", "rollouts_per_prompt", "seed"):
             if name in saved and saved[name] != current[name]:
                 warnings.warn(f"resuming with {name}={current[name]!r}, {where} used {saved[name]!r}")
 

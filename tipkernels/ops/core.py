@@ -125,7 +125,8 @@ def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, 
     answers "fused_grad" (the upstream gradient of each row is then known in the forward: ``weights / Σ weights``
     or ``1/N`` for "mean", ``weights`` or 1 for "sum", times the loss's one incoming scalar), the gradients are
     formed in the forward's sweep by ``backend.fused_value_and_grad`` (docs/design.md §2)."""
-    if not fused_grad_applies(prob, backend, reduction, weights):
+    prob, fused = fused_grad_choice(prob, backend, reduction, weights)
+    if not fused:
         return reduce(row_values(prob, kind, beta, backend), lead, reduction, weights)
     kind = effective_kind(kind, beta)
     if kind == "entropy" and prob.has_teacher:
@@ -133,22 +134,27 @@ def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, 
     return fused_reduced(prob, kind, beta, backend, lead, reduction, weights)
 
 
-def fused_grad_applies(prob: Problem, backend: Backend, reduction: str, weights: Optional[Tensor]) -> bool:
-    """Whether the gradients can be formed in the forward's sweep: a reduction "sum"/"mean" (weights, if any, not
-    differentiable), a student gradient wanted, and the backend's ``grad_strategy`` answering "fused_grad"."""
+def fused_grad_choice(prob: Problem, backend: Backend, reduction: str,
+                      weights: Optional[Tensor]) -> Tuple[Problem, bool]:
+    """``(prob, fused)``: whether the gradients can be formed in the forward's sweep (a reduction "sum"/"mean",
+    weights, if any, not differentiable, a student gradient wanted, and the backend's ``grad_strategy`` answering
+    "fused_grad"), with ``prob`` planned where the choice needed it (one resolution for the choice and the call;
+    ``row_values`` keeps a planned prob)."""
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
     known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
     choose = getattr(backend, "grad_strategy", None)
-    return known and choose is not None and choose(prob, True) == "fused_grad"
+    if not known or choose is None:
+        return prob, False
+    prob = backend.plan(prob)
+    return prob, choose(prob, True) == "fused_grad"
 
 
 def fused_reduced(prob: Problem, kind, beta: float, backend: Backend, lead: torch.Size, reduction: str,
                   weights: Optional[Tensor] = None) -> Tensor:
     """The reduced value, its gradients formed by ``backend.fused_value_and_grad(prob, kind, ...)`` in the forward
-    (:class:`FusedReduced`); ``kind`` an effective dense kind or a row function (only where
-    :func:`fused_grad_applies`)."""
-    prob = backend.plan(prob)
+    (:class:`FusedReduced`); ``prob`` planned, ``kind`` an effective dense kind or (a backend with
+    ``fused_row_functions``) a row function; only where :func:`fused_grad_choice` says so."""
     call = _Call(prob=prob, kind=kind, beta=beta, backend=backend)
     return FusedReduced.apply(call, lead, reduction, weights, prob.student_hidden, prob.student_weight,
                               prob.student_bias)

@@ -34,7 +34,7 @@ from ..backends.reference import _nonneg
 from ..backends.vocab_parallel import VocabParallelBackend
 from ..inputs import Problem, TopKTeacher, effective_kind
 from ..options import deterministic_scope
-from .core import fused_grad_applies, fused_reduced, reduce, row_values
+from .core import fused_grad_choice, fused_reduced, reduce, row_values
 
 Tensor = torch.Tensor
 
@@ -330,13 +330,16 @@ class BucketRows:
 
 def reduced_topk_values(prob: Problem, teacher: TopKTeacher, kind: str, beta: float, tail: str, backend: Backend,
                         lead: torch.Size, reduction: str, weights: Optional[Tensor] = None) -> Tensor:
-    """``reduce(topk_values(...), lead, reduction, weights)``; for ``tail="bucket"`` where the backend's
-    ``grad_strategy`` answers "fused_grad" (the torch backend on the CPU, reduction "sum"/"mean", no student
-    soft-cap; not under vocabulary parallelism, where the backend offers none) the gradients are formed in the
-    student's fused sweep by :class:`BucketRows` (docs/design.md §2). Differentiable in the student's tensors."""
-    student = student_only(prob)
-    if tail == "bucket" and fused_grad_applies(student, backend, reduction, weights):
-        return fused_reduced(student, BucketRows(teacher, kind, beta), beta, backend, lead, reduction, weights)
+    """``reduce(topk_values(...), lead, reduction, weights)``; for ``tail="bucket"`` on a backend whose fused sweep
+    takes row functions (``fused_row_functions``: the torch backend) and whose ``grad_strategy`` answers
+    "fused_grad" (CPU, reduction "sum"/"mean", no student soft-cap) the gradients are formed in the student's
+    fused sweep by :class:`BucketRows` (docs/design.md §2). Elsewhere (the triton backend, CUDA, vocabulary
+    parallelism, whose backend offers no strategy) the "lse" row kind and the gather. Differentiable in the
+    student's tensors."""
+    if tail == "bucket" and getattr(backend, "fused_row_functions", False):
+        student, fused = fused_grad_choice(student_only(prob), backend, reduction, weights)
+        if fused:
+            return fused_reduced(student, BucketRows(teacher, kind, beta), beta, backend, lead, reduction, weights)
     return reduce(topk_values(backend.plan(prob), teacher, kind, beta, tail, backend), lead, reduction, weights)
 
 

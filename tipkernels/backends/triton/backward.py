@@ -7,7 +7,8 @@ recompute the logit tiles of both models, then form the gradient tile ``dS = g/T
 - ``dhidden_kernel``, grid ``(row blocks, hidden blocks)``: ``dh[rows, dblock] = sum_v dS @ W[v, dblock]``.
 - ``dweight_kernel``, grid ``(vocab blocks, hidden blocks)``: ``dW[vblock, dblock] = sum_rows dS^T @ h``,
   ``db[vblock] = sum_rows dS``.
-- ``dlogits_kernel``, grid ``(row blocks, vocab blocks)``: ``dS`` itself, for the student given as logits
+- ``dlogits_kernel``, a 1-D grid of ``row blocks x vocab blocks`` in grouped order (``common.grouped_block``): ``dS``
+  itself, for the student given as logits
   (``d logits = dS``), or, for a linear student, written as a ``[rows, vocabulary chunk]`` gradient-logit chunk
   that the host multiplies with the weight and the hidden states (cuBLAS): the backend's ``"matmul"`` strategy.
 
@@ -29,7 +30,7 @@ import triton.language as tl
 from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, effective_kind
 from ...options import deterministic
 from . import config as _cfg
-from .common import both_tiles, log_mixture, mma
+from .common import both_tiles, grouped_block, log_mixture, mma
 from .launch import cap_flags, launch, model_args, prepare, student_args, teacher_args
 
 Tensor = torch.Tensor
@@ -177,14 +178,14 @@ def dlogits_kernel(
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
     HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     HAS_SCAL: tl.constexpr, KIND: tl.constexpr, COMPACT_OUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """``dS`` for the compacted rows and vocabulary columns ``[v_start, v_end)``. Stored at ``dz[row, col]``
     (the student given as logits), or with ``COMPACT_OUT`` at ``dz[slot, col - v_start]`` (a gradient-logit chunk
-    that the host multiplies with cuBLAS)."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    that the host multiplies with cuBLAS). Programs in grouped order: ``GROUP_N`` row blocks across the chunk's
+    vocabulary tiles, then the next ``GROUP_N``."""
+    pid_n, pid_v = grouped_block(tl.program_id(0), tl.cdiv(n_sel, BLOCK_N), tl.cdiv(v_end - v_start, BLOCK_V), GROUP_N)
     start = pid_n.to(tl.int64) * BLOCK_N
     rows, row_mask, g, ls, lt, scal = _row_block(row_in, start, n_sel, g_scale, HAS_TEACHER, HAS_SCAL, BLOCK_N)
     cols = v_start + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -276,10 +277,11 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     row_in = (idx, grad_rows.contiguous(), ls, lt, scal)
 
     if not linear:
-        grid = (triton.cdiv(n_sel, bn), triton.cdiv(vocab, bv))
+        grid = (triton.cdiv(n_sel, bn) * triton.cdiv(vocab, bv),)
         launch(
             dlogits_kernel, grid, student, teacher, row_in, d_student, n_sel, 0, vocab, *scalars,
-            d_student.stride(0), d_student.stride(1), S_LINEAR=False, S_BIAS=False, COMPACT_OUT=False, **common,
+            d_student.stride(0), d_student.stride(1), S_LINEAR=False, S_BIAS=False, COMPACT_OUT=False,
+            GROUP_N=cfg["group_n"], **common,
         )
         return finish()
 
@@ -325,9 +327,10 @@ def _backward_matmul(prob, cfg, common, row_in, student, teacher, scalars, d_stu
             v1 = min(vocab, v0 + width)
             g = chunk[:, : v1 - v0]
             launch(
-                dlogits_kernel, (triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv)),
+                dlogits_kernel, (triton.cdiv(m, bn) * triton.cdiv(v1 - v0, bv),),
                 student, teacher, (ids, *rest), g, m, v0, v1, *scalars, g.stride(0), g.stride(1),
-                S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, **common,
+                S_LINEAR=True, S_BIAS=prob.student_bias is not None, COMPACT_OUT=True, GROUP_N=cfg["group_n"],
+                **common,
             )
             with _exact_fp32_matmuls():
                 dw = d_weight[v0:v1]

@@ -28,6 +28,20 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def grouped_block(pid, n_row_blocks, n_col_blocks, GROUP_N: tl.constexpr):
+    """``(row block, column block)`` of program ``pid`` of a 1-D grid of ``n_row_blocks * n_col_blocks`` programs, in
+    grouped order: programs ``0, 1, ...`` take the first ``GROUP_N`` row blocks (rows fastest) across every column
+    block, then the next ``GROUP_N`` (the last group may be smaller). The programs resident at one time then share a
+    few row blocks, whose hidden states stay in L2, and each column block is read by ``GROUP_N`` programs at about
+    the same time (docs/design.md §4)."""
+    per_group = GROUP_N * n_col_blocks
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_row_blocks - first, GROUP_N)
+    within = pid % per_group
+    return first + within % size, within // size
+
+
+@triton.jit
 def tanh(x):
     """``tanh(x) = 2·sigmoid(2x) − 1``: exactly ±1 for large |x| (no overflow, no NaN), absolute error ~1e-7 (the
     interpreter has no libdevice tanh)."""

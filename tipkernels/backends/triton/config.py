@@ -22,6 +22,7 @@ import triton
 
 from ...inputs import Problem
 from ...options import options
+from .strategy import STRATEGY_KEYS, strategy_defaults, validate_strategy
 
 # tl.dot precision for fp32 inputs: "ieee" keeps fp32 results within the fp32 tolerance of docs/design.md §8
 # (tf32 would not, at real hidden sizes); set to "tf32" to trade that for tensor-core speed. Read at launch.
@@ -38,12 +39,13 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def default_config(prob: Problem) -> Dict[str, object]:
-    """Block sizes and launch options. First guesses for Hopper; tune on the device.
+def default_config(prob: Problem, bwd_strategy: str = "matmul") -> Dict[str, object]:
+    """Block sizes and launch options for Hopper, sized for the compiler and the memory system; tune on the device.
 
     block_n / block_v: the logit tile; block_d: the hidden-dim chunk of the logit matmul; block_dh: the
     hidden-dim block a backward program owns (its fp32 accumulator is block_n x block_dh or block_v x block_dh);
-    split_v: vocabulary splits of the forward passes (None: enough programs to fill the device);
+    split_v: vocabulary splits of the forward passes (None: one group of ``group_n`` row blocks fills the device);
+    group_n: row blocks per group of the grouped program order of the forward passes and the dS kernel;
     bwd_block_n / bwd_block_v / bwd_block_d / bwd_num_stages / bwd_num_warps: the backward's logit tile, hidden
     chunk, pipeline depth and warps (a config that sets block_d, num_stages or num_warps but not its bwd_ twin uses
     it for both).
@@ -52,38 +54,57 @@ def default_config(prob: Problem) -> Dict[str, object]:
     chunk]`` buffer of at most ``bwd_chunk_mib`` MiB (at least one bwd_block_v wide) and leaves ``d hidden`` /
     ``d weight`` to cuBLAS, with an fp32 ``[rows, D]`` accumulator of at most 4 x ``bwd_chunk_mib`` MiB (rows in
     passes); ``"tiles"`` never allocates more than its outputs but recomputes the logit tiles ``D / block_dh`` times
-    (see ``benchmarks/TUNING.md``).
+    (see ``benchmarks/TUNING.md``). The backward tile follows the strategy (:func:`resolve` passes the chosen one).
+
+    16-bit inputs, linear models (docs/design.md §4): the forward tile is 128 rows x 64 vocabulary entries at 8
+    warps, so each of the two warpgroups issues wgmma m64n64k16 (64 x 64 split them into m64n32; a 128 x 128 tile
+    spilled 0.8 KB); the dS kernel of "matmul" is 128 x 128 with 32-wide hidden chunks (wgmma m64n128k16; 64-wide
+    chunks spilled 72 B in JSD), 128 x 64 with a bias or a soft-cap. The "tiles" kernels keep 64 x 64: their fp32
+    ``d h`` / ``d W`` accumulator shares the registers (128 x 128 spilled 0.3 KB). fp32 ("ieee": no tensor cores)
+    keeps the 64-row tiles. Every default compiles for sm_90 within 255 registers without spilling
+    (tests/backends/test_triton_compile.py).
     """
     dtype = (prob.student_hidden if prob.student_is_linear else prob.student_logits).dtype
     wide = dtype == torch.float32 or dtype == torch.float64
     ds = prob.student_hidden.shape[1] if prob.student_is_linear else 16
     capped = prob.student_cap is not None or prob.teacher_cap is not None
-    # Sized so that ptxas compiles every specialisation for sm_90 within 255 registers without spilling
-    # (tests/backends/test_triton_compile.py): a 64 x 128 forward tile spilled up to 600 B (16-bit) / 1.3 KB (fp32).
+    # 128-row forward tiles when every model is linear: a model given as logits makes the pass a read of [N, V]
+    # logits (memory-bound, the MMA width moot) and its tile's layout conversion spilled 60-600 B at 128 x 64
+    all_linear = prob.student_is_linear and (not prob.has_teacher or prob.teacher_hidden is not None)
+    big_fwd = not wide and all_linear
+    big_ds = not wide and bwd_strategy == "matmul"
+    # a bias or a soft-cap in the dS epilogue spilled 16-712 B at 128 x 128 (JSD, Triton 3.9): 128 x 64 (n64) then
+    plain = prob.student_bias is None and prob.teacher_bias is None and not capped
     return {
-        "block_n": 64,
-        "block_v": 32 if wide and capped else 64,  # fp32, both capped: stats_kernel spilled 88 B at 64 (Triton 3.9)
+        "block_n": 128 if big_fwd else 64,
+        # fp32 at 64: stats_kernel (both capped, Triton 3.9) spilled 88 B, jsd_kernel (3.6, grouped order) 20 B
+        "block_v": 32 if wide else 64,
         "block_d": 16 if wide else 64,
         # a soft-capped 16-bit student: dhidden_kernel (JSD, both capped) spilled 24 B at 256 (Triton 3.9)
         "block_dh": min(128 if wide or prob.student_cap is not None else 256, _pow2_at_least_16(ds)),
         "split_v": None,
+        "group_n": 8,  # 8 row blocks x 2 models x 128 rows x D=4096 x 2 B = 16 MiB of hidden states in L2
         "num_warps": 8,
         "num_stages": 2 if wide else None,  # fp32 forward with 3 stages: ptxas spilled (Triton 3.6)
-        "bwd_block_n": 64,
-        "bwd_block_v": 32 if wide else 64,
-        "bwd_block_d": 32 if wide else 64,  # fp32 at 16: ptxas picked 128 registers and spilled
+        "bwd_block_n": 128 if big_ds else 64,
+        "bwd_block_v": (128 if plain else 64) if big_ds else (32 if wide else 64),
+        "bwd_block_d": 32 if (wide or big_ds) else 64,  # fp32 at 16: ptxas picked 128 registers and spilled
         "bwd_num_stages": None,  # fp32 at 2: the same in dweight
         "bwd_num_warps": None,  # None: num_warps
-        "bwd_strategy": "matmul",
+        "bwd_strategy": bwd_strategy,
         "bwd_chunk_mib": 32,
+        **strategy_defaults(),  # the strategy keys (strategy.py)
     }
 
 
 #: Every config key (with its default for a given problem in :func:`default_config`).
-KEYS = ("block_n", "block_v", "block_d", "block_dh", "split_v", "num_warps", "num_stages", "bwd_block_n",
-        "bwd_block_v", "bwd_block_d", "bwd_num_stages", "bwd_num_warps", "bwd_strategy", "bwd_chunk_mib")
+KEYS = ("block_n", "block_v", "block_d", "block_dh", "split_v", "group_n", "num_warps", "num_stages", "bwd_block_n",
+        "bwd_block_v", "bwd_block_d", "bwd_num_stages", "bwd_num_warps", "bwd_strategy", "bwd_chunk_mib") + STRATEGY_KEYS
 _TWINNED = ("block_d", "num_stages", "num_warps")
-_DOT_BLOCKS = ("block_n", "block_v", "block_d", "block_dh", "bwd_block_n", "bwd_block_v", "bwd_block_d")
+#: The backward strategies of a linear student (``bwd_strategy``); benchmarks/inspect_kernels.py compiles each.
+BWD_STRATEGIES = ("matmul", "tiles")
+_DOT_BLOCKS = ("block_n", "block_v", "block_d", "block_dh", "bwd_block_n", "bwd_block_v", "bwd_block_d", "epi_block_n",
+               "epi_block_v")
 
 
 
@@ -93,6 +114,7 @@ def validate(over: Optional[Mapping], source: str = "triton config") -> Dict[str
 
     KeyError for an unknown key; ValueError for a bad value: the ``_DOT_BLOCKS`` must be powers of two >= 16,
     ``bwd_strategy`` "matmul" or "tiles", ``bwd_chunk_mib`` a positive number, ``split_v`` None or a positive int,
+    ``group_n`` a positive int,
     ``num_warps`` a power of two, stage counts None or positive ints."""
     if over is None:
         return {}
@@ -104,29 +126,33 @@ def validate(over: Optional[Mapping], source: str = "triton config") -> Dict[str
     for key, b in over.items():
         if key in _DOT_BLOCKS and (isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1)):
             raise ValueError(f"{source} {key}={b!r}: must be a power of two >= 16")
-    if "bwd_strategy" in over and over["bwd_strategy"] not in ("matmul", "tiles"):
+    if "bwd_strategy" in over and over["bwd_strategy"] not in BWD_STRATEGIES:
         raise ValueError(f"{source} bwd_strategy={over['bwd_strategy']!r}: expected 'matmul' or 'tiles'")
+    validate_strategy(over, source)
     if "bwd_chunk_mib" in over:
         chunk_mib = over["bwd_chunk_mib"]
         if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not chunk_mib > 0:
             raise ValueError(f"{source} bwd_chunk_mib={chunk_mib!r}: expected a positive number")
-    for key in ("split_v", "num_stages", "bwd_num_stages", "num_warps", "bwd_num_warps"):
+    for key in ("split_v", "group_n", "num_stages", "bwd_num_stages", "num_warps", "bwd_num_warps"):
         b = over.get(key)
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1
-                              or ("warps" in key and b & (b - 1))):
-            raise ValueError(f"{source} {key}={b!r}: expected None or a positive int"
+        optional = key != "group_n"
+        if (b is not None or (not optional and key in over)) and (isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                                                   or ("warps" in key and b & (b - 1))):
+            raise ValueError(f"{source} {key}={b!r}: expected " + ("None or " if optional else "") + "a positive int"
                              + (" (a power of two)" if "warps" in key else ""))
     return dict(over)
 
 
 def resolve(prob: Problem, config: Optional[Mapping] = None) -> Dict[str, object]:
-    """The full config for ``prob``: defaults < tuned entry < ``options.triton_config`` < ``config``."""
-    cfg = default_config(prob)
-    for source, over in (("tuned config", tuned_config(prob)), ("tk.set_options triton_config", options.triton_config),
-                         ("triton config", config)):
-        if not over:
-            continue
-        cfg.update(validate(over, source))
+    """The full config for ``prob``: defaults < tuned entry < ``options.triton_config`` < ``config``. The defaults
+    are those of the ``bwd_strategy`` the sources choose (the backward tile follows it)."""
+    sources = [(source, validate(over, source)) for source, over in (
+        ("tuned config", tuned_config(prob)), ("tk.set_options triton_config", options.triton_config),
+        ("triton config", config)) if over]
+    strategy = next((over["bwd_strategy"] for _, over in reversed(sources) if "bwd_strategy" in over), "matmul")
+    cfg = default_config(prob, strategy)
+    for source, over in sources:
+        cfg.update(over)
         for key in _TWINNED:
             if key in over and "bwd_" + key not in over:
                 cfg["bwd_" + key] = over[key]
@@ -154,12 +180,16 @@ def launch_opts(cfg, backward: bool = False) -> dict:
 
 
 def splits(cfg, n_rows: int, vocab: int, device: torch.device) -> Tuple[int, int]:
-    """(number of vocabulary splits, tiles per split), every split non-empty."""
+    """(number of vocabulary splits, tiles per split), every split non-empty.
+
+    Automatic (``split_v`` None): one group of ``group_n`` row blocks across the splits fills the device (one program
+    per SM: the forward tiles take the whole register file), so the programs resident together share ``group_n``
+    row blocks (docs/design.md §4); with fewer row blocks, enough splits to fill the device."""
     tiles = triton.cdiv(vocab, cfg["block_v"])
     want = cfg["split_v"]
     if want is None:
         row_blocks = triton.cdiv(n_rows, cfg["block_n"])
-        want = triton.cdiv(2 * _num_sms(device), row_blocks)
+        want = max(1, _num_sms(device) // min(row_blocks, cfg["group_n"]))
     want = max(1, min(int(want), tiles))
     per = triton.cdiv(tiles, want)
     return triton.cdiv(tiles, per), per

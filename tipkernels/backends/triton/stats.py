@@ -1,11 +1,13 @@
 """Forward passes over the vocabulary: the one-pass statistics kernel, the JSD second pass, their launchers and the
 host-side merge of the vocabulary splits.
 
-Both use a 2-D grid ``(row blocks, vocabulary splits)``: program ``(i, k)`` streams the logit tiles of rows
-``i*BLOCK_N ...`` over its contiguous range of ``tiles_per_split`` vocabulary tiles and writes per-row
-*partial* accumulators to ``part[field, k, row]``; the host merges the splits (a few ``[splits, N]`` ops).
-Splitting the vocabulary keeps the GPU busy when there are few rows; with one split it is the plain
-one-pass algorithm of docs/design.md §1 (grid and splits: §4).
+Both use a 1-D grid of ``row blocks x vocabulary splits`` programs in grouped order (``common.grouped_block``):
+program ``(i, k)`` streams the logit tiles of rows ``i*BLOCK_N ...`` over its contiguous range of
+``tiles_per_split`` vocabulary tiles and writes per-row *partial* accumulators to ``part[field, k, row]``; the host
+merges the splits (a few ``[splits, N]`` ops). The programs resident together hold ``GROUP_N`` row blocks across
+the splits, so their hidden states stay in L2 while each weight tile is shared by ``GROUP_N`` programs. Splitting
+the vocabulary also keeps the GPU busy when there are few rows; with one split it is the plain one-pass algorithm of
+docs/design.md §1 (grid and splits: §4).
 """
 
 import math
@@ -17,7 +19,7 @@ import triton.language as tl
 
 from ...inputs import IGNORE_INDEX, Problem, combine_jsd, effective_kind
 from . import config as _cfg
-from .common import NEG_BIG, both_tiles, log_mixture
+from .common import NEG_BIG, both_tiles, grouped_block, log_mixture
 from .launch import cap_flags, launch, prepare, student_args, teacher_args
 
 Tensor = torch.Tensor
@@ -31,14 +33,16 @@ I_ARG_S, I_ARG_T = 0, 1
 
 
 @triton.jit
-def _split_block(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Program ``(i, k)`` of the ``(row blocks, vocabulary splits)`` grid: its rows, its vocabulary range
-    ``[v_begin, v_end)``, and where its partials go: ``part[field, k, row]`` is ``part + field * stride_f + off``."""
-    pid_v = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _split_block(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """Program ``(i, k)`` (row block, vocabulary split; grouped order) of the 1-D grid: its rows, its vocabulary
+    range ``[v_begin, v_end)``, and where its partials go: ``part[field, k, row]`` is ``part + field * stride_f +
+    off``."""
+    n_splits = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
+    pid_n, pid_v = grouped_block(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     v_begin = pid_v * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
-    return rows, rows < N, v_begin, v_end, pid_v.to(tl.int64) * N + rows, tl.num_programs(1).to(tl.int64) * N
+    return rows, rows < N, v_begin, v_end, pid_v.to(tl.int64) * N + rows, n_splits.to(tl.int64) * N
 
 
 @triton.jit
@@ -49,7 +53,7 @@ def stats_kernel(
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
     HAS_TEACHER: tl.constexpr, T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax statistics of student logits s and teacher logits u (transformed: ``common.logit_tile``).
@@ -62,7 +66,7 @@ def stats_kernel(
     Centring on the maxima keeps every summand O(logit spread) rather than O(|logit|), so nothing large
     cancels. Shifting a centre from m_old to m_new adds (m_old - m_new) per unit weight to the summands.
     """
-    rows, row_mask, v_begin, v_end, off, stride_f = _split_block(N, V, tiles_per_split, BLOCK_N, BLOCK_V)
+    rows, row_mask, v_begin, v_end, off, stride_f = _split_block(N, V, tiles_per_split, BLOCK_N, BLOCK_V, GROUP_N)
     offs_v = tl.arange(0, BLOCK_V)
 
     ms = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
@@ -147,7 +151,7 @@ def jsd_kernel(
     S_LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
     T_LINEAR: tl.constexpr, T_BIAS: tl.constexpr, T_CAP: tl.constexpr,
     MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Second pass, knowing both LSEs: partial sums of KL(q||m) (field 0) and KL(p||m) (field 1).
@@ -155,7 +159,7 @@ def jsd_kernel(
     MODE 0: general beta, m = beta q + (1-beta) p.  MODE 1 (beta = 0): field 0 = KL(q||p).
     MODE 2 (beta = 1): field 1 = KL(p||q). Unused fields are left untouched (host zero-fills them).
     """
-    rows, row_mask, v_begin, v_end, off, stride_f = _split_block(N, V, tiles_per_split, BLOCK_N, BLOCK_V)
+    rows, row_mask, v_begin, v_end, off, stride_f = _split_block(N, V, tiles_per_split, BLOCK_N, BLOCK_V, GROUP_N)
     offs_v = tl.arange(0, BLOCK_V)
     ls = tl.load(ls_ptr + rows, mask=row_mask, other=0.0)
     lt = tl.load(lt_ptr + rows, mask=row_mask, other=0.0)
@@ -212,7 +216,7 @@ def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, 
     part = torch.empty((n_fields, n_splits, n), **f32)
     args = torch.empty((2 if has_teacher else 1, n_splits, n), dtype=torch.int32, device=dev)
     labels = prob.labels.contiguous() if has_labels else part
-    grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
+    grid = (triton.cdiv(n, cfg["block_n"]) * n_splits,)
     launch(
         stats_kernel, grid,
         student_args(prob), teacher_args(prob), labels, part, args,
@@ -221,7 +225,7 @@ def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, 
         HAS_TEACHER=has_teacher, T_LINEAR=prob.teacher_hidden is not None,
         T_BIAS=prob.teacher_bias is not None, HAS_LABELS=has_labels,
         BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
-        DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
+        GROUP_N=cfg["group_n"], DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
     )
     return _merge_stats(part, args, prob.labels, has_teacher)
 
@@ -290,7 +294,7 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
     n_splits, per_split = _cfg.splits(cfg, n, vocab, dev)
     part = torch.zeros((2, n_splits, n), dtype=torch.float32, device=dev)
     mode = _JSD_MODE[effective_kind("jsd", beta)]
-    grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
+    grid = (triton.cdiv(n, cfg["block_n"]) * n_splits,)
     launch(
         jsd_kernel, grid,
         student_args(prob), teacher_args(prob),
@@ -300,7 +304,7 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
         S_LINEAR=prob.student_is_linear, S_BIAS=prob.student_bias is not None, **cap_flags(prob),
         T_LINEAR=prob.teacher_hidden is not None, T_BIAS=prob.teacher_bias is not None,
         MODE=mode, BLOCK_N=cfg["block_n"], BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"],
-        DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
+        GROUP_N=cfg["group_n"], DOT_PRECISION=_cfg.dot_precision(prob), **_cfg.launch_opts(cfg),
     )
     kl_qm, kl_pm = part.sum(1).unbind(0)  # mode 1 (beta = 0) leaves kl_pm 0; mode 2 (m = q) kl_qm 0
     return kl_qm, kl_pm
