@@ -337,6 +337,20 @@ def test_topk_bucket_fused_only_where_the_strategy_says(monkeypatch):
     torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="needs triton installed (a hard dependency: never skipped in CI)")
+def test_topk_bucket_row_function_only_where_the_backend_takes_it(monkeypatch):
+    """A backend whose fused sweep takes dense kinds only (triton: no ``fused_row_functions``) keeps the "lse" row
+    kind and the gather for a reduced bucket, even where its ``grad_strategy`` answers "fused_grad"."""
+    assert not getattr(triton_backend, "fused_row_functions", False)
+    monkeypatch.setattr(triton_backend, "grad_strategy", lambda prob, known, **kw: "fused_grad")
+    calls = []
+    monkeypatch.setattr(triton_backend, "fused_value_and_grad", lambda *a, **kw: calls.append(a[1]))
+    case = _case("triton", torch.float32, seed=12)
+    ids, lp, _ = make_topk(case, 4)
+    _check("triton", case, ids, lp, "forward_kl", 0.5, "bucket", torch.float32, reduction="mean")
+    assert not calls
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 
