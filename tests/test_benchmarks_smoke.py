@@ -104,6 +104,16 @@ def test_cpu_backends_tiny(tmp_path):
         assert abs(got["grad_norm_w"] / ref["grad_norm_w"] - 1) <= 1e-3, name
 
 
+def test_cpu_topk_fused_tiny():
+    out = _run(["benchmarks/cpu_topk_fused.py", "--shape", "128x2048x32", "--rounds", "1"]).stdout
+    for variant in ("dense", "bucket", "bucket-recompute", "renormalize"):
+        assert f"| {variant} |" in out, variant
+    got = {ln.split()[2]: (float(ln.split()[6]), float(ln.split()[8])) for ln in out.splitlines()
+           if ln.startswith("round ")}
+    for a, b in zip(got["bucket"], got["bucket-recompute"]):  # the sweep and the recompute path: loss, |dW|
+        assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, got
+
+
 def test_cpu_topk_tiny(tmp_path):
     md = tmp_path / "t.md"
     _run(["benchmarks/cpu_topk.py", "--shape", "300x2048x32", "--ks", "20,64", "--rounds", "2", "--repeats", "1",
