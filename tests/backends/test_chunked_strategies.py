@@ -9,6 +9,8 @@ blocks and ragged row sub-blocks.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -112,7 +114,8 @@ def test_strategies_agree(monkeypatch, kind, beta, dtype):
 
 
 def test_strategy_selected_in_one_place(monkeypatch):
-    """grad_strategy: fused_grad only for a known upstream gradient and a linear student; "recompute" forces."""
+    """grad_strategy: fused_grad only for a known upstream gradient and a linear student (soft-capped only for a row
+    function); "recompute" forces."""
     case = make_case(5, 11, 4, 3, seed=1)
     prob, _ = build_problem(case.hs, case.ws, case.ht, case.wt, require_teacher=True)
     logits_prob, _ = build_problem(None, None, student_logits=case.hs @ case.ws.t(),
@@ -120,8 +123,13 @@ def test_strategy_selected_in_one_place(monkeypatch):
     assert torch_backend.grad_strategy(prob, True) == "fused_grad"
     assert torch_backend.grad_strategy(prob, False) == "recompute"
     assert torch_backend.grad_strategy(logits_prob, True) == "recompute"
+    capped = replace(prob, student_cap=5.0)  # a row function reads the capped logits before overwriting them
+    assert torch_backend.grad_strategy(capped, True) == "recompute"
+    assert torch_backend.grad_strategy(capped, True, row_function=True) == "fused_grad"
+    assert torch_backend.grad_strategy(capped, False, row_function=True) == "recompute"
     monkeypatch.setattr(torch_backend, "STRATEGY", "recompute")
     assert torch_backend.grad_strategy(prob, True) == "recompute"
+    assert torch_backend.grad_strategy(capped, True, row_function=True) == "recompute"
     monkeypatch.setattr(torch_backend, "STRATEGY", "fast")
     with pytest.raises(ValueError, match="STRATEGY"):
         torch_backend.grad_strategy(prob, True)

@@ -257,18 +257,20 @@ def _fused_spy(monkeypatch, workers=1):
     return calls
 
 
-FUSED_CASES = [("mean", False, None), ("sum", True, None), ("mean", True, dict(student_logit_scale=1.5))]
+FUSED_CASES = [("mean", False, None), ("sum", True, None), ("mean", True, dict(student_logit_scale=1.5)),
+               ("sum", False, dict(student_logit_scale=1.5, student_softcap=3.0))]
 
 
 @grid("kind,beta,dtype,reduction,weighted,transforms,workers", axis(DIVS, DIV_IDS),
       axis(DTYPES + [torch.float64], ["fp32", "bf16", "fp64"]),
-      axis(FUSED_CASES, ["mean", "sum-weights", "mean-weights-scale"]), axis([1, 2]),
+      axis(FUSED_CASES, ["mean", "sum-weights", "mean-weights-scale", "sum-scale-softcap"]), axis([1, 2]),
       slow=lambda kind, beta, dtype, reduction, weighted, transforms, workers: _limit(kind, beta)
       or (workers == 2 and dtype != torch.float32))
 def test_topk_bucket_fused_grad(monkeypatch, kind, beta, dtype, reduction, weighted, transforms, workers):
     """tail="bucket", reduction "sum"/"mean" on the torch backend: the sweep's row function (values, d h, d W, d b)
     against the float64 truth (fp64: to 1e-10; else the pass rule), with padding ids, -inf log-probabilities (not
-    for KL(p‖q): +inf there, test_topk_neg_inf_logprobs), weights with zeros, a logit scale and the temperature; the row function was what ran."""
+    for KL(p‖q): +inf there, test_topk_neg_inf_logprobs), weights with zeros, a logit scale, a soft-cap and the
+    temperature; the row function was what ran."""
     calls = _fused_spy(monkeypatch, workers)
     c = _case("torch", dtype, seed=6, transforms=transforms)
     rkl = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)  # -inf log-probs make it +inf (test above)
@@ -287,9 +289,10 @@ def test_topk_bucket_fused_grad(monkeypatch, kind, beta, dtype, reduction, weigh
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_topk_bucket_fused_equals_recompute(monkeypatch, kind, beta, dtype):
     """The sweep's row function and the recompute path ("lse" row kind + gather) give the same value and
-    gradients (fp32: to a few ulps of the largest entry; fp64: to 1e-13), weighted mean."""
+    gradients (fp32: to a few ulps of the largest entry; fp64: to 1e-13), weighted mean, a scaled and soft-capped
+    student."""
     calls = _fused_spy(monkeypatch, 2)
-    c = _case("torch", dtype, seed=9)
+    c = _case("torch", dtype, seed=9, transforms=dict(student_logit_scale=1.5, student_softcap=4.0))
     ids, lp, _ = make_topk(c, 6, dtype=dtype)
     w = torch.rand(c.lead, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
     go = upstream("mean", c.lead)
@@ -307,8 +310,8 @@ def test_topk_bucket_fused_equals_recompute(monkeypatch, kind, beta, dtype):
 
 def test_topk_bucket_fused_only_where_the_strategy_says(monkeypatch):
     """The row function runs only for tail="bucket" with a reduction, a wanted gradient and the strategy
-    "fused_grad": not for "none", "renormalize", no grad, differentiable weights, a soft-capped student (the
-    strategy's rule) or STRATEGY="recompute" (where the loss is the same one, it equals the fused value)."""
+    "fused_grad" (a soft-capped student included, unlike the dense kinds): not for "none", "renormalize", no grad,
+    differentiable weights or STRATEGY="recompute" (where the loss is the same one, it equals the fused value)."""
     calls = _fused_spy(monkeypatch)
     c = _case("torch", torch.float32, seed=2)
     ids, lp, _ = make_topk(c, 4)
@@ -324,14 +327,17 @@ def test_topk_bucket_fused_only_where_the_strategy_says(monkeypatch):
     fused, took = value()
     assert took
     for kw in (dict(reduction="none"), dict(tail="renormalize"),
-               dict(weights=torch.ones(c.lead, requires_grad=True)), dict(student_softcap=50.0)):
+               dict(weights=torch.ones(c.lead, requires_grad=True))):
         got, took = value(**kw)
         assert not took, kw
         if "weights" in kw:  # the same loss by the recompute path
             torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
         assert not value()[1]
+    capped, took = value(student_softcap=5.0)
+    assert took
     monkeypatch.setattr(torch_backend, "STRATEGY", "recompute")
+    torch.testing.assert_close(value(student_softcap=5.0)[0], capped, rtol=1e-5, atol=1e-7)
     got, took = value()
     assert not took
     torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-7)

@@ -481,17 +481,19 @@ def plan(prob: Problem) -> Problem:
 # ------------------------------------------------------------------------------------------------ fused_grad
 
 
-def grad_strategy(prob: Problem, upstream_known: bool) -> str:
+def grad_strategy(prob: Problem, upstream_known: bool, *, row_function: bool = False) -> str:
     """The one place the gradient strategy is chosen: "fused_grad" for CPU tensors when the upstream gradient of
     every row is known in the forward (``upstream_known``: reduction "sum"/"mean") and the student is linear without
     a soft-cap, else "recompute". (Its elementwise phase is sized and threaded for CPU caches; on a GPU the
     per-sub-block host checks would stall.) (A student soft-cap's derivative ``1 − tanh²`` needs the capped logits, which the
-    fused sweep overwrites with ``dS``; a logit scale is a constant factor and is folded in.) :data:`STRATEGY` =
-    "recompute" forces the recompute path everywhere."""
+    fused sweep overwrites with ``dS``; a logit scale is a constant factor and is folded in.) ``row_function``: the
+    sweep runs a row function (:func:`fused_value_and_grad`), which reads the capped logits before it overwrites
+    them, so a soft-capped student is taken too. :data:`STRATEGY` = "recompute" forces the recompute path
+    everywhere."""
     if STRATEGY not in ("auto", "fused_grad", "recompute"):
         raise ValueError(f"tipkernels.backends.chunked.STRATEGY must be 'auto', 'fused_grad' or 'recompute', got {STRATEGY!r}")
     if (STRATEGY == "recompute" or not upstream_known or not prob.student_is_linear
-            or prob.student_cap is not None or prob.device.type != "cpu"):
+            or (prob.student_cap is not None and not row_function) or prob.device.type != "cpu"):
         return "recompute"
     return "fused_grad"
 
@@ -736,8 +738,9 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
         kind: "entropy", "reverse_kl", "forward_kl" or "jsd" (β = 0 / 1 already mapped to the KLs), or a row
             function of the student alone (the teacher of ``prob`` is not read), ``fn(s, g, i0, i1, sub) ->
             values [i1 - i0]``: ``s [i1 - i0, V]`` the transformed logits of rows ``i0:i1`` (a group of
-            consecutive sub-blocks; overwritten with ``g · ∂value/∂s``), ``g [i1 - i0, 1]`` their upstream
-            gradient times the transform's constant factor, ``sub`` the cache-sized rows of one sub-block; it
+            consecutive sub-blocks; overwritten with ``g · ∂value/∂s · ∂s/∂z``), ``g [i1 - i0, 1]`` their
+            upstream gradient times the transform's constant factor ``a/T`` (a soft-capped student's ``1 − tanh²``
+            is the row function's to apply), ``sub`` the cache-sized rows of one sub-block; it
             runs on the worker threads under no-grad (the top-k teacher's bins, :mod:`tipkernels.ops.topk`).
         row_grad: ``[N]`` upstream gradient of each row's value (weights / Σ weights for a weighted mean).
 
@@ -754,10 +757,11 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     n, vocab = prob.num_rows, prob.vocab_size
     dtype = _compute_dtype(prob.student_hidden)
     device = prob.device
-    if prob.student_cap is not None:
-        raise ValueError("fused_value_and_grad does not take a soft-capped student (grad_strategy picks recompute)")
+    if prob.student_cap is not None and not callable(kind):
+        raise ValueError("fused_value_and_grad takes a soft-capped student only with a row function (grad_strategy "
+                         "picks recompute)")
     student = _BlockSide(prob.student_hidden, prob.student_weight, prob.student_bias, None, prob.temperature,
-                         dtype, vocab, prob.student_scale)
+                         dtype, vocab, prob.student_scale, prob.student_cap)
     teacher = None
     if isinstance(kind, str) and kind != "entropy":
         teacher = _BlockSide(prob.teacher_hidden, prob.teacher_weight, prob.teacher_bias, prob.teacher_logits,

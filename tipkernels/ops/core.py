@@ -134,12 +134,12 @@ def reduced_row_values(prob: Problem, kind: str, beta: float, backend: Backend, 
     return fused_reduced(prob, kind, beta, backend, lead, reduction, weights)
 
 
-def fused_grad_choice(prob: Problem, backend: Backend, reduction: str,
-                      weights: Optional[Tensor]) -> Tuple[Problem, bool]:
+def fused_grad_choice(prob: Problem, backend: Backend, reduction: str, weights: Optional[Tensor],
+                      **choice) -> Tuple[Problem, bool]:
     """``(prob, fused)``: whether the gradients can be formed in the forward's sweep (a reduction "sum"/"mean",
     weights, if any, not differentiable, a student gradient wanted, and the backend's ``grad_strategy`` answering
-    "fused_grad"), with ``prob`` planned where the choice needed it (one resolution for the choice and the call;
-    ``row_values`` keeps a planned prob)."""
+    "fused_grad"; ``choice``: its keywords), with ``prob`` planned where the choice needed it (one resolution for
+    the choice and the call; ``row_values`` keeps a planned prob)."""
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (prob.student_hidden, prob.student_weight, prob.student_bias))
     known = reduction != "none" and grad_wanted and (weights is None or not weights.requires_grad)
@@ -147,7 +147,7 @@ def fused_grad_choice(prob: Problem, backend: Backend, reduction: str,
     if not known or choose is None:
         return prob, False
     prob = backend.plan(prob)
-    return prob, choose(prob, True) == "fused_grad"
+    return prob, choose(prob, True, **choice) == "fused_grad"
 
 
 def fused_reduced(prob: Problem, kind, beta: float, backend: Backend, lead: torch.Size, reduction: str,

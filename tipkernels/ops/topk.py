@@ -299,11 +299,19 @@ class BucketRows:
     and ``Z``; the ``[rows, K]`` bin maths (:func:`topk_divergence`) under a local autograd gives, with the
     upstream ``g``, ``a = g·∂v/∂Ls`` and ``c = g·∂v/∂s_k``; then ``dS = a·p + c`` at the ids
     (``s ← s·a/Z``, ``scatter_add_`` along the vocabulary: a fixed order on the CPU). ``teacher`` holds all
-    ``N`` rows; the rows are picked by the sweep's ``i0:i1``."""
+    ``N`` rows; the rows are picked by the sweep's ``i0:i1``. A soft-capped student (``cap``): the sweep's ``g``
+    carries ``a/T``, the row function the ``1 − t²`` (``t = s·T/c``), read before ``s`` is overwritten: ``s ← e·(1 −
+    t²)`` per sub-block, and the scattered ``c`` times its value at the ids."""
 
-    def __init__(self, teacher: TopKTeacher, kind: str, beta: float):
+    def __init__(self, teacher: TopKTeacher, kind: str, beta: float, cap: Optional[float] = None,
+                 temperature: float = 1.0):
         self.teacher, self.kind, self.beta = teacher, kind, beta
+        self.tanh_of_s = None if cap is None else temperature / cap  # t = s·T/c
         self.index = torch.where(teacher.valid, teacher.ids, torch.zeros_like(teacher.ids))  # padding: c = 0
+
+    def _one_minus_t2(self, x: Tensor) -> Tensor:
+        """``1 − (x·T/c)²`` into ``x``."""
+        return x.mul_(self.tanh_of_s).square_().neg_().add_(1.0)
 
     def __call__(self, s: Tensor, g: Tensor, i0: int, i1: int, sub: int) -> Tensor:
         idx = self.index[i0:i1]
@@ -313,8 +321,12 @@ class BucketRows:
         for a in range(0, i1 - i0, sub):
             x = s[a:a + sub]
             m = x.amax(1, keepdim=True)
-            torch.exp(x.sub_(m), out=x)
-            z[a:a + sub] = x.sum(1, keepdim=True)
+            if self.tanh_of_s is None:
+                e = torch.exp(x.sub_(m), out=x)
+            else:  # e and 1 − t² both from x: e in a sub-block temporary, the product back into x
+                e = torch.exp(x - m)
+                self._one_minus_t2(x).mul_(e)
+            z[a:a + sub] = e.sum(1, keepdim=True)
             lse[a:a + sub] = m[:, 0] + z[a:a + sub, 0].log()
         t = self.teacher
         rows = TopKTeacher(t.ids[i0:i1], t.logprobs[i0:i1], t.valid[i0:i1], t.vocab_size)
@@ -323,6 +335,8 @@ class BucketRows:
             values = topk_divergence(sk, ls, rows, self.kind, self.beta, "bucket")
             d_ls, d_sk = torch.autograd.grad(values, (ls, sk), grad_outputs=g[:, 0].to(values.dtype),
                                              materialize_grads=True)
+        if self.tanh_of_s is not None:
+            d_sk = d_sk * self._one_minus_t2(s_k.detach().clone())
         s.mul_((d_ls[:, None] / z).to(s.dtype))
         s.scatter_add_(1, idx, d_sk.to(s.dtype))
         return values.detach()
@@ -332,14 +346,15 @@ def reduced_topk_values(prob: Problem, teacher: TopKTeacher, kind: str, beta: fl
                         lead: torch.Size, reduction: str, weights: Optional[Tensor] = None) -> Tensor:
     """``reduce(topk_values(...), lead, reduction, weights)``; for ``tail="bucket"`` on a backend whose fused sweep
     takes row functions (``fused_row_functions``: the torch backend) and whose ``grad_strategy`` answers
-    "fused_grad" (CPU, reduction "sum"/"mean", no student soft-cap) the gradients are formed in the student's
-    fused sweep by :class:`BucketRows` (docs/design.md §2). Elsewhere (the triton backend, CUDA, vocabulary
+    "fused_grad" for one (CPU, reduction "sum"/"mean"; a soft-capped student included) the gradients are formed in
+    the student's fused sweep by :class:`BucketRows` (docs/design.md §2). Elsewhere (the triton backend, CUDA, vocabulary
     parallelism, whose backend offers no strategy) the "lse" row kind and the gather. Differentiable in the
     student's tensors."""
     if tail == "bucket" and getattr(backend, "fused_row_functions", False):
-        student, fused = fused_grad_choice(student_only(prob), backend, reduction, weights)
+        student, fused = fused_grad_choice(student_only(prob), backend, reduction, weights, row_function=True)
         if fused:
-            return fused_reduced(student, BucketRows(teacher, kind, beta), beta, backend, lead, reduction, weights)
+            rows = BucketRows(teacher, kind, beta, student.student_cap, student.temperature)
+            return fused_reduced(student, rows, beta, backend, lead, reduction, weights)
     return reduce(topk_values(backend.plan(prob), teacher, kind, beta, tail, backend), lead, reduction, weights)
 
 
