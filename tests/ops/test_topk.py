@@ -170,7 +170,8 @@ def test_topk_teacher_argmax_padding_and_neg_inf():
 
 def test_topk_never_allocates_n_by_v(monkeypatch):
     """Forward + backward on the torch backend record no op output as large as N·V (N=64, V=512, D=8, K=16), for
-    both tails and the bucket's two strategies (fused_grad's block: 8 rows); the gather's chunk ``[rows, K, D]`` is bounded by its budget (rows · K · D · 4 bytes)."""
+    both tails and the bucket's two strategies (fused_grad's block: 8 rows); the gather's chunk ``[rows, K, D]``
+    is bounded by its budget (rows · K · D · 4 bytes)."""
     from tipkernels.ops import topk as topk_mod  # the budget knob of the gather
 
     n, v, d, k = 64, 512, 8, 16

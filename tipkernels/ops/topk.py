@@ -300,8 +300,8 @@ class BucketRows:
     upstream ``g``, ``a = g·∂v/∂Ls`` and ``c = g·∂v/∂s_k``; then ``dS = a·p + c`` at the ids
     (``s ← s·a/Z``, ``scatter_add_`` along the vocabulary: a fixed order on the CPU). ``teacher`` holds all
     ``N`` rows; the rows are picked by the sweep's ``i0:i1``. A soft-capped student (``cap``): the sweep's ``g``
-    carries ``a/T``, the row function the ``1 − t²`` (``t = s·T/c``), read before ``s`` is overwritten: ``s ← e·(1 −
-    t²)`` per sub-block, and the scattered ``c`` times its value at the ids."""
+    carries ``a/T``, the row function the ``1 − t²`` (``t = s·T/c``), read before ``s`` is overwritten:
+    ``s ← e·(1 − t²)`` per sub-block, and the scattered ``c`` times its value at the ids."""
 
     def __init__(self, teacher: TopKTeacher, kind: str, beta: float, cap: Optional[float] = None,
                  temperature: float = 1.0):
@@ -347,9 +347,9 @@ def reduced_topk_values(prob: Problem, teacher: TopKTeacher, kind: str, beta: fl
     """``reduce(topk_values(...), lead, reduction, weights)``; for ``tail="bucket"`` on a backend whose fused sweep
     takes row functions (``fused_row_functions``: the torch backend) and whose ``grad_strategy`` answers
     "fused_grad" for one (CPU, reduction "sum"/"mean"; a soft-capped student included) the gradients are formed in
-    the student's fused sweep by :class:`BucketRows` (docs/design.md §2). Elsewhere (the triton backend, CUDA, vocabulary
-    parallelism, whose backend offers no strategy) the "lse" row kind and the gather. Differentiable in the
-    student's tensors."""
+    the student's fused sweep by :class:`BucketRows` (docs/design.md §2). Elsewhere (the triton backend, CUDA,
+    vocabulary parallelism, whose backend offers no strategy) the "lse" row kind and the gather. Differentiable
+    in the student's tensors."""
     if tail == "bucket" and getattr(backend, "fused_row_functions", False):
         student, fused = fused_grad_choice(student_only(prob), backend, reduction, weights, row_function=True)
         if fused:
