@@ -114,7 +114,7 @@ def divergence_tables(args, results: dict, rate) -> str:
     """One table per phase: rows (V, N), a column per variant: time (fraction of floor) +peak."""
     out = []
     for phase in [p for p in ALL_PHASES if p in args.phases]:
-        names = [v for v in args.variants if phase != "scoring" or v in variants.BACKENDS]
+        names = [v for v in args.variants if phase != "scoring" or v in variants.SCORED]
         if names:
             floor = lambda n, v, p=phase: gemm_floor_flops(n, v, args.d, args.d_teacher, 1.0, p)  # noqa: E731
             pair = ("triton", "liger") if "triton" in names and "liger" in names else None
@@ -146,7 +146,7 @@ def goals_table(args, results: dict, rate, tip: list) -> str:
 
 def roofline_section(args, results: dict, rate) -> str:
     """The roofline's predictions per strategy at the goal shape, the measured variants beside (the triton variant
-    runs the strategy "auto" picks; benchmarks/gpu_plan.py measures each strategy)."""
+    runs the strategy "auto" picks; triton_fused, triton_cublas, triton_fused_grad force one each)."""
     n, v = GOAL_SHAPE
     others = {}
     for (name, phase, n_, v_), r in results.items():
@@ -166,7 +166,7 @@ def divergence_grid(args, budget: Budget, results: dict, notes: list, write) -> 
         inputs = None
         for name, var in built.items():
             groups = ([train] if train else []) + (
-                [["scoring"]] if "scoring" in args.phases and name in variants.BACKENDS else [])
+                [["scoring"]] if "scoring" in args.phases and name in variants.SCORED else [])
             why = var.unavailable or skips.reason(name, (n, v)) if groups else "nothing to run"
             if inputs is None and why is None:
                 try:
