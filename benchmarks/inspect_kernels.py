@@ -89,9 +89,12 @@ def record(n: int, d_s: int, d_t: int, v: int, dtype: torch.dtype, kinds, strate
     widest = max(max(c["block_v"], c["bwd_block_v"], c["epi_block_v"]) for c in [*cfgs.values(), *bwd_cfgs.values()])
     n_r, v_r = _reduced(n, 48), _reduced(v, 4 * widest)
     zeros = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
-    prob = lib.Problem(student_hidden=zeros(n_r, d_s), student_weight=zeros(v_r, d_s),
-                       teacher_hidden=zeros(n_r, d_t), teacher_weight=zeros(v_r, d_t))
-    ones = torch.ones(n_r)
+
+    def problem(rows):
+        return lib.Problem(student_hidden=zeros(rows, d_s), student_weight=zeros(v_r, d_s),
+                           teacher_hidden=zeros(rows, d_t), teacher_weight=zeros(v_r, d_t))
+
+    prob, ones = problem(n_r), torch.ones(n_r)
     out = {}
 
     def rec(label, fn, *args, **kw):
@@ -103,9 +106,11 @@ def record(n: int, d_s: int, d_t: int, v: int, dtype: torch.dtype, kinds, strate
     for strategy in strategies:
         cfg = cfgs[strategy]
         if strategy == "fused_grad":  # the sweep takes the effective kind (JSD at beta 0 / 1 is a KL)
+            # one row block with the integer specialisation of the full problem's (``sweep_mib`` sets its rows)
+            rows = _reduced(tb.cublas.sweep_rows(cfg, full), 48)
             for kind in kinds:
-                rec(f"{strategy}: sweep {kind}", tb.fused_value_and_grad, prob, lib.effective_kind(kind, beta), beta,
-                    ones, config=cfg)
+                rec(f"{strategy}: sweep {kind}", tb.fused_value_and_grad, problem(rows),
+                    lib.effective_kind(kind, beta), beta, torch.ones(rows), config=cfg)
             continue
         saved = rec(f"{strategy}: forward", tb.forward_stats, prob, config=cfg)
         lse = saved["student_lse"]
