@@ -301,8 +301,7 @@ def test_compile_report(report):
               f"{sp.get('seconds', 0):.1f}s {sp['constexprs']}")
     print(f"triton {report['triton']}: {len(report['specs'])} kernels in {report['seconds']:.1f}s")
     # 114 kernels, the 128-row tiles compile slower: 289-419 s at a load of 11 on 2 cores (2026-12-01; 118 kernels:
-    # 143 s at a lighter load); the
-    # subprocess itself is stopped at 600 s
+    # 143 s at a lighter load); the subprocess itself is stopped at 600 s
     assert report["seconds"] < 540
 
 
