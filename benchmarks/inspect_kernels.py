@@ -162,8 +162,8 @@ def table_rows(specs: list, uses: dict) -> list:
             extra = {k: v for k, v in sp["constexprs"].items() if k in ("KIND", "MODE", "COMPACT_OUT")}
             rows.append(dict(kernel=f"{sp['kernel']}_{i}", strategy=strategy,
                              call=what + (f" {extra}" if extra else ""), tile=_tile(sp), regs=sp.get("registers"),
-                             spill=sp.get("spill_bytes"), smem=sp.get("shared"), mma=", ".join(sp.get("mma_shapes") or []) or "none",
-                             ok="ok" if sp["ok"] else "FAILED"))
+                             spill=sp.get("spill_bytes"), smem=sp.get("shared"),
+                             mma=", ".join(sp.get("mma_shapes") or []) or "none", ok="ok" if sp["ok"] else "FAILED"))
     return rows
 
 
