@@ -16,8 +16,10 @@ Sections (the report ``plan.md`` and ``plan.json`` in ``--out``):
    shape, where importable (``gpu_plan.sh`` installs carried wheels first), else a note;
 5. the TIP loss step at ρ = 1.0 and 0.2 (``gpu_suite.tip_section``);
 6. a targeted compiled pytest (the strategy tests, the triton tests' fast subset), then the kernel compile table of
-   ``benchmarks/inspect_kernels.py`` where that script exists (the hook: ``inspect_kernels_section``);
-7. everything else: ``benchmarks/gpu_suite.py`` (its grid, no tests) in the time left, its report in ``suite/``.
+   ``benchmarks/inspect_kernels.py``: every strategy's kernels at the goal shape, compiled for sm_90 (the hook:
+   ``inspect_kernels_section``);
+7. everything else: ``benchmarks/gpu_suite.py`` (its grid, no tests) in the time left, its report in ``suite/``: the
+   triton backend (auto strategy) and the sparse (top-k) teacher against the chunked top-k baseline.
 """
 
 from __future__ import annotations
@@ -45,18 +47,16 @@ from benchmarks.harness.report import (  # noqa: E402
 from benchmarks.harness.runner import REPO_ROOT, Attempt, Budget, describe_error, run_pytest  # noqa: E402
 from benchmarks.harness.timing import copy_bandwidth_tbs, dense_matmul_tflops  # noqa: E402
 
-#: The triton strategies (``tk.set_options(triton_config=...)``; docs/design.md §4). fused_grad's row block: 1 GiB.
-STRATEGIES = {
-    "fused": {"strategy": "fused", "grad_strategy": "recompute"},
-    "cublas": {"strategy": "cublas", "grad_strategy": "recompute"},
-    "fused_grad": {"strategy": "cublas", "grad_strategy": "fused_grad", "sweep_mib": 1024},
-}
+#: The triton strategies (``tk.set_options(triton_config=...)``; docs/design.md §4), written once in the variants.
+STRATEGIES = variants.TRITON_STRATEGIES
 GPU = dict(goal=(8192, 151936, 4096, 4096), odd=[(1031, 50257, 1000, 768), (131, 32003, 4096, 2560)],
            big=(16384, 151936, 128, 128), matmul_n=8192, copy_bytes=2**31, warmup=1, repeats=5, target_s=0.5,
-           tip_shape="8,1024,151936", suite_args=[], budget=400.0, cell_timeout=90.0, tests_timeout=120.0)
+           tip_shape="8,1024,151936",
+           suite_args=["--variants", "triton,topk_triton@20,topk_triton@64,topk_triton@128,topk_chunked@20,"
+                       "topk_chunked@128"], budget=400.0, cell_timeout=90.0, tests_timeout=120.0)
 CPU = dict(goal=(16, 131, 16, 16), odd=[(13, 37, 24, 19), (29, 101, 40, 19)], big=(33, 257, 16, 16),
            matmul_n=256, copy_bytes=2**24, warmup=1, repeats=1, target_s=0.01, tip_shape="2,8,131",
-           suite_args=["--quick", "--n", "16", "--v", "131", "--variants", "triton,torch", "--skip-tip", "--phases",
+           suite_args=["--quick", "--n", "16", "--v", "131", "--variants", "triton,torch,topk_triton@20", "--skip-tip", "--phases",
                        "scoring,step"],
            budget=140.0, cell_timeout=30.0, tests_timeout=40.0,
            pytest_k="selection or bad_strategy or chunk_shape")  # the interpreter is too slow for more here
@@ -209,7 +209,8 @@ def inspect_kernels_section(args, budget: Budget) -> str:
     timeout = budget.cell_timeout(60.0, reserve=20, least=5)
     n, v, ds, dt = args.shapes["goal"]
     cmd = ["benchmarks/inspect_kernels.py", "--n", str(n), "--v", str(v), "--d", str(ds), "--d-teacher", str(dt),
-           "--dtype", args.dtype, "--kinds", "reverse_kl", "--strategies", "matmul",
+           "--dtype", args.dtype, "--kinds", "reverse_kl", "--strategies", ",".join(STRATEGIES),
+           "--bwd-strategies", "matmul",
            "--jobs", str(min(8, os.cpu_count() or 1))]
     try:
         proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)

@@ -148,7 +148,7 @@ def goals_table(args, results: dict, rate, tip: list) -> str:
 
 def roofline_section(args, results: dict, rate) -> str:
     """The roofline's predictions per strategy at the goal shape, the measured variants beside (the triton variant
-    runs the strategy "auto" picks; benchmarks/gpu_plan.py measures each strategy)."""
+    runs the strategy "auto" picks; triton_fused, triton_cublas, triton_fused_grad force one each)."""
     n, v = GOAL_SHAPE
     others = {}
     for (name, phase, n_, v_), r in results.items():

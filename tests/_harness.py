@@ -26,6 +26,10 @@ import math
 import os
 import pickle
 import shlex
+import subprocess
+import sys
+import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -590,6 +594,85 @@ def problem_to(prob: Problem, dtype=None, device=None) -> Problem:
 
 def f64(prob):
     return problem_to(prob, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- ahead-of-time sm_90 compiles (no GPU)
+# tests/backends/test_triton_compile.py and test_triton_cublas_compile.py: each module is also its worker script
+# (``python <module> OUT.json``, a compiling Triton: ``aot.compile_env``) that records the backend's launches for
+# its cases and compiles them with ``triton_backend.aot`` (:func:`aot_worker`); the test side runs it once
+# (:func:`aot_report`). A case is a dict: ``dtype`` (torch name), ``student`` / ``teacher`` "L" (linear), "Lb"
+# (linear + bias), "Z" (logits) or "" (no teacher), ``labels`` None / "i64" / "i32", ``config`` "default" /
+# "odd" / "small" (:data:`AOT_SHAPES`), ``strided`` False / "hidden" / "weight" / True, ``caps`` "" / "student" /
+# "teacher" / "both" (logit soft-caps, with scales != 1 on both).
+
+#: D=4096-like (V a multiple of 16 like most real vocabularies; "odd": one that is not, e.g. 50257), and the
+#: interpreter tests' odd shapes ("small").
+AOT_SHAPES = {"default": dict(n=24, vocab=1536, ds=4096, dt=5120), "odd": dict(n=24, vocab=1000, ds=4096, dt=5120),
+              "small": dict(n=13, vocab=203, ds=40, dt=56)}
+
+
+def aot_problem(case: dict) -> Problem:
+    """The :class:`Problem` of a compile case, of uninitialised tensors (nothing runs, only launches are
+    recorded). ``strided``: "hidden" (a transposed hidden-state view), "weight" (a transposed weight view), any
+    other true value: a cut padded vocabulary of logits (a model given as logits)."""
+    dt = getattr(torch, case["dtype"])
+    shape = AOT_SHAPES[case["config"]]
+    n, v = shape["n"], shape["vocab"]
+    empty = lambda *s: torch.empty(*s, dtype=dt)  # noqa: E731  (values do not matter: nothing runs)
+
+    def model(spec, d):
+        if spec == "":
+            return {}
+        if spec == "Z":
+            z = empty(n, v + 8)[:, :v] if case["strided"] else empty(n, v)  # a cut padded vocabulary
+            return dict(logits=z)
+        h = empty(d, n).t() if case["strided"] == "hidden" else empty(n, d)
+        w = empty(d, v).t() if case["strided"] == "weight" else empty(v + 8, d)[:v]
+        out = dict(hidden=h, weight=w)
+        if spec == "Lb":
+            out["bias"] = empty(v)
+        return out
+
+    s, t = model(case["student"], shape["ds"]), model(case["teacher"], shape["dt"])
+    labels = None
+    if case["labels"]:
+        labels = torch.zeros(n, dtype={"i64": torch.int64, "i32": torch.int32}[case["labels"]])
+    caps = case.get("caps", "")
+    return Problem(student_hidden=s.get("hidden"), student_weight=s.get("weight"), student_bias=s.get("bias"),
+                   student_logits=s.get("logits"), teacher_hidden=t.get("hidden"), teacher_weight=t.get("weight"),
+                   teacher_bias=t.get("bias"), teacher_logits=t.get("logits"), labels=labels, temperature=0.7,
+                   student_scale=0.5 if caps else 1.0, teacher_scale=2.0 if caps else 1.0,
+                   student_cap=30.0 if caps in ("student", "both") else None,
+                   teacher_cap=50.0 if caps in ("teacher", "both") else None)
+
+
+def aot_worker(out_path: str, records: Dict[str, list], jobs: int = 2) -> None:
+    """Compile the distinct specialisations of ``records`` (``{case id: [Launch, ...]}``) for sm_90 and write the
+    JSON report: ``triton`` (version), ``target``, ``cases`` (``{case id: [index into specs, ...]}``), ``specs``
+    (``aot.compile_all``'s dicts) and ``seconds`` (from the call, compiles included; recording is before)."""
+    import triton
+
+    aot = triton_backend.aot
+    t0 = time.perf_counter()
+    work, cases = aot.distinct(records)
+    specs = aot.compile_all(work, jobs=jobs)
+    report = dict(triton=triton.__version__, target=list(aot.TARGET_SM90), cases=cases, specs=specs,
+                  seconds=time.perf_counter() - t0)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def aot_report(worker_file: str, timeout: float = 600) -> dict:
+    """Run the compile worker ``python worker_file OUT.json`` in a compiling Triton with a fresh cache (so every
+    kernel really compiles) and return its report (:func:`aot_worker`); asserts that it succeeded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        env = dict(os.environ, **triton_backend.aot.compile_env(os.path.join(tmp, "cache")), PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, os.path.abspath(worker_file), out], env=env, cwd=str(ROOT),
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        with open(out) as f:
+            return json.load(f)
 
 
 

@@ -209,3 +209,49 @@ def test_gpu_plan_dry_run_cpu(tmp_path):
     assert "passed" in report.split("6. Targeted compiled pytest")[1].split("###")[0]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
+
+
+def test_triton_strategy_variants_run_their_strategy():
+    """The suite's triton_fused / triton_cublas / triton_fused_grad variants run the strategy they name (its
+    kernels, in the forward or the backward), the same strategies as the GPU plan's cells and the roofline's rows,
+    and agree with the torch backend (interpreter, tiny fp32 shape; the triton tests check each strategy against
+    the float64 truth)."""
+    import torch
+
+    from benchmarks.harness import roofline, variants
+    from benchmarks.harness.inputs import clear_grads, make_inputs
+    from tests._harness import TOL, scaled_err, triton_backend
+
+    assert tuple(variants.TRITON_STRATEGIES) == roofline.STRATEGIES
+    assert variants.STRATEGY_VARIANTS == ("triton_fused", "triton_cublas", "triton_fused_grad")
+    inputs = make_inputs(24, 72, 16, 20, torch.float32, "cpu", seed=1)
+
+    def run(loss):
+        clear_grads(inputs)
+        value = loss(*inputs)
+        value.backward()
+        out = (value.detach(), inputs[0].grad.clone(), inputs[1].grad.clone())
+        clear_grads(inputs)
+        return out
+
+    def kernels(loss):
+        """Names of the kernels launched by the forward and by the backward (recorded: nothing runs)."""
+        clear_grads(inputs)
+        with triton_backend.recorded_launches() as fwd:
+            value = loss(*inputs)
+        with triton_backend.recorded_launches() as bwd:
+            value.backward()
+        clear_grads(inputs)
+        return {x.kernel.__name__ for x in fwd}, {x.kernel.__name__ for x in bwd}
+
+    truth = run(variants.build_variant("torch", "cpu").loss)
+    expect = {"triton_fused": ({"stats_kernel"}, {"dlogits_kernel"}),
+              "triton_cublas": ({"stats_epilogue_kernel"}, {"dlogits_epilogue_kernel"}),
+              "triton_fused_grad": ({"stats_epilogue_kernel", "dlogits_epilogue_kernel"}, set())}
+    for name, (fwd_want, bwd_want) in expect.items():
+        var = variants.build_variant(name, "cpu")
+        assert var.unavailable is None and (var.score is not None) == (name in variants.SCORING), name
+        fwd, bwd = kernels(var.loss)
+        assert fwd == fwd_want and bwd_want <= bwd and (bwd_want or not bwd), (name, fwd, bwd)
+        for got, want, what in zip(run(var.loss), truth, ("value", "d h_s", "d W_s")):
+            assert scaled_err(got, want.double(), 1.0 if what == "value" else 0.0) <= TOL[torch.float32], (name, what)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tipkernels.backends import chunked  # noqa: F401 - the chunked PyTorch backend ("torch")
 from tipkernels.backends import reference  # noqa: F401 - the materialised formulas (entropy, reverse_kl, forward_kl, …)
 from tipkernels.backends.chunked import tile_budget_bytes  # noqa: F401 - the torch backend's tile budget (bytes)
-from tipkernels.inputs import Problem, build_problem  # noqa: F401
+from tipkernels.inputs import Problem, build_problem, effective_kind  # noqa: F401
 
 
 def triton_backend():

@@ -2,7 +2,9 @@
 layer, each a callable ``loss(h_s [N, D_s], w_s [V, D_s], h_t [N, D_t], w_t [V, D_t]) -> scalar`` differentiable
 in ``h_s`` and ``w_s`` (and, for the library's backends, ``score(...)``: the no-grad scoring pass).
 
-Names: ``triton``, ``torch``, ``reference`` (tipkernels' backends; ``reference`` materialises ``[N, V]`` logits),
+Names: ``triton``, ``torch``, ``reference`` (tipkernels' backends; ``reference`` materialises ``[N, V]`` logits;
+``triton`` runs the strategy "auto" picks), ``triton_fused``, ``triton_cublas``, ``triton_fused_grad`` (the triton
+backend with its strategy forced, :data:`TRITON_STRATEGIES`: the GPU plan's cells and the suite's grid compare them),
 ``compiled`` (torch.compile of the torch backend), ``compiled_ref`` (torch.compile of the materialised formula of
 the library's reference backend), and the peers ``trl`` (TRL's ChunkedDivergenceFunction, β=1) and ``liger``
 (Liger-Kernel's LigerFusedLinearJSD, jsd_beta=1), each where importable: a peer that is not installed is a
@@ -39,16 +41,27 @@ from . import lib
 from .inputs import clear_grads
 from .runner import REPO_ROOT, describe_error
 
+#: The triton backend's strategies (docs/design.md §4), as ``tk.set_options(triton_config=...)``, in the GPU plan's
+#: order (benchmarks/harness/roofline.py's ``STRATEGIES``). fused_grad forms the gradient in the forward's sweep (the
+#: loss's reduction "mean" gives every row's upstream gradient there); its row block: 1 GiB.
+TRITON_STRATEGIES = {
+    "fused": {"strategy": "fused", "grad_strategy": "recompute"},
+    "cublas": {"strategy": "cublas", "grad_strategy": "recompute"},
+    "fused_grad": {"strategy": "cublas", "grad_strategy": "fused_grad", "sweep_mib": 1024},
+}
+STRATEGY_VARIANTS = tuple(f"triton_{s}" for s in TRITON_STRATEGIES)
 #: The dense-teacher variants (the GPU suite's default list).
-DENSE_NAMES = ("triton", "torch", "reference", "compiled", "compiled_ref", "trl", "liger")
+DENSE_NAMES = ("triton", *STRATEGY_VARIANTS, "torch", "reference", "compiled", "compiled_ref", "trl", "liger")
 BACKENDS = ("triton", "torch", "reference")
 #: K of the sparse-teacher variants, and their names ``topk_<impl>@K``.
 TOPK_KS = (20, 64, 128)
 TOPK_IMPLS = ("triton", "torch", "chunked")
 TOPK_NAMES = tuple(f"topk_{impl}@{k}" for impl in TOPK_IMPLS for k in TOPK_KS)
 NAMES = DENSE_NAMES + TOPK_NAMES
-#: Variants with a no-grad scoring pass (``tk.token_stats``).
-SCORING = BACKENDS + tuple(n for n in TOPK_NAMES if not n.startswith("topk_chunked"))
+#: Variants with a no-grad scoring pass (``tk.token_stats``): the backends, the forced strategies but fused_grad
+#: (whose scoring pass is cublas's: no gradient, nothing to fuse), and the sparse-teacher variants but the baseline.
+SCORING = (BACKENDS + ("triton_fused", "triton_cublas")
+           + tuple(n for n in TOPK_NAMES if not n.startswith("topk_chunked")))
 #: Rows per chunk of the chunked top-k baseline (each chunk's ``[rows, V]`` fp32 logits live at a time).
 TOPK_CHUNK_ROWS = 512
 
@@ -56,6 +69,10 @@ LABELS = {
     "triton": "tk.fused_linear_divergence(backend='triton')",
     "torch": "tk.fused_linear_divergence(backend='torch') (chunked PyTorch)",
     "reference": "tk.fused_linear_divergence(backend='reference') (materialised [N, V] logits, autograd)",
+    "triton_fused": "backend='triton', strategy 'fused' (fused kernels; the backward recomputes the logits)",
+    "triton_cublas": "backend='triton', strategy 'cublas' (cuBLAS logit chunks + Triton epilogues; recompute backward)",
+    "triton_fused_grad": "backend='triton', strategy 'cublas' + grad_strategy 'fused_grad' (gradient in the forward's "
+                         "sweep)",
     "compiled": "torch.compile of a function calling tk.fused_linear_divergence(backend='torch')",
     "compiled_ref": "torch.compile of the materialised formula (the reference backend's reverse_kl on both logits)",
     "trl": "trl ChunkedDivergenceFunction(beta=1.0) = reverse KL (chunked, no [N, V] logits)",
@@ -92,6 +109,15 @@ def backend_loss(backend: str, divergence: str = "reverse_kl") -> Callable:
         return tk.fused_linear_divergence(h_s, w_s, h_t, w_t, divergence=divergence, reduction="mean",
                                           backend=backend)
     return loss
+
+
+def with_triton_config(fn: Callable, over: dict) -> Callable:
+    """``fn`` called under ``tk.set_options(triton_config=over)`` (forward and, through autograd, backward: the
+    backward reads the config saved by the forward's call)."""
+    def call(*args, **kwargs):
+        with tk.set_options(triton_config=over):
+            return fn(*args, **kwargs)
+    return call
 
 
 def materialised_reverse_kl(h_s, w_s, h_t, w_t):
@@ -240,6 +266,15 @@ def build_variant(name: str, device, liger_wheel: Optional[str] = None) -> Varia
             return v
         v.loss = backend_loss(name)
         v.score = lambda hs, ws, ht, wt: tk.token_stats(hs, ws, ht, wt, backend=name)
+    elif name in STRATEGY_VARIANTS:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            v.unavailable = "n/a (needs CUDA)"
+            return v
+        over = TRITON_STRATEGIES[name[len("triton_"):]]
+        v.loss = with_triton_config(backend_loss("triton"), over)
+        if name in SCORING:
+            v.score = with_triton_config(lambda hs, ws, ht, wt: tk.token_stats(hs, ws, ht, wt, backend="triton"),
+                                         over)
     elif name in ("compiled", "compiled_ref"):
         _set_dynamo_limits()
         v.loss = torch.compile(backend_loss("torch") if name == "compiled" else materialised_reverse_kl)

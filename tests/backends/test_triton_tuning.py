@@ -116,8 +116,10 @@ def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_can
 
     monkeypatch.delenv(trc.TUNED_CONFIGS_ENV, raising=False)
     real = trb.forward_stats
+    strategies = set()
 
     def corrupt_when_block_v_is_16(prob, *, config=None):
+        strategies.add(config["strategy"])
         out = real(prob, config=config)
         if config and config["block_v"] == 16:
             out["reverse_kl"] = out["reverse_kl"] + 0.1
@@ -152,6 +154,8 @@ def test_the_search_keeps_the_start_when_nothing_is_faster_and_rejects_wrong_can
     assert res["best"]["block_n"] == 16 and res["best"]["block_v"] == res["start"]["block_v"]
     assert res["best"]["bwd_block_v"] == res["start"]["bwd_block_v"]
     assert res["passes"]["forward"] == pytest.approx({"start": 1.0, "best": 0.5, "start_err": res["rows"][0]["err"]})
+    assert strategies == {"fused"}  # what is tuned is the fused kernels' config, whatever "auto" would pick
+    assert res["best"]["strategy"] == res["start"]["strategy"] == "auto"  # the entry keeps the start's choice
 
 
 @pytest.mark.slow

@@ -254,7 +254,8 @@ def dlogits_epilogue_kernel(
 
 
 def mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """``out = a · bᵀ`` in fp32 (``a [m, D]``, ``b [w, D]``, ``out`` a contiguous fp32 ``[m, w]``).
+    """``out = a · bᵀ`` in fp32 (``a [m, D]``, ``b [w, D]``, ``out`` an fp32 ``[m, w]`` of contiguous rows, any row
+    stride: cuBLAS's leading dimension).
 
     16-bit on CUDA: ``torch.mm(..., out_dtype=torch.float32)`` keeps cuBLAS's fp32 accumulator (PyTorch >= 2.8);
     where that is missing, the 16-bit product is widened (logits rounded to 16 bits: an error of ~2⁻⁹·|logit|).
@@ -368,7 +369,8 @@ class _Model:
         tensor into given logits)."""
         if self.linear:
             m, w = h_rows.shape[0], v1 - v0
-            out = buf.view(-1)[: m * w].view(m, w)
+            p = pitch(w)
+            out = buf.view(-1)[: m * p].view(m, p)[:, :w]
             return mm_fp32(h_rows, self.weight[v0:v1], out)
         z = self.logits[:, v0:v1]  # a view; gathered rows copy only the chunk's columns
         return z[row_ids] if isinstance(row_ids, slice) else z.index_select(0, row_ids)
@@ -394,6 +396,17 @@ def _models(prob: Problem, teacher: bool = True) -> Tuple[_Model, Optional[_Mode
     return s, t
 
 
+#: Row pitch of the fp32 chunk buffers (elements): a multiple of 16 keeps each row 64-byte aligned, so Triton
+#: specialises the row stride as divisible by 16 whatever the chunk's width (with an odd width, e.g. a vocabulary of
+#: 1000 or 50257 in one chunk, the statistics epilogue took 255 registers and spilled on sm_90).
+PITCH = 16
+
+
+def pitch(width: int) -> int:
+    """Row stride of a chunk ``width`` columns wide in an fp32 buffer (:data:`PITCH`)."""
+    return triton.cdiv(width, PITCH) * PITCH
+
+
 def chunk_shape(cfg, n_rows: int, vocab: int, n_buffers: int) -> Tuple[int, int]:
     """``(rows, columns)`` of a cuBLAS chunk: ``n_buffers`` fp32 buffers of ``rows × columns`` fit
     ``cublas_chunk_mib``. All rows when the columns stay at least :data:`_MIN_CHUNK_COLS` wide (or the whole
@@ -411,15 +424,21 @@ def sweep_rows(cfg, prob: Problem) -> int:
     """Rows of a fused_grad block: both models' fp32 ``[rows, V]`` logits (a model given as logits needs none) and
     a 16-bit ``dS`` for 16-bit inputs fit ``sweep_mib`` (at least one row)."""
     vocab = prob.vocab_size
-    per_row = 4 * vocab * (1 + (prob.teacher_hidden is not None))
+    per_row = 4 * pitch(vocab) * (1 + (prob.teacher_hidden is not None))
     if prob.student_hidden is not None and prob.student_hidden.dtype in (torch.bfloat16, torch.float16):
         per_row += 2 * vocab
     return max(1, min(prob.num_rows, int(cfg["sweep_mib"] * _MIB) // per_row))
 
 
 def _splits(cfg, m: int, width: int, device) -> Tuple[int, int]:
-    """``(column splits, tiles per split)`` of the epilogue grid for ``m`` rows and chunks ``width`` wide."""
-    epi = {"block_v": cfg["epi_block_v"], "block_n": cfg["epi_block_n"], "split_v": cfg["split_v"]}
+    """``(column splits, tiles per split)`` of the epilogue grid for ``m`` rows and chunks ``width`` wide.
+
+    Automatic (``split_v`` None): two programs per SM over the whole grid; the epilogues are light (several resident
+    per SM) and launch no grouped program order, so the fused forward's ``group_n`` rule does not apply."""
+    want = cfg["split_v"]
+    if want is None:
+        want = triton.cdiv(2 * _cfg._num_sms(device), triton.cdiv(m, cfg["epi_block_n"]))
+    epi = {"block_v": cfg["epi_block_v"], "block_n": cfg["epi_block_n"], "split_v": want}
     return _cfg.splits(epi, m, width, device)
 
 
@@ -670,7 +689,7 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if want_b and prob.student_bias is not None else None
     values = torch.empty(n, dtype=torch.float32, device=dev)
     g_all = row_grad.reshape(-1).float().contiguous()
-    bs, bt = _buffers(student, teacher, rows * vocab, dev)
+    bs, bt = _buffers(student, teacher, rows * pitch(vocab), dev)
     d_buf = None if h.dtype == torch.float32 else torch.empty(rows * vocab, dtype=h.dtype, device=dev)
     labels = None
     for r0, r1 in _row_chunks(n, rows):
