@@ -44,6 +44,7 @@ from . import stats as _stats
 from .backward import _KIND, K_FORWARD_KL, K_JSD, _exact_fp32_matmuls, grad_tile
 from .common import NEG_BIG, log_mixture, tanh
 from .launch import launch, prepare, transform_scalars
+from .stats import fold_tile, store_partials
 
 Tensor = torch.Tensor
 _MIB = 2**20
@@ -127,56 +128,17 @@ def stats_epilogue_kernel(
         cols = (c0 + offs_v).to(tl.int64)
         col_mask = cols < c_end
         s = chunk_tile(student, rows, row_mask, cols, col_mask, S_BIAS, S_CAP)
-        tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
-        better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
-        best_s = tl.where(better, tile_max, best_s)
-        arg_s = tl.where(better, v_base + c0 + tile_arg, arg_s)
-        ms_new = tl.maximum(ms, tile_max)
-        ms_shift = ms - ms_new
-        alpha_s = tl.exp(ms_shift)
-        ds = s - ms_new[:, None]
-        es = tl.exp(ds)
-        live_s = es > 0
-        as_ = alpha_s * (as_ + ms_shift * zs) + tl.sum(tl.where(live_s, es * ds, 0.0), axis=1)
+        u = s
         if HAS_TEACHER:
             u = chunk_tile(teacher, rows, row_mask, cols, col_mask, T_BIAS, T_CAP)
-            tmax_t, targ_t = tl.max(u, axis=1, return_indices=True)
-            better_t = tmax_t > best_t
-            best_t = tl.where(better_t, tmax_t, best_t)
-            arg_t = tl.where(better_t, v_base + c0 + targ_t, arg_t)
-            mt_new = tl.maximum(mt, tmax_t)
-            mt_shift = mt - mt_new
-            alpha_t = tl.exp(mt_shift)
-            dt = u - mt_new[:, None]
-            et = tl.exp(dt)
-            live_t = et > 0
-            at = alpha_t * (at + mt_shift * zt) + tl.sum(tl.where(live_t, et * dt, 0.0), axis=1)
-            gap = ds - dt
-            c = alpha_s * (c + (ms_shift - mt_shift) * zs) + tl.sum(tl.where(live_s, es * gap, 0.0), axis=1)
-            d = alpha_t * (d + (mt_shift - ms_shift) * zt) - tl.sum(tl.where(live_t, et * gap, 0.0), axis=1)
-            zt = alpha_t * zt + tl.sum(et, axis=1)
-            mt = mt_new
-        zs = alpha_s * zs + tl.sum(es, axis=1)
-        ms = ms_new
+        ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = fold_tile(
+            s, u, v_base + c0, (ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
         if HAS_LABELS:
             hit = cols[None, :] == labels[:, None]
             lab_logit += tl.sum(tl.where(hit, s, 0.0), axis=1)
 
-    tl.store(base + 0 * stride_f, ms, mask=row_mask)
-    tl.store(base + 1 * stride_f, zs, mask=row_mask)
-    tl.store(base + 2 * stride_f, as_, mask=row_mask)
-    tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
-    tl.store(base + 4 * stride_f, best_s, mask=row_mask)
-    tl.store(arg_base, arg_s, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(base + 5 * stride_f, mt, mask=row_mask)
-        tl.store(base + 6 * stride_f, zt, mask=row_mask)
-        tl.store(base + 7 * stride_f, at, mask=row_mask)
-        tl.store(base + 8 * stride_f, c, mask=row_mask)
-        tl.store(base + 9 * stride_f, d, mask=row_mask)
-        tl.store(base + 10 * stride_f, best_t, mask=row_mask)
-        tl.store(arg_base + stride_f, arg_t, mask=row_mask)
-
+    store_partials(base, arg_base, stride_f, row_mask,
+                   (ms, zs, as_, lab_logit, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
 
 @triton.jit
 def jsd_epilogue_kernel(

@@ -46,6 +46,70 @@ def _split_block(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.const
 
 
 @triton.jit
+def fold_tile(s, u, col0, state, HAS_TEACHER: tl.constexpr):
+    """Fold one ``[BLOCK_N, BLOCK_V]`` tile of fp32 transformed logits (student ``s``, teacher ``u``; ``-inf`` past
+    the vocabulary; ``col0`` the global column of the tile's first column) into the running per-row ``[BLOCK_N]``
+    accumulators ``state`` = ``(ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t)`` (fp32, the argmaxes
+    int32) and return them updated: the online algebra of :func:`stats_kernel`'s docstring. The teacher's fields are
+    passed through untouched without HAS_TEACHER (``u`` is then not read)."""
+    ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = state
+    # student: argmax, then rescale and accumulate
+    tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
+    better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
+    best_s = tl.where(better, tile_max, best_s)
+    arg_s = tl.where(better, col0 + tile_arg, arg_s)
+    ms_new = tl.maximum(ms, tile_max)
+    ms_shift = ms - ms_new  # <= 0
+    alpha_s = tl.exp(ms_shift)
+    ds = s - ms_new[:, None]
+    es = tl.exp(ds)
+    live_s = es > 0  # e^{-inf} = 0 would otherwise meet (s - ms) = -inf: 0 * inf
+    as_ = alpha_s * (as_ + ms_shift * zs) + tl.sum(tl.where(live_s, es * ds, 0.0), axis=1)
+    if HAS_TEACHER:
+        tmax_t, targ_t = tl.max(u, axis=1, return_indices=True)
+        better_t = tmax_t > best_t
+        best_t = tl.where(better_t, tmax_t, best_t)
+        arg_t = tl.where(better_t, col0 + targ_t, arg_t)
+        mt_new = tl.maximum(mt, tmax_t)
+        mt_shift = mt - mt_new
+        alpha_t = tl.exp(mt_shift)
+        dt = u - mt_new[:, None]
+        et = tl.exp(dt)
+        live_t = et > 0
+        at = alpha_t * (at + mt_shift * zt) + tl.sum(tl.where(live_t, et * dt, 0.0), axis=1)
+        gap = ds - dt  # (s - ms) - (u - mt)
+        c = alpha_s * (c + (ms_shift - mt_shift) * zs) + tl.sum(tl.where(live_s, es * gap, 0.0), axis=1)
+        d = alpha_t * (d + (mt_shift - ms_shift) * zt) - tl.sum(tl.where(live_t, et * gap, 0.0), axis=1)
+        zt = alpha_t * zt + tl.sum(et, axis=1)
+        mt = mt_new
+    zs = alpha_s * zs + tl.sum(es, axis=1)
+    ms = ms_new
+    return ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t
+
+
+@triton.jit
+def store_partials(base, arg_base, stride_f, row_mask, fields, HAS_TEACHER: tl.constexpr):
+    """Store per-row partials ``fields`` = ``(ms, zs, as_, label logit, best_s, arg_s, mt, zt, at, c, d, best_t,
+    arg_t)`` at ``base + F_* * stride_f`` (fp32) and ``arg_base + I_ARG_* * stride_f`` (int32); the teacher's only
+    with HAS_TEACHER."""
+    ms, zs, as_, lab_logit, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = fields
+    tl.store(base + 0 * stride_f, ms, mask=row_mask)
+    tl.store(base + 1 * stride_f, zs, mask=row_mask)
+    tl.store(base + 2 * stride_f, as_, mask=row_mask)
+    tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
+    tl.store(base + 4 * stride_f, best_s, mask=row_mask)
+    tl.store(arg_base, arg_s, mask=row_mask)
+    if HAS_TEACHER:
+        tl.store(base + 5 * stride_f, mt, mask=row_mask)
+        tl.store(base + 6 * stride_f, zt, mask=row_mask)
+        tl.store(base + 7 * stride_f, at, mask=row_mask)
+        tl.store(base + 8 * stride_f, c, mask=row_mask)
+        tl.store(base + 9 * stride_f, d, mask=row_mask)
+        tl.store(base + 10 * stride_f, best_t, mask=row_mask)
+        tl.store(arg_base + stride_f, arg_t, mask=row_mask)
+
+
+@triton.jit
 def stats_kernel(
     student, teacher,  # per model: (h, w, b, z pointers, D, h_n, h_d, w_v, w_d, z_n, z_v strides)
     label_ptr, part_ptr, arg_ptr,
@@ -90,58 +154,14 @@ def stats_kernel(
         col_mask = cols < V
         s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
                           HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        # student: argmax, then rescale and accumulate
-        tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
-        better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
-        best_s = tl.where(better, tile_max, best_s)
-        arg_s = tl.where(better, v0 + tile_arg, arg_s)
-        ms_new = tl.maximum(ms, tile_max)
-        ms_shift = ms - ms_new  # <= 0
-        alpha_s = tl.exp(ms_shift)
-        ds = s - ms_new[:, None]
-        es = tl.exp(ds)
-        live_s = es > 0  # e^{-inf} = 0 would otherwise meet (s - ms) = -inf: 0 * inf
-        as_ = alpha_s * (as_ + ms_shift * zs) + tl.sum(tl.where(live_s, es * ds, 0.0), axis=1)
-        if HAS_TEACHER:
-            tmax_t, targ_t = tl.max(u, axis=1, return_indices=True)
-            better_t = tmax_t > best_t
-            best_t = tl.where(better_t, tmax_t, best_t)
-            arg_t = tl.where(better_t, v0 + targ_t, arg_t)
-            mt_new = tl.maximum(mt, tmax_t)
-            mt_shift = mt - mt_new
-            alpha_t = tl.exp(mt_shift)
-            dt = u - mt_new[:, None]
-            et = tl.exp(dt)
-            live_t = et > 0
-            at = alpha_t * (at + mt_shift * zt) + tl.sum(tl.where(live_t, et * dt, 0.0), axis=1)
-            gap = ds - dt  # (s - ms) - (u - mt)
-            c = alpha_s * (c + (ms_shift - mt_shift) * zs) + tl.sum(tl.where(live_s, es * gap, 0.0), axis=1)
-            d = alpha_t * (d + (mt_shift - ms_shift) * zt) - tl.sum(tl.where(live_t, et * gap, 0.0), axis=1)
-            zt = alpha_t * zt + tl.sum(et, axis=1)
-            mt = mt_new
-        zs = alpha_s * zs + tl.sum(es, axis=1)
-        ms = ms_new
+        ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = fold_tile(
+            s, u, v0, (ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
         if HAS_LABELS:
             hit = cols[None, :] == labels[:, None]
             lab_logit += tl.sum(tl.where(hit, s, 0.0), axis=1)
 
-    base = part_ptr + off
-    tl.store(base + 0 * stride_f, ms, mask=row_mask)
-    tl.store(base + 1 * stride_f, zs, mask=row_mask)
-    tl.store(base + 2 * stride_f, as_, mask=row_mask)
-    tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
-    tl.store(base + 4 * stride_f, best_s, mask=row_mask)
-    arg_base = arg_ptr + off
-    tl.store(arg_base, arg_s, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(base + 5 * stride_f, mt, mask=row_mask)
-        tl.store(base + 6 * stride_f, zt, mask=row_mask)
-        tl.store(base + 7 * stride_f, at, mask=row_mask)
-        tl.store(base + 8 * stride_f, c, mask=row_mask)
-        tl.store(base + 9 * stride_f, d, mask=row_mask)
-        tl.store(base + 10 * stride_f, best_t, mask=row_mask)
-        tl.store(arg_base + stride_f, arg_t, mask=row_mask)
-
+    store_partials(part_ptr + off, arg_ptr + off, stride_f, row_mask,
+                   (ms, zs, as_, lab_logit, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
 
 @triton.jit
 def jsd_kernel(
