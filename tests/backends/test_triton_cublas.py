@@ -72,6 +72,21 @@ def test_forward_stats_shapes_and_default_chunks(vocab, ds, dt, n):
         check_stats(p, tb.forward_stats(p, config=CFG), TOL[torch.float32 if dtype == torch.float64 else dtype])
 
 
+def test_default_splits(small_chunks):
+    """``split_v`` None (the default): the epilogue grid picks its splits (the fused kernels' grouped-order rule,
+    ``group_n``, is not its); forward, JSD pass and the fused_grad sweep."""
+    cfg = {k: v for k, v in CFG.items() if k != "split_v"}
+    prob = make_problem("linear", seed=7)
+    out = tb.forward_stats(prob, config=cfg)
+    check_stats(prob, out, TOL[torch.float32])
+    jsd, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], 0.3, config=cfg)
+    check_jsd(prob, jsd, kl_pm, 0.3, TOL[torch.float32])
+    values, *_ = cublas.fused_value_and_grad(prob, "reverse_kl", 0.5, torch.ones(prob.num_rows, device=DEVICE),
+                                             config=cfg)
+    check("reverse_kl", values, ref.forward_stats(f64(prob))["reverse_kl"], ref.forward_stats(prob)["reverse_kl"],
+          TOL[torch.float32])
+
+
 def test_chunk_shape_bounds_the_buffers():
     cfg = dict(cublas_chunk_mib=128, epi_block_v=256)
     rows, cols = cublas.chunk_shape(cfg, 8192, 151936, 2)

@@ -380,9 +380,13 @@ def sweep_rows(cfg, prob: Problem) -> int:
 
 
 def _splits(cfg, m: int, width: int, device) -> Tuple[int, int]:
-    """``(column splits, tiles per split)`` of the epilogue grid for ``m`` rows and chunks ``width`` wide."""
-    epi = {"block_v": cfg["epi_block_v"], "block_n": cfg["epi_block_n"], "split_v": cfg["split_v"]}
-    return _cfg.splits(epi, m, width, device)
+    """``(column splits, tiles per split)`` of the epilogue grid for ``m`` rows and chunks ``width`` wide.
+    ``split_v`` None: enough splits for two programs per SM (the grid is not in grouped order, so ``group_n`` and
+    the fused kernels' rule of :func:`.config.splits` do not apply)."""
+    want = cfg["split_v"]
+    if want is None:
+        want = triton.cdiv(2 * _cfg._num_sms(device), triton.cdiv(m, cfg["epi_block_n"]))
+    return _cfg.splits({"block_v": cfg["epi_block_v"], "split_v": want}, m, width, device)
 
 
 def _init_stats_part(n_splits: int, m: int, has_teacher: bool, device) -> Tuple[Tensor, Tensor]:
