@@ -128,7 +128,8 @@ def test_jsd_forward(small_chunks, variant, beta, dtype):
 # ----------------------------------------------------------------------------------------------- backward
 
 
-KINDS = [("entropy", 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+KINDS = [("entropy", 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0),
+         ("lse", 0.5)]
 
 
 def check_backward(prob, kind, beta, grad, got, tol):
@@ -151,7 +152,7 @@ def saved_for(prob, beta):
     return out
 
 
-@grid("kind,beta,variant,dtype", axis(KINDS, ["ent", "rkl", "fkl", "jsd0", "jsd0.3", "jsd1"]),
+@grid("kind,beta,variant,dtype", axis(KINDS, ["ent", "rkl", "fkl", "jsd0", "jsd0.3", "jsd1", "lse"]),
       axis(["linear", "teacher_logits", "strided", "capped"]), axis([torch.float32, torch.bfloat16], ["fp32", "bf16"]),
       slow=lambda kind, beta, variant, dtype: dtype == torch.bfloat16 or (
           variant in ("strided", "capped") and kind not in ("reverse_kl", "jsd")))

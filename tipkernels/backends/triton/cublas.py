@@ -41,7 +41,7 @@ from ...inputs import IGNORE_INDEX, KINDS, SAVED_VALUE, Problem, check_choice, c
 from ...options import deterministic
 from . import config as _cfg
 from . import stats as _stats
-from .backward import _KIND, K_FORWARD_KL, K_JSD, _exact_fp32_matmuls, grad_tile
+from .backward import _KIND, K_FORWARD_KL, K_JSD, K_LSE, _exact_fp32_matmuls, grad_tile
 from .common import NEG_BIG, log_mixture, tanh
 from .launch import launch, prepare, transform_scalars
 from .stats import fold_tile, store_partials
@@ -526,7 +526,7 @@ def _grad_launch(cfg, student: _Model, teacher: Optional[_Model], zs, zt, v0, ro
         row_in, dz, m, width, g_scale, betas, dz.stride(0), dz.stride(1),
         S_BIAS=student.has_bias, S_CAP=student.has_cap, HAS_TEACHER=teacher is not None,
         T_BIAS=teacher is not None and teacher.has_bias, T_CAP=teacher is not None and teacher.has_cap,
-        HAS_SCAL=k != K_FORWARD_KL, KIND=k, **_epilogue_opts(cfg),
+        HAS_SCAL=k not in (K_FORWARD_KL, K_LSE), KIND=k, **_epilogue_opts(cfg),
     )
 
 
@@ -556,14 +556,14 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     if n == 0 or n_sel == 0:
         return finish()
     formula = effective_kind(kind, beta)
-    needs_teacher = kind != "entropy"
+    needs_teacher = kind not in ("entropy", "lse")  # as backward.backward
     if needs_teacher and not prob.has_teacher:
         raise ValueError(f"kind {kind!r} needs a teacher")
     cfg = _cfg.for_call(prob, config)
     student, teacher = _models(prob, teacher=needs_teacher)
     ls = saved["student_lse"].float()
     lt = saved["teacher_lse"].float() if needs_teacher else ls
-    scal = saved[SAVED_VALUE[kind]].float() if formula != "forward_kl" else ls
+    scal = saved[SAVED_VALUE[kind]].float() if formula not in ("forward_kl", "lse") else ls
     # rows per pass: the fp32 ``d h`` accumulator at most half the chunk budget (4096 rows at D = 4096, 128 MiB)
     cap = max(cfg["epi_block_n"], int(cfg["cublas_chunk_mib"] * _MIB) // 2 // (4 * h.shape[1]))
     rows, cols = chunk_shape(cfg, min(n_sel, cap), vocab, student.linear + (teacher is not None and teacher.linear))
