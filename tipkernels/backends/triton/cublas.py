@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...inputs import IGNORE_INDEX, KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind
+from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind
 from ...options import deterministic
 from . import config as _cfg
 from . import stats as _stats
