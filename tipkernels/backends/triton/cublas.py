@@ -510,11 +510,6 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
     return torch.cat(kl_qm), torch.cat(kl_pm)
 
 
-def jsd_forward(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
-                *, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
-    return combine_jsd(*jsd_sums(prob, student_lse, teacher_lse, beta, config=config), float(beta))
-
-
 def _grad_launch(cfg, student: _Model, teacher: Optional[_Model], zs, zt, v0, row_in, dz, kind: str, beta: float,
                  g_scale: float) -> None:
     m, width = zs.shape

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...inputs import IGNORE_INDEX, Problem, combine_jsd, effective_kind
+from ...inputs import IGNORE_INDEX, Problem, effective_kind
 from . import config as _cfg
 from .common import NEG_BIG, both_tiles, grouped_block, log_mixture
 from .launch import cap_flags, launch, prepare, student_args, teacher_args
@@ -293,12 +293,6 @@ def _merge_stats(part: Tensor, args: Tensor, labels: Optional[Tensor], has_teach
 
 #: jsd_kernel's MODE for the effective kind of JSD(β) (:func:`tipkernels.inputs.effective_kind`).
 _JSD_MODE = {"jsd": 0, "forward_kl": 1, "reverse_kl": 2}
-
-
-def jsd_forward(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
-                *, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
-    """Per-row JSD(beta) and KL(p || m), a second pass given both LSEs (beta = 0 / 1: forward / reverse KL)."""
-    return combine_jsd(*jsd_sums(prob, student_lse, teacher_lse, beta, config=config), float(beta))
 
 
 def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
