@@ -42,9 +42,9 @@ from ...options import deterministic
 from . import config as _cfg
 from . import stats as _stats
 from .backward import _KIND, K_FORWARD_KL, K_JSD, K_LSE, _exact_fp32_matmuls, grad_tile
-from .common import NEG_BIG, log_mixture, tanh
+from .common import NEG_BIG, tanh
 from .launch import launch, prepare, transform_scalars
-from .stats import fold_tile, store_partials
+from .stats import fold_tile, jsd_tile, store_partials
 
 Tensor = torch.Tensor
 _MIB = 2**20
@@ -161,16 +161,7 @@ def jsd_epilogue_kernel(
         col_mask = cols < c_end
         lp = chunk_tile(student, rows, row_mask, cols, col_mask, S_BIAS, S_CAP) - ls[:, None]
         lq = chunk_tile(teacher, rows, row_mask, cols, col_mask, T_BIAS, T_CAP) - lt[:, None]
-        p = tl.exp(lp)
-        q = tl.exp(lq)
-        if MODE == 0:
-            lm = log_mixture(lp, lq, log_beta, log1m_beta)
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=1)
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=1)
-        elif MODE == 1:
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=1)
-        else:
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
+        kl_qm, kl_pm = jsd_tile(lp, lq, kl_qm, kl_pm, log_beta, log1m_beta, MODE)
     tl.store(base, kl_qm, mask=row_mask)
     tl.store(base + stride_f, kl_pm, mask=row_mask)
 

@@ -110,6 +110,26 @@ def store_partials(base, arg_base, stride_f, row_mask, fields, HAS_TEACHER: tl.c
 
 
 @triton.jit
+def jsd_tile(lp, lq, kl_qm, kl_pm, log_beta, log1m_beta, MODE: tl.constexpr):
+    """Add one tile's terms to the per-row ``[BLOCK_N]`` fp32 sums of :func:`jsd_kernel` and return them:
+    ``lp``, ``lq`` ``[BLOCK_N, BLOCK_V]`` fp32 are the student's and the teacher's log-probabilities (``-inf`` past
+    the vocabulary); MODE 0: KL(q||m) and KL(p||m) with ``m = β q + (1-β) p`` (``log_beta``, ``log1m_beta``);
+    MODE 1: KL(q||p) into ``kl_qm``; MODE 2: KL(p||q) into ``kl_pm`` (the other sum returned unchanged)."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    # `where(x > 0, ...)`: a zero probability contributes 0 even where its log is -inf
+    if MODE == 0:
+        lm = log_mixture(lp, lq, log_beta, log1m_beta)
+        kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=1)
+        kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=1)
+    elif MODE == 1:
+        kl_qm += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=1)
+    else:
+        kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
+    return kl_qm, kl_pm
+
+
+@triton.jit
 def stats_kernel(
     student, teacher,  # per model: (h, w, b, z pointers, D, h_n, h_d, w_v, w_d, z_n, z_v strides)
     label_ptr, part_ptr, arg_ptr,
@@ -191,19 +211,7 @@ def jsd_kernel(
         col_mask = cols < V
         s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
                           True, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        lp = s - ls[:, None]
-        lq = u - lt[:, None]
-        p = tl.exp(lp)
-        q = tl.exp(lq)
-        # `where(x > 0, ...)`: a zero probability contributes 0 even where its log is -inf
-        if MODE == 0:
-            lm = log_mixture(lp, lq, log_beta, log1m_beta)
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=1)
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=1)
-        elif MODE == 1:
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=1)
-        else:
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
+        kl_qm, kl_pm = jsd_tile(s - ls[:, None], u - lt[:, None], kl_qm, kl_pm, log_beta, log1m_beta, MODE)
 
     base = part_ptr + off
     tl.store(base, kl_qm, mask=row_mask)
