@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from benchmarks.harness import runner, variants  # noqa: E402
 from benchmarks.harness.inputs import make_inputs  # noqa: E402
 from benchmarks.harness.memory import MIB  # noqa: E402
-from benchmarks.harness.report import env_markdown, fmt_mib, fmt_ms, markdown_table  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    env_markdown, fmt_mib, fmt_ms, markdown_table, write_json, write_text)
 
 DEFAULT_SHAPE = "2048x32768x512"
 DEFAULT_KS = "20,64,128"
@@ -137,11 +138,8 @@ def main(argv=None) -> int:
     text = report(rounds, names, args, command.strip())
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"shape": args.shape, "rounds": rounds}, f, indent=1)
+        write_text(args.out, text)
+        write_json(os.path.splitext(args.out)[0] + ".json", {"shape": args.shape, "rounds": rounds})
     return 0
 
 
