@@ -39,6 +39,7 @@ import triton.language as tl
 
 from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind
 from ...options import deterministic
+from ..chunked import _chunks  # (start, end) spans of a range, the torch backend's
 from . import config as _cfg
 from . import stats as _stats
 from .backward import _KIND, K_FORWARD_KL, K_JSD, K_LSE, _exact_fp32_matmuls, grad_tile
@@ -430,16 +431,6 @@ def _buffers(student: _Model, teacher: Optional[_Model], elems: int, device) -> 
     return bs, bt
 
 
-def _row_chunks(n: int, rows: int):
-    for r0 in range(0, n, rows):
-        yield r0, min(n, r0 + rows)
-
-
-def _vocab_chunks(vocab: int, cols: int):
-    for v0 in range(0, vocab, cols):
-        yield v0, min(vocab, v0 + cols)
-
-
 def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, Tensor]:
     """The contract's ``forward_stats`` by cuBLAS chunks and the Triton epilogue (same outputs as
     :func:`.stats.forward_stats`; see the module docstring). Extra memory: ``cublas_chunk_mib`` of fp32 chunk
@@ -454,12 +445,12 @@ def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, 
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     labels = prob.labels.contiguous() if prob.labels is not None else None
     outs = []
-    for r0, r1 in _row_chunks(n, rows):
+    for r0, r1 in _chunks(n, rows):
         m = r1 - r0
         n_splits, _ = _splits(cfg, m, cols, dev)
         part, args = _init_stats_part(n_splits, m, teacher is not None, dev)
         hs, ht = student.rows(r0, r1), teacher.rows(r0, r1) if teacher is not None else None
-        for v0, v1 in _vocab_chunks(vocab, cols):
+        for v0, v1 in _chunks(vocab, cols):
             zs = student.raw(bs, hs, slice(r0, r1), v0, v1)
             zt = teacher.raw(bt, ht, slice(r0, r1), v0, v1) if teacher is not None else None
             per = triton.cdiv(triton.cdiv(v1 - v0, cfg["epi_block_v"]), n_splits)
@@ -485,12 +476,12 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     ls_all, lt_all = student_lse.float().contiguous(), teacher_lse.float().contiguous()
     kl_qm, kl_pm = [], []
-    for r0, r1 in _row_chunks(n, rows):
+    for r0, r1 in _chunks(n, rows):
         m = r1 - r0
         n_splits, _ = _splits(cfg, m, cols, dev)
         part = torch.zeros((2, n_splits, m), dtype=torch.float32, device=dev)
         hs, ht = student.rows(r0, r1), teacher.rows(r0, r1)
-        for v0, v1 in _vocab_chunks(vocab, cols):
+        for v0, v1 in _chunks(vocab, cols):
             zs = student.raw(bs, hs, slice(r0, r1), v0, v1)
             zt = teacher.raw(bt, ht, slice(r0, r1), v0, v1)
             per = triton.cdiv(triton.cdiv(v1 - v0, cfg["epi_block_v"]), n_splits)
@@ -556,14 +547,14 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     d_buf = None if h.dtype == torch.float32 else torch.empty(rows * cols, dtype=h.dtype, device=dev)
     every = n_sel == n
-    for r0, r1 in _row_chunks(n_sel, rows):
+    for r0, r1 in _chunks(n_sel, rows):
         ids = idx[r0:r1]
         m = r1 - r0
         hs = h[r0:r1] if every else h.index_select(0, ids)
         ht = teacher.rows(r0, r1, None if every else idx) if teacher is not None else None
         row_in = tuple(t.index_select(0, ids).contiguous() for t in (grad_rows, ls, lt, scal))
         d_sel = torch.zeros((m, h.shape[1]), dtype=torch.float32, device=dev)
-        for v0, v1 in _vocab_chunks(vocab, cols):
+        for v0, v1 in _chunks(vocab, cols):
             zs = student.raw(bs, hs, None, v0, v1)
             zt = teacher.raw(bt, ht, slice(r0, r1) if every else ids, v0, v1) if teacher is not None else None
             dz = zs if d_buf is None else d_buf[: m * (v1 - v0)].view(m, v1 - v0)
@@ -625,7 +616,7 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     bs, bt = _buffers(student, teacher, rows * vocab, dev)
     d_buf = None if h.dtype == torch.float32 else torch.empty(rows * vocab, dtype=h.dtype, device=dev)
     labels = None
-    for r0, r1 in _row_chunks(n, rows):
+    for r0, r1 in _chunks(n, rows):
         m = r1 - r0
         hs = h[r0:r1]
         zs = student.raw(bs, hs, None, 0, vocab)
