@@ -382,6 +382,8 @@ def _splits(cfg, m: int, width: int, device) -> Tuple[int, int]:
 
 
 def _init_stats_part(n_splits: int, m: int, has_teacher: bool, device) -> Tuple[Tensor, Tensor]:
+    """Empty statistics partials of ``m`` rows: fp32 ``[fields, n_splits, m]`` (``stats.F_*``; the maxima at
+    ``NEG_BIG`` / ``-inf``, the sums at 0) and int32 argmaxes ``[1 or 2, n_splits, m]``."""
     fields = _stats.NUM_FIELDS_TEACHER if has_teacher else _stats.NUM_FIELDS_STUDENT
     part = torch.zeros((fields, n_splits, m), dtype=torch.float32, device=device)
     part[F_MS] = -1.0e30  # common.NEG_BIG: a finite "minus infinity" for the running maxima
@@ -399,6 +401,8 @@ def _epilogue_opts(cfg) -> dict:
 
 def _fold_stats(cfg, student: _Model, teacher: Optional[_Model], zs: Tensor, zt: Optional[Tensor], v0: int,
                 labels: Optional[Tensor], part: Tensor, args: Tensor, per_split: int) -> None:
+    """Fold the raw logit chunks ``zs`` / ``zt`` ``[m, width]`` (global columns ``v0 ...``) into ``part`` /
+    ``args`` (:func:`_init_stats_part`) by :func:`stats_epilogue_kernel`; ``labels`` int64 ``[m]`` or None."""
     m, width = zs.shape
     v1 = v0 + width
     launch(
@@ -413,6 +417,8 @@ def _fold_stats(cfg, student: _Model, teacher: Optional[_Model], zs: Tensor, zt:
 
 def _fold_jsd(cfg, student: _Model, teacher: _Model, zs: Tensor, zt: Tensor, v0: int, ls: Tensor, lt: Tensor,
               part: Tensor, per_split: int, beta: float) -> None:
+    """Add the JSD sums of the chunks ``zs`` / ``zt`` ``[m, width]`` (LSEs ``ls`` / ``lt`` fp32 ``[m]``) to the fp32
+    partials ``part [2, splits, m]`` by :func:`jsd_epilogue_kernel`."""
     m, width = zs.shape
     mode = _stats._JSD_MODE[effective_kind("jsd", beta)]
     launch(
@@ -425,6 +431,7 @@ def _fold_jsd(cfg, student: _Model, teacher: _Model, zs: Tensor, zt: Tensor, v0:
 
 
 def _buffers(student: _Model, teacher: Optional[_Model], elems: int, device) -> Tuple[Optional[Tensor], ...]:
+    """fp32 chunk buffers of ``elems`` elements for each linear model (None for a model given as logits)."""
     f32 = dict(dtype=torch.float32, device=device)
     bs = torch.empty(elems, **f32) if student.linear else None
     bt = torch.empty(elems, **f32) if teacher is not None and teacher.linear else None
@@ -494,6 +501,9 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
 
 def _grad_launch(cfg, student: _Model, teacher: Optional[_Model], zs, zt, v0, row_in, dz, kind: str, beta: float,
                  g_scale: float) -> None:
+    """``dS`` of the chunks ``zs`` / ``zt`` ``[m, width]`` into ``dz [m, width]`` (any float dtype; may be ``zs``) by
+    :func:`dlogits_epilogue_kernel`; ``row_in`` = fp32 ``[m]`` (upstream gradient, student LSE, teacher LSE,
+    per-row scalar), ``kind`` the effective kind."""
     m, width = zs.shape
     k = _KIND[kind]
     betas = (math.log(beta) if k == K_JSD else 0.0, math.log1p(-beta) if k == K_JSD else 0.0, 1.0 - beta)
