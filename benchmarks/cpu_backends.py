@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -42,9 +40,11 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.harness import runner  # noqa: E402
 from benchmarks.harness.inputs import make_inputs  # noqa: E402
-from benchmarks.harness.memory import MIB, RssPeak, malloc_for_memory, malloc_for_speed  # noqa: E402
-from benchmarks.harness.report import env_markdown, fmt_mib, fmt_ms, markdown_table  # noqa: E402
+from benchmarks.harness.memory import MIB  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    env_markdown, fmt_mib, fmt_ms, markdown_table, write_json, write_text)
 
 VARIANTS = ("reference", "torch-fused", "torch-recompute", "trl", "liger")
 DEFAULT_SHAPES = "4096x32768x512,2048x65536x1024"
@@ -109,74 +109,35 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     n, v, d = args.shape
     inputs = make_inputs(n, v, d, d, torch.float32, "cpu", logit_scale=1.0)
-    step = make_step(args.worker, n, v)
-    hs, ws = inputs[0], inputs[1]
-    malloc_for_memory()
-    with RssPeak() as peak:
-        loss = step(*inputs)
-    norms = (float(hs.grad.norm()), float(ws.grad.norm()))
-    malloc_for_speed()
-    times = []
-    for _ in range(args.repeats):
-        hs.grad = ws.grad = None
-        t0 = time.perf_counter()
-        step(*inputs)
-        times.append(time.perf_counter() - t0)
-    return {"variant": args.worker, "peak_extra_bytes": peak.extra, "peak_method": peak.method, "times": times,
-            "loss": float(loss.detach()), "grad_norm_h": norms[0], "grad_norm_w": norms[1]}
+    return runner.step_cell(args.worker, make_step(args.worker, n, v), inputs, args.repeats)
 
 
 def run_variant(name: str, shape, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--shapes", "x".join(map(str, shape)),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _median(xs):
-    xs = sorted(xs)
-    k = len(xs)
-    return 0.5 * (xs[(k - 1) // 2] + xs[k // 2])
-
-
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+    return runner.run_json_worker([os.path.abspath(__file__), "--worker", name, "--shapes",
+                                   "x".join(map(str, shape)), "--repeats", str(args.repeats),
+                                   "--threads", str(args.threads)])
 
 
 def measure(shape, variants, args) -> dict:
-    rounds = []
-    for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]
-        got = {"load_before": _load()}
-        for name in order:
-            print(f"[cpu_backends] {shape} round {r + 1}/{args.rounds}: {name} (load {_load()})", file=sys.stderr,
-                  flush=True)
-            got[name] = run_variant(name, shape, args)
-        got["load_after"] = _load()
-        rounds.append(got)
+    rounds = runner.rotating_rounds(variants, args.rounds, lambda name: run_variant(name, shape, args),
+                                    f"[cpu_backends] {shape}")
     return {"shape": shape, "rounds": rounds}
 
 
 def summarise(res: dict, variants) -> list:
     rounds = res["rounds"]
-    ref_peak = _median([r["reference"]["peak_extra_bytes"] for r in rounds])
     ref = rounds[0]["reference"]
     rows = []
     for name in variants:
-        times = [t for r in rounds for t in r[name]["times"]]
-        ratios = [_median(r[name]["times"]) / _median(r["reference"]["times"]) for r in rounds]
-        peak = _median([r[name]["peak_extra_bytes"] for r in rounds])
+        f = runner.round_figures(rounds, name, "reference")
         x = rounds[0][name]
         rows.append({
-            "variant": name, "time (median)": fmt_ms(_median(times)), "× reference (median of rounds)":
-            f"{_median(ratios):.2f}", "ratios per round": " ".join(f"{q:.2f}" for q in ratios),
-            "extra peak": fmt_mib(peak), "% of reference's": f"{100 * peak / max(ref_peak, 1):.1f}%",
+            "variant": name, "time (median)": fmt_ms(f["time"]), "× reference (median of rounds)":
+            f"{f['ratio']:.2f}", "ratios per round": " ".join(f"{q:.2f}" for q in f["ratios"]),
+            "extra peak": fmt_mib(f["peak"]), "% of reference's": f"{100 * f['mem']:.1f}%",
             "loss": f"{x['loss']:.6f}", "‖d h‖ / ref": f"{x['grad_norm_h'] / ref['grad_norm_h']:.6f}",
             "‖d W‖ / ref": f"{x['grad_norm_w'] / ref['grad_norm_w']:.6f}",
-            "_ratio": _median(ratios), "_mem": peak / max(ref_peak, 1),
+            "_ratio": f["ratio"], "_mem": f["mem"],
         })
     return rows
 
@@ -233,11 +194,8 @@ def main(argv=None) -> int:
     text = report(all_res, variants, args)
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(all_res, f, indent=1)
+        write_text(args.out, text)
+        write_json(os.path.splitext(args.out)[0] + ".json", all_res)
     return 0
 
 

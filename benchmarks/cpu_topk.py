@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -42,10 +40,11 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.harness import variants  # noqa: E402
+from benchmarks.harness import runner, variants  # noqa: E402
 from benchmarks.harness.inputs import make_inputs  # noqa: E402
-from benchmarks.harness.memory import MIB, RssPeak, malloc_for_memory, malloc_for_speed  # noqa: E402
-from benchmarks.harness.report import env_markdown, fmt_mib, fmt_ms, markdown_table  # noqa: E402
+from benchmarks.harness.memory import MIB  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    env_markdown, fmt_mib, fmt_ms, markdown_table, write_json, write_text)
 
 DEFAULT_SHAPE = "2048x32768x512"
 DEFAULT_KS = "20,64,128"
@@ -68,74 +67,39 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     n, v, d = args.shape
     inputs = make_inputs(n, v, d, d, torch.float32, "cpu", logit_scale=2.0)
-    hs, ws, ht, wt = inputs
+    ht, wt = inputs[2], inputs[3]
     topk = variants.parse_topk(args.worker)
     if topk is not None:
         variants.teacher_topk_of(ht, wt, topk[1])  # the served teacher's message: before the measurement
     loss_fn = make_loss(args.worker)
-    malloc_for_memory()
-    with RssPeak() as peak:
-        loss = loss_fn(*inputs)
+
+    def step(*x):
+        loss = loss_fn(*x)
         loss.backward()
-    norms = (float(hs.grad.norm()), float(ws.grad.norm()))
-    malloc_for_speed()
-    times = []
-    for _ in range(args.repeats):
-        hs.grad = ws.grad = None
-        t0 = time.perf_counter()
-        loss_fn(*inputs).backward()
-        times.append(time.perf_counter() - t0)
-    return {"variant": args.worker, "peak_extra_bytes": peak.extra, "peak_method": peak.method, "times": times,
-            "loss": float(loss.detach()), "grad_norm_h": norms[0], "grad_norm_w": norms[1]}
+        return loss
+    return runner.step_cell(args.worker, step, inputs, args.repeats)
 
 
 def run_variant(name: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--shape", "x".join(map(str, args.shape)),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         env=dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _median(xs):
-    xs = sorted(xs)
-    k = len(xs)
-    return 0.5 * (xs[(k - 1) // 2] + xs[k // 2])
-
-
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+    return runner.run_json_worker([os.path.abspath(__file__), "--worker", name, "--shape",
+                                   "x".join(map(str, args.shape)), "--repeats", str(args.repeats),
+                                   "--threads", str(args.threads)])
 
 
 def measure(names, args) -> list:
-    rounds = []
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        got = {"load_before": _load()}
-        for name in order:
-            print(f"[cpu_topk] round {r + 1}/{args.rounds}: {name} (load {_load()})", file=sys.stderr, flush=True)
-            got[name] = run_variant(name, args)
-        got["load_after"] = _load()
-        rounds.append(got)
-    return rounds
+    return runner.rotating_rounds(names, args.rounds, lambda name: run_variant(name, args), "[cpu_topk]")
 
 
 def report(rounds: list, names, args, command: str) -> str:
     n, v, d = args.shape
-    dense_peak = _median([r["dense"]["peak_extra_bytes"] for r in rounds])
     rows = []
     for name in names:
-        times = [t for r in rounds for t in r[name]["times"]]
-        ratios = [_median(r[name]["times"]) / _median(r["dense"]["times"]) for r in rounds]
-        peak = _median([r[name]["peak_extra_bytes"] for r in rounds])
+        f = runner.round_figures(rounds, name, "dense")
         x = rounds[0][name]
-        rows.append({"variant": name, "time (median)": fmt_ms(_median(times)),
-                     "× dense (median of rounds)": f"{_median(ratios):.2f}",
-                     "ratios per round": " ".join(f"{q:.2f}" for q in ratios), "extra peak": fmt_mib(peak),
-                     "% of dense's": f"{100 * peak / max(dense_peak, 1):.1f}%", "loss": f"{x['loss']:.6f}",
+        rows.append({"variant": name, "time (median)": fmt_ms(f["time"]),
+                     "× dense (median of rounds)": f"{f['ratio']:.2f}",
+                     "ratios per round": " ".join(f"{q:.2f}" for q in f["ratios"]), "extra peak": fmt_mib(f["peak"]),
+                     "% of dense's": f"{100 * f['mem']:.1f}%", "loss": f"{x['loss']:.6f}",
                      "‖d h‖": f"{x['grad_norm_h']:.4g}", "‖d W‖": f"{x['grad_norm_w']:.4g}"})
     cols = ["variant", "time (median)", "× dense (median of rounds)", "ratios per round", "extra peak",
             "% of dense's", "loss", "‖d h‖", "‖d W‖"]
@@ -174,11 +138,8 @@ def main(argv=None) -> int:
     text = report(rounds, names, args, command.strip())
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"shape": args.shape, "rounds": rounds}, f, indent=1)
+        write_text(args.out, text)
+        write_json(os.path.splitext(args.out)[0] + ".json", {"shape": args.shape, "rounds": rounds})
     return 0
 
 

@@ -332,6 +332,20 @@ def run_entropy(case, backend, temperature, reduction, go, layout=None):
     return {"value": out.detach(), **grads_of(hs, ws, bs)}
 
 
+def run_kind(case, backend, kind, beta, temperature, reduction, weights, go):
+    """:func:`run_entropy` for ``kind`` "entropy" (``beta``, ``weights`` unused), else :func:`run_divergence`."""
+    if kind == "entropy":
+        return run_entropy(case, backend, temperature, reduction, go)
+    return run_divergence(case, backend, kind, beta, temperature, reduction, weights, go)
+
+
+def truth_kind(case, kind, beta, temperature, reduction, weights, go):
+    """The float64 truth of :func:`run_kind`."""
+    if kind == "entropy":
+        return truth_entropy(case, temperature, reduction, go)
+    return truth_divergence(case, kind, beta, temperature, reduction, weights, go)
+
+
 
 def logits_case(backend, dtype, seed, lead=None, pad=PAD, scale=1.0):
     """Student logits [*lead, V] and padded teacher logits [*lead, V + pad] (padding columns hold HUGE)."""
@@ -675,6 +689,50 @@ def aot_report(worker_file: str, timeout: float = 600) -> dict:
             return json.load(f)
 
 
+#: The float statistics of a backend's ``forward_stats`` (the argmaxes are checked by :func:`check_argmax`).
+STAT_KEYS = ("student_lse", "entropy", "teacher_lse", "teacher_entropy", "reverse_kl", "forward_kl",
+             "label_logprob")
+
+
+def check_argmax(name, got, logits64):
+    """``got`` (int64 ``[N]``) is the argmax of ``logits64 [N, V]`` on every row whose top two are clearly apart."""
+    if logits64.shape[1] == 1:
+        assert torch.all(got == 0), name
+        return
+    top2 = logits64.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * (1 + top2[:, 0].abs())
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu()[clear.cpu()], logits64.argmax(-1).cpu()[clear.cpu()]), name
+
+
+def check_jsd(prob, jsd, kl_pm, beta, tol):
+    """A backend's ``jsd_forward`` output (JSD and KL(p||m), fp32 ``[N]``) against the float64 reference by
+    :func:`check_elementwise`; returns the reference JSD computed in the input dtype (for further checks)."""
+    tj, tk_pm = reference.jsd_forward(f64(prob), None, None, beta)
+    sj, sk = reference.jsd_forward(prob, None, None, beta)
+    assert jsd.dtype == kl_pm.dtype == torch.float32
+    check_elementwise("jsd", jsd, tj, sj, tol)
+    check_elementwise("kl_pm", kl_pm, tk_pm, sk, tol)
+    return sj
+
+
+def check_stats(prob, out, tol):
+    """A backend's ``forward_stats`` output ``out`` against the float64 reference by :func:`check_elementwise`
+    (fp32 ``[N]`` each), the argmaxes, and zero label log-probabilities on ignored rows."""
+    truth = reference.forward_stats(f64(prob))
+    same = reference.forward_stats(prob)
+    assert set(out) == set(truth), (sorted(out), sorted(truth))
+    for k in STAT_KEYS:
+        if k in truth:
+            assert out[k].dtype == torch.float32 and out[k].shape == (prob.num_rows,)
+            check_elementwise(k, out[k], truth[k], same[k], tol)
+    check_argmax("student_argmax", out["student_argmax"], reference.student_logits(f64(prob)))
+    if prob.has_teacher:
+        check_argmax("teacher_argmax", out["teacher_argmax"], reference.teacher_logits(f64(prob)))
+    if prob.labels is not None:
+        assert torch.all(out["label_logprob"][prob.labels == IGNORE_INDEX] == 0)
+
+
 
 # ---------------------------------------------------------------------------------------------------- OPD
 # Tiny Hugging Face models built in code (no downloads) for tests/opd/: the distributed tests' spawned workers
@@ -698,6 +756,18 @@ def opd_config(tmp_path, **kw):
                 seed=0, output_dir=str(tmp_path / "run"), progress=False, plot=False, backend="torch")
     base.update(kw)
     return OPDConfig(**base)
+
+
+def save_cli_inputs(tmp_path, tok, student, teacher, prompts=PROMPTS):
+    """The ``opd`` command's inputs under ``tmp_path``: ``student/`` and ``teacher/`` (each model saved with the
+    tokenizer) and ``prompts.jsonl`` (``prompts``); returns the three paths."""
+    s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
+    for model, d in ((student, s_dir), (teacher, t_dir)):
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return s_dir, t_dir, path
 
 
 # Tiny models whose logits are transformed (scale, soft-cap), for the logit-transform tests of the OPD loop.

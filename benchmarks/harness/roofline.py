@@ -48,7 +48,6 @@ def steps(strategy: str, phase: str, n: int, v: int, d_s: int, d_t: int, *, item
     inputs = itemsize * (n * (d_s + d_t) + v * (d_s + d_t))
     gemm_fwd = 2.0 * nv * (d_s + d_t)
     fp32_pass = 4.0 * nv * 2  # both models' fp32 logits, read once
-    grad_gemms = 4.0 * m * v * d_s
     out: List[Step] = []
     if strategy == "fused_grad":
         if phase in ("scoring", "forward"):

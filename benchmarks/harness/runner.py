@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .memory import is_oom
+from .memory import RssPeak, is_oom, malloc_for_memory, malloc_for_speed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,6 +112,60 @@ def alternate(calls: Sequence[Callable[[], float]], rounds: int,
         for i, call in enumerate(calls):
             times[i].append(call())
     return [statistics.median(t) for t in times]
+
+
+def load_average() -> str:
+    """The machine's load average over 1, 5 and 15 minutes (``/proc/loadavg``), e.g. ``"1.52 1.40 1.33"``."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def rotating_rounds(names: Sequence[str], rounds: int, run: Callable[[str], dict], label: str) -> List[dict]:
+    """``rounds`` rounds of ``run(name)`` over ``names``, the order rotated by one each round (round r starts at
+    ``names[r]``): per round ``{name: run(name), "load_before": …, "load_after": …}`` (:func:`load_average`), with
+    a progress line per call on stderr starting with ``label``."""
+    out = []
+    for r in range(rounds):
+        order = list(names[r % len(names):]) + list(names[: r % len(names)])
+        got = {"load_before": load_average()}
+        for name in order:
+            print(f"{label} round {r + 1}/{rounds}: {name} (load {load_average()})", file=sys.stderr, flush=True)
+            got[name] = run(name)
+        got["load_after"] = load_average()
+        out.append(got)
+    return out
+
+
+def round_figures(rounds: Sequence[dict], name: str, base: str) -> Dict[str, object]:
+    """Figures of variant ``name`` over :func:`rotating_rounds` of :func:`step_cell` results, against ``base``:
+    ``time`` (median of every timed step, s), ``ratios`` (per round, median time over ``base``'s), ``ratio``
+    (their median), ``peak`` (median extra peak, bytes) and ``mem`` (``peak`` over ``base``'s)."""
+    ratios = [statistics.median(r[name]["times"]) / statistics.median(r[base]["times"]) for r in rounds]
+    peak = statistics.median(r[name]["peak_extra_bytes"] for r in rounds)
+    base_peak = statistics.median(r[base]["peak_extra_bytes"] for r in rounds)
+    return {"time": statistics.median(t for r in rounds for t in r[name]["times"]), "ratios": ratios,
+            "ratio": statistics.median(ratios), "peak": peak, "mem": peak / max(base_peak, 1)}
+
+
+def step_cell(name: str, step: Callable, inputs: Sequence[torch.Tensor], repeats: int) -> Dict[str, object]:
+    """In a fresh process: the peak extra RSS of the first ``step(*inputs)`` (forward + backward, returns the loss;
+    ``inputs[0]``, ``inputs[1]`` are leaves whose ``.grad`` it fills), then the time of ``repeats`` more steps.
+    Returns ``variant``, ``peak_extra_bytes``, ``peak_method``, ``times`` (s), ``loss`` and the first step's
+    gradient norms ``grad_norm_h``, ``grad_norm_w``."""
+    hs, ws = inputs[0], inputs[1]
+    malloc_for_memory()
+    with RssPeak() as peak:
+        loss = step(*inputs)
+    norms = (float(hs.grad.norm()), float(ws.grad.norm()))
+    malloc_for_speed()
+    times = []
+    for _ in range(repeats):
+        hs.grad = ws.grad = None
+        t0 = time.perf_counter()
+        step(*inputs)
+        times.append(time.perf_counter() - t0)
+    return {"variant": name, "peak_extra_bytes": peak.extra, "peak_method": peak.method, "times": times,
+            "loss": float(loss.detach()), "grad_norm_h": norms[0], "grad_norm_w": norms[1]}
 
 
 # ------------------------------------------------------------------------------------------------- budgets

@@ -18,8 +18,8 @@ import tipkernels as tk
 from tipkernels.ops import core
 
 from tests._harness import (
-    DEVICE, TOL, assert_close64, assert_rule, axis, build_problem, grid, make_case, run_divergence, run_entropy,
-    torch_backend, truth_divergence, truth_entropy, upstream,
+    DEVICE, TOL, assert_close64, assert_rule, axis, build_problem, grid, make_case, run_kind, torch_backend,
+    truth_kind, upstream,
 )
 
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("entropy", 0.0)]
@@ -52,18 +52,6 @@ STRATEGIES = [("recompute", 1), ("fused_grad", 1), ("fused_grad", 2)]
 STRATEGY_IDS = ["recompute", "fused", "fused-2workers"]
 
 
-def _run(case, kind, beta, temperature, reduction, weights, go, backend="torch"):
-    if kind == "entropy":
-        return run_entropy(case, backend, temperature, reduction, go)
-    return run_divergence(case, backend, kind, beta, temperature, reduction, weights, go)
-
-
-def _truth(case, kind, beta, temperature, reduction, weights, go):
-    if kind == "entropy":
-        return truth_entropy(case, temperature, reduction, go)
-    return truth_divergence(case, kind, beta, temperature, reduction, weights, go)
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_IDS, indirect=True)
 @grid("kind,beta,reduction,weighting,teacher,dtype", axis(KINDS, KIND_IDS), axis(["sum", "mean"]),
       axis(["unweighted", "weights"]), axis(["linear", "logits"]), axis(DTYPES, ["fp32", "bf16", "fp64"]),
@@ -79,14 +67,14 @@ def test_strategy_matches_float64_truth(strategy, kind, beta, reduction, weighti
         weights[::4] = 0  # rows of weight 0: no gradient, values still counted (as 0)
         weights = weights.to(DEVICE)
     go = upstream(reduction, case.lead)
-    got = _run(case, kind, beta, temperature, reduction, weights, go)
+    got = run_kind(case, "torch", kind, beta, temperature, reduction, weights, go)
     assert bool(calls) == (name == "fused_grad"), f"strategy {name} not taken ({len(calls)} fused calls)"
-    truth = _truth(case.cast(torch.float64), kind, beta, temperature, reduction,
-                   None if weights is None else weights.double(), go)
+    truth = truth_kind(case.cast(torch.float64), kind, beta, temperature, reduction,
+                       None if weights is None else weights.double(), go)
     if dtype == torch.float64:
         assert_close64(got, truth, what=name)
         return
-    same = _run(case, kind, beta, temperature, reduction, weights, go, backend="reference")
+    same = run_kind(case, "reference", kind, beta, temperature, reduction, weights, go)
     assert_rule(got, same, truth, dtype, what=f"{name} {kind}")
 
 
@@ -106,7 +94,7 @@ def test_strategies_agree(monkeypatch, kind, beta, dtype):
             monkeypatch.setattr(torch_backend, "fused_rows", lambda n, v, itemsize=4, r=rows: r)
             monkeypatch.setattr(torch_backend, "FUSED_VOCAB_CHUNK", 50)
             monkeypatch.setattr(torch_backend, "FUSED_WORKERS", 3)
-        out[(name, rows)] = _run(case, kind, beta, 1.3, "mean", w, go)
+        out[(name, rows)] = run_kind(case, "torch", kind, beta, 1.3, "mean", w, go)
     ref = out[("recompute", None)]
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for key, got in out.items():

@@ -17,9 +17,8 @@ triton = pytest.importorskip("triton")
 
 import tipkernels as tk  # noqa: E402
 from tests._harness import (  # noqa: E402
-    DEVICE, IGNORE_INDEX, TOL, assert_close64, assert_rule, axis, check_elementwise as check, f64, grid, make_case,
-    make_problem, reference as ref, run_divergence, run_entropy, slow, triton_backend as tb, truth_divergence,
-    truth_entropy, upstream)
+    DEVICE, TOL, assert_close64, assert_rule, axis, check_elementwise as check, check_jsd, check_stats, f64, grid,
+    make_case, make_problem, reference as ref, run_kind, slow, triton_backend as tb, truth_kind, upstream)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf arithmetic in masked lanes
 
@@ -27,8 +26,6 @@ from tipkernels.backends.triton import cublas, strategy  # noqa: E402
 
 CFG = dict(strategy="cublas", epi_block_n=16, epi_block_v=16, split_v=2, block_n=16, block_v=16, block_d=16,
            block_dh=16, bwd_block_n=16, bwd_block_v=16)
-STAT_KEYS = ("student_lse", "entropy", "teacher_lse", "teacher_entropy", "reverse_kl", "forward_kl",
-             "label_logprob")
 VARIANTS = ("linear", "teacher_logits", "student_logits", "student_only", "strided")
 CAPS = dict(student_scale=1.3, student_cap=4.0, teacher_scale=0.8, teacher_cap=5.0)
 
@@ -44,31 +41,6 @@ def small_chunks(monkeypatch):
 
     monkeypatch.setattr(cublas, "chunk_shape", shape)
     return calls
-
-
-def check_argmax(name, got, logits64):
-    if logits64.shape[1] == 1:
-        assert torch.all(got == 0), name
-        return
-    top2 = logits64.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * (1 + top2[:, 0].abs())
-    assert got.dtype == torch.int64
-    assert torch.equal(got.cpu()[clear.cpu()], logits64.argmax(-1).cpu()[clear.cpu()]), name
-
-
-def check_stats(prob, out, tol):
-    truth = ref.forward_stats(f64(prob))
-    same = ref.forward_stats(prob)
-    assert set(out) == set(truth), (sorted(out), sorted(truth))
-    for k in STAT_KEYS:
-        if k in truth:
-            assert out[k].dtype == torch.float32 and out[k].shape == (prob.num_rows,)
-            check(k, out[k], truth[k], same[k], tol)
-    check_argmax("student_argmax", out["student_argmax"], ref.student_logits(f64(prob)))
-    if prob.has_teacher:
-        check_argmax("teacher_argmax", out["teacher_argmax"], ref.teacher_logits(f64(prob)))
-    if prob.labels is not None:
-        assert torch.all(out["label_logprob"][prob.labels == IGNORE_INDEX] == 0)
 
 
 def capped(prob):
@@ -98,6 +70,21 @@ def test_forward_stats_shapes_and_default_chunks(vocab, ds, dt, n):
     for dtype in (torch.float64, torch.float16):
         p = make_problem("linear", dtype, vocab=vocab, ds=ds, dt=dt, n=n, seed=1)
         check_stats(p, tb.forward_stats(p, config=CFG), TOL[torch.float32 if dtype == torch.float64 else dtype])
+
+
+def test_default_splits(small_chunks):
+    """``split_v`` None (the default): the epilogue grid picks its splits (the fused kernels' grouped-order rule,
+    ``group_n``, is not its); forward, JSD pass and the fused_grad sweep."""
+    cfg = {k: v for k, v in CFG.items() if k != "split_v"}
+    prob = make_problem("linear", seed=7)
+    out = tb.forward_stats(prob, config=cfg)
+    check_stats(prob, out, TOL[torch.float32])
+    jsd, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], 0.3, config=cfg)
+    check_jsd(prob, jsd, kl_pm, 0.3, TOL[torch.float32])
+    values, *_ = cublas.fused_value_and_grad(prob, "reverse_kl", 0.5, torch.ones(prob.num_rows, device=DEVICE),
+                                             config=cfg)
+    check("reverse_kl", values, ref.forward_stats(f64(prob))["reverse_kl"], ref.forward_stats(prob)["reverse_kl"],
+          TOL[torch.float32])
 
 
 def test_chunk_shape_bounds_the_buffers():
@@ -133,11 +120,7 @@ def test_jsd_forward(small_chunks, variant, beta, dtype):
     prob = capped(prob) if variant == "capped" else prob
     out = tb.forward_stats(prob, config=CFG)
     jsd, kl_pm = tb.jsd_forward(prob, out["student_lse"], out["teacher_lse"], beta, config=CFG)
-    tj, tk_ = ref.jsd_forward(f64(prob), None, None, beta)
-    sj, sk = ref.jsd_forward(prob, None, None, beta)
-    assert jsd.dtype == kl_pm.dtype == torch.float32
-    check("jsd", jsd, tj, sj, TOL[dtype])
-    check("kl_pm", kl_pm, tk_, sk, TOL[dtype])
+    check_jsd(prob, jsd, kl_pm, beta, TOL[dtype])
     if beta == 0.0:
         assert torch.all(kl_pm == 0)
 
@@ -145,7 +128,8 @@ def test_jsd_forward(small_chunks, variant, beta, dtype):
 # ----------------------------------------------------------------------------------------------- backward
 
 
-KINDS = [("entropy", 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+KINDS = [("entropy", 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0),
+         ("lse", 0.5)]
 
 
 def check_backward(prob, kind, beta, grad, got, tol):
@@ -168,7 +152,7 @@ def saved_for(prob, beta):
     return out
 
 
-@grid("kind,beta,variant,dtype", axis(KINDS, ["ent", "rkl", "fkl", "jsd0", "jsd0.3", "jsd1"]),
+@grid("kind,beta,variant,dtype", axis(KINDS, ["ent", "rkl", "fkl", "jsd0", "jsd0.3", "jsd1", "lse"]),
       axis(["linear", "teacher_logits", "strided", "capped"]), axis([torch.float32, torch.bfloat16], ["fp32", "bf16"]),
       slow=lambda kind, beta, variant, dtype: dtype == torch.bfloat16 or (
           variant in ("strided", "capped") and kind not in ("reverse_kl", "jsd")))
@@ -213,18 +197,6 @@ def sweep(monkeypatch):
     return calls
 
 
-def _run(case, kind, beta, temperature, reduction, weights, go, backend="triton"):
-    if kind == "entropy":
-        return run_entropy(case, backend, temperature, reduction, go)
-    return run_divergence(case, backend, kind, beta, temperature, reduction, weights, go)
-
-
-def _truth(case, kind, beta, temperature, reduction, weights, go):
-    if kind == "entropy":
-        return truth_entropy(case, temperature, reduction, go)
-    return truth_divergence(case, kind, beta, temperature, reduction, weights, go)
-
-
 def _fast(kind, beta, reduction, weighting, teacher, dtype, dw):
     """The fast subset: fp32 with the fp32 accumulator, mean, a linear teacher; bf16 accumulated in bf16 once."""
     if reduction != "mean" or teacher != "linear":
@@ -250,11 +222,11 @@ def test_fused_grad_matches_float64_truth(sweep, kind, beta, reduction, weightin
         weights = weights.to(DEVICE)
     go = upstream(reduction, case.lead)
     with tk.set_options(triton_config=dict(SWEEP_CFG, sweep_dw=dw)):
-        got = _run(case, kind, beta, 0.7, reduction, weights, go)
+        got = run_kind(case, "triton", kind, beta, 0.7, reduction, weights, go)
     assert sweep, "fused_grad was not taken"
-    truth = _truth(case.cast(torch.float64), kind, beta, 0.7, reduction,
-                   None if weights is None else weights.double(), go)
-    same = _run(case, kind, beta, 0.7, reduction, weights, go, backend="reference")
+    truth = truth_kind(case.cast(torch.float64), kind, beta, 0.7, reduction,
+                       None if weights is None else weights.double(), go)
+    same = run_kind(case, "reference", kind, beta, 0.7, reduction, weights, go)
     assert_rule(got, same, truth, dtype, what=f"fused_grad {kind}")
 
 
@@ -265,10 +237,10 @@ def test_fused_grad_transforms(sweep, kind, beta):
                                                           teacher_logit_scale=0.8, teacher_softcap=5.0))
     go = upstream("mean", case.lead)
     with tk.set_options(triton_config=SWEEP_CFG):
-        got = _run(case, kind, beta, 0.9, "mean", None, go)
+        got = run_kind(case, "triton", kind, beta, 0.9, "mean", None, go)
     assert sweep == [kind]
-    truth = _truth(case.cast(torch.float64), kind, beta, 0.9, "mean", None, go)
-    same = _run(case, kind, beta, 0.9, "mean", None, go, backend="reference")
+    truth = truth_kind(case.cast(torch.float64), kind, beta, 0.9, "mean", None, go)
+    same = run_kind(case, "reference", kind, beta, 0.9, "mean", None, go)
     assert_rule(got, same, truth, torch.float32, what=f"fused_grad capped {kind}")
 
 
@@ -287,7 +259,7 @@ def test_strategies_agree(monkeypatch, kind, beta):
         if rows is not None:
             monkeypatch.setattr(cublas, "sweep_rows", lambda cfg, prob, r=rows: min(r, prob.num_rows))
         with tk.set_options(triton_config=dict(CFG, **over)):
-            out[name] = _run(case, kind, beta, 1.3, "mean", weights, go)
+            out[name] = run_kind(case, "triton", kind, beta, 1.3, "mean", weights, go)
     for name, got in out.items():
         assert_close64(got, out["fused"], tol=2e-5, what=name)
 

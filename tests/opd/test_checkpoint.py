@@ -25,7 +25,7 @@ from tipkernels.opd.checkpoint import CheckpointError
 from tipkernels.opd.demo import build_model
 
 from tests._harness import (BIG_MODEL as BIG, ROOT, SMALL_MODEL as SMALL, RunsCode, assert_payload_is_live,
-                            plant_code_running_state, rehash)
+                            plant_code_running_state, rehash, save_cli_inputs)
 
 # 7 prompts, batch 3: epochs straddle steps, so the saved mid-epoch order matters
 PROMPTS = ["3>", "5301>", "98>", "4417>", "271>", "6>", "05>"]
@@ -408,12 +408,7 @@ def test_cli_resume_refuses_a_state_file_that_would_run_code(tok, tmp_path, two_
     shutil.copytree(src, out)
     marker = tmp_path / "pwned"
     plant_code_running_state(out / "checkpoint-2", marker)
-    s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
-    for model, d in ((models(tok)[0], s_dir), (teacher, t_dir)):
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    s_dir, t_dir, prompts = save_cli_inputs(tmp_path, tok, models(tok)[0], teacher, PROMPTS)
     capsys.readouterr()
     assert cli_main(["opd", "--student", str(s_dir), "--teacher", str(t_dir), "--prompts", str(prompts),
                      "--steps", "3", "--batch-size", "3", "--max-new-tokens", "5", "--output-dir", str(out),

@@ -21,7 +21,7 @@ from tipkernels.opd.models import check_vocab, position_ids
 from tipkernels.opd.rollout import generate, response_mask
 
 from tests._harness import BIG_MODEL as BIG, PROMPTS, ROOT, SMALL_MODEL as SMALL, opd_config as config, \
-    opd_models as models
+    opd_models as models, save_cli_inputs
 
 
 # --------------------------------------------------------------------------------------- masks and the shift
@@ -273,13 +273,7 @@ def test_cli_help():
 @pytest.mark.slow
 def test_cli_opd_local_dirs_and_errors(tok, tmp_path, capsys):
     student, teacher = models(tok)
-    s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
-    student.save_pretrained(s_dir)
-    tok.save_pretrained(s_dir)
-    teacher.save_pretrained(t_dir)
-    tok.save_pretrained(t_dir)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    s_dir, t_dir, prompts = save_cli_inputs(tmp_path, tok, student, teacher)
     out_dir = tmp_path / "run"
     argv = ["opd", "--student", str(s_dir), "--teacher", str(t_dir), "--prompts", str(prompts), "--rule", "q3",
             "--ratio", "0.5", "--steps", "2", "--batch-size", "2", "--max-new-tokens", "4", "--lr", "1e-3",

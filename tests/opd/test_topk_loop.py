@@ -19,7 +19,7 @@ from tipkernels.opd.cli import main as cli_main
 from tipkernels.opd.rollout import generate
 
 from tests._harness import (PROMPTS, bin_divergence64, model_logprobs64, opd_config as config,
-                            opd_models as models, topk_bins64)
+                            opd_models as models, save_cli_inputs, topk_bins64)
 
 
 def _rollouts(student, tok):
@@ -125,13 +125,7 @@ def test_loop_refuses_bad_top_k_teachers(tok, tmp_path):
 
 
 def test_cli_opd_teacher_topk(tok, tmp_path, capsys):
-    student, teacher = models(tok)
-    s_dir, t_dir = tmp_path / "student", tmp_path / "teacher"
-    for model, d in ((student, s_dir), (teacher, t_dir)):
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    s_dir, t_dir, prompts = save_cli_inputs(tmp_path, tok, *models(tok))
     out_dir = tmp_path / "run"
     argv = ["opd", "--student", str(s_dir), "--teacher", str(t_dir), "--prompts", str(prompts), "--steps", "1",
             "--batch-size", "2", "--max-new-tokens", "4", "--output-dir", str(out_dir), "--no-progress",

@@ -37,13 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ...inputs import IGNORE_INDEX, KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind
+from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind
 from ...options import deterministic
+from ..chunked import _chunks  # (start, end) spans of a range, the torch backend's
 from . import config as _cfg
 from . import stats as _stats
-from .backward import _KIND, K_FORWARD_KL, K_JSD, _exact_fp32_matmuls, grad_tile
-from .common import NEG_BIG, log_mixture, tanh
+from .backward import _KIND, K_FORWARD_KL, K_JSD, K_LSE, _exact_fp32_matmuls, grad_tile
+from .common import NEG_BIG, tanh
 from .launch import launch, prepare, transform_scalars
+from .stats import fold_tile, jsd_tile, store_partials
 
 Tensor = torch.Tensor
 _MIB = 2**20
@@ -127,56 +129,17 @@ def stats_epilogue_kernel(
         cols = (c0 + offs_v).to(tl.int64)
         col_mask = cols < c_end
         s = chunk_tile(student, rows, row_mask, cols, col_mask, S_BIAS, S_CAP)
-        tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
-        better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
-        best_s = tl.where(better, tile_max, best_s)
-        arg_s = tl.where(better, v_base + c0 + tile_arg, arg_s)
-        ms_new = tl.maximum(ms, tile_max)
-        ms_shift = ms - ms_new
-        alpha_s = tl.exp(ms_shift)
-        ds = s - ms_new[:, None]
-        es = tl.exp(ds)
-        live_s = es > 0
-        as_ = alpha_s * (as_ + ms_shift * zs) + tl.sum(tl.where(live_s, es * ds, 0.0), axis=1)
+        u = s
         if HAS_TEACHER:
             u = chunk_tile(teacher, rows, row_mask, cols, col_mask, T_BIAS, T_CAP)
-            tmax_t, targ_t = tl.max(u, axis=1, return_indices=True)
-            better_t = tmax_t > best_t
-            best_t = tl.where(better_t, tmax_t, best_t)
-            arg_t = tl.where(better_t, v_base + c0 + targ_t, arg_t)
-            mt_new = tl.maximum(mt, tmax_t)
-            mt_shift = mt - mt_new
-            alpha_t = tl.exp(mt_shift)
-            dt = u - mt_new[:, None]
-            et = tl.exp(dt)
-            live_t = et > 0
-            at = alpha_t * (at + mt_shift * zt) + tl.sum(tl.where(live_t, et * dt, 0.0), axis=1)
-            gap = ds - dt
-            c = alpha_s * (c + (ms_shift - mt_shift) * zs) + tl.sum(tl.where(live_s, es * gap, 0.0), axis=1)
-            d = alpha_t * (d + (mt_shift - ms_shift) * zt) - tl.sum(tl.where(live_t, et * gap, 0.0), axis=1)
-            zt = alpha_t * zt + tl.sum(et, axis=1)
-            mt = mt_new
-        zs = alpha_s * zs + tl.sum(es, axis=1)
-        ms = ms_new
+        ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = fold_tile(
+            s, u, v_base + c0, (ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
         if HAS_LABELS:
             hit = cols[None, :] == labels[:, None]
             lab_logit += tl.sum(tl.where(hit, s, 0.0), axis=1)
 
-    tl.store(base + 0 * stride_f, ms, mask=row_mask)
-    tl.store(base + 1 * stride_f, zs, mask=row_mask)
-    tl.store(base + 2 * stride_f, as_, mask=row_mask)
-    tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
-    tl.store(base + 4 * stride_f, best_s, mask=row_mask)
-    tl.store(arg_base, arg_s, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(base + 5 * stride_f, mt, mask=row_mask)
-        tl.store(base + 6 * stride_f, zt, mask=row_mask)
-        tl.store(base + 7 * stride_f, at, mask=row_mask)
-        tl.store(base + 8 * stride_f, c, mask=row_mask)
-        tl.store(base + 9 * stride_f, d, mask=row_mask)
-        tl.store(base + 10 * stride_f, best_t, mask=row_mask)
-        tl.store(arg_base + stride_f, arg_t, mask=row_mask)
-
+    store_partials(base, arg_base, stride_f, row_mask,
+                   (ms, zs, as_, lab_logit, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
 
 @triton.jit
 def jsd_epilogue_kernel(
@@ -199,16 +162,7 @@ def jsd_epilogue_kernel(
         col_mask = cols < c_end
         lp = chunk_tile(student, rows, row_mask, cols, col_mask, S_BIAS, S_CAP) - ls[:, None]
         lq = chunk_tile(teacher, rows, row_mask, cols, col_mask, T_BIAS, T_CAP) - lt[:, None]
-        p = tl.exp(lp)
-        q = tl.exp(lq)
-        if MODE == 0:
-            lm = log_mixture(lp, lq, log_beta, log1m_beta)
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=1)
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=1)
-        elif MODE == 1:
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=1)
-        else:
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
+        kl_qm, kl_pm = jsd_tile(lp, lq, kl_qm, kl_pm, log_beta, log1m_beta, MODE)
     tl.store(base, kl_qm, mask=row_mask)
     tl.store(base + stride_f, kl_pm, mask=row_mask)
 
@@ -443,6 +397,8 @@ def _splits(cfg, m: int, width: int, device) -> Tuple[int, int]:
 
 
 def _init_stats_part(n_splits: int, m: int, has_teacher: bool, device) -> Tuple[Tensor, Tensor]:
+    """Empty statistics partials of ``m`` rows: fp32 ``[fields, n_splits, m]`` (``stats.F_*``; the maxima at
+    ``NEG_BIG`` / ``-inf``, the sums at 0) and int32 argmaxes ``[1 or 2, n_splits, m]``."""
     fields = _stats.NUM_FIELDS_TEACHER if has_teacher else _stats.NUM_FIELDS_STUDENT
     part = torch.zeros((fields, n_splits, m), dtype=torch.float32, device=device)
     part[F_MS] = -1.0e30  # common.NEG_BIG: a finite "minus infinity" for the running maxima
@@ -460,6 +416,8 @@ def _epilogue_opts(cfg) -> dict:
 
 def _fold_stats(cfg, student: _Model, teacher: Optional[_Model], zs: Tensor, zt: Optional[Tensor], v0: int,
                 labels: Optional[Tensor], part: Tensor, args: Tensor, per_split: int) -> None:
+    """Fold the raw logit chunks ``zs`` / ``zt`` ``[m, width]`` (global columns ``v0 ...``) into ``part`` /
+    ``args`` (:func:`_init_stats_part`) by :func:`stats_epilogue_kernel`; ``labels`` int64 ``[m]`` or None."""
     m, width = zs.shape
     v1 = v0 + width
     launch(
@@ -474,6 +432,8 @@ def _fold_stats(cfg, student: _Model, teacher: Optional[_Model], zs: Tensor, zt:
 
 def _fold_jsd(cfg, student: _Model, teacher: _Model, zs: Tensor, zt: Tensor, v0: int, ls: Tensor, lt: Tensor,
               part: Tensor, per_split: int, beta: float) -> None:
+    """Add the JSD sums of the chunks ``zs`` / ``zt`` ``[m, width]`` (LSEs ``ls`` / ``lt`` fp32 ``[m]``) to the fp32
+    partials ``part [2, splits, m]`` by :func:`jsd_epilogue_kernel`."""
     m, width = zs.shape
     mode = _stats._JSD_MODE[effective_kind("jsd", beta)]
     launch(
@@ -486,20 +446,11 @@ def _fold_jsd(cfg, student: _Model, teacher: _Model, zs: Tensor, zt: Tensor, v0:
 
 
 def _buffers(student: _Model, teacher: Optional[_Model], elems: int, device) -> Tuple[Optional[Tensor], ...]:
+    """fp32 chunk buffers of ``elems`` elements for each linear model (None for a model given as logits)."""
     f32 = dict(dtype=torch.float32, device=device)
     bs = torch.empty(elems, **f32) if student.linear else None
     bt = torch.empty(elems, **f32) if teacher is not None and teacher.linear else None
     return bs, bt
-
-
-def _row_chunks(n: int, rows: int):
-    for r0 in range(0, n, rows):
-        yield r0, min(n, r0 + rows)
-
-
-def _vocab_chunks(vocab: int, cols: int):
-    for v0 in range(0, vocab, cols):
-        yield v0, min(vocab, v0 + cols)
 
 
 def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, Tensor]:
@@ -516,12 +467,12 @@ def forward_stats(prob: Problem, *, config: Optional[dict] = None) -> Dict[str, 
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     labels = prob.labels.contiguous() if prob.labels is not None else None
     outs = []
-    for r0, r1 in _row_chunks(n, rows):
+    for r0, r1 in _chunks(n, rows):
         m = r1 - r0
         n_splits, _ = _splits(cfg, m, cols, dev)
         part, args = _init_stats_part(n_splits, m, teacher is not None, dev)
         hs, ht = student.rows(r0, r1), teacher.rows(r0, r1) if teacher is not None else None
-        for v0, v1 in _vocab_chunks(vocab, cols):
+        for v0, v1 in _chunks(vocab, cols):
             zs = student.raw(bs, hs, slice(r0, r1), v0, v1)
             zt = teacher.raw(bt, ht, slice(r0, r1), v0, v1) if teacher is not None else None
             per = triton.cdiv(triton.cdiv(v1 - v0, cfg["epi_block_v"]), n_splits)
@@ -547,12 +498,12 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     ls_all, lt_all = student_lse.float().contiguous(), teacher_lse.float().contiguous()
     kl_qm, kl_pm = [], []
-    for r0, r1 in _row_chunks(n, rows):
+    for r0, r1 in _chunks(n, rows):
         m = r1 - r0
         n_splits, _ = _splits(cfg, m, cols, dev)
         part = torch.zeros((2, n_splits, m), dtype=torch.float32, device=dev)
         hs, ht = student.rows(r0, r1), teacher.rows(r0, r1)
-        for v0, v1 in _vocab_chunks(vocab, cols):
+        for v0, v1 in _chunks(vocab, cols):
             zs = student.raw(bs, hs, slice(r0, r1), v0, v1)
             zt = teacher.raw(bt, ht, slice(r0, r1), v0, v1)
             per = triton.cdiv(triton.cdiv(v1 - v0, cfg["epi_block_v"]), n_splits)
@@ -563,13 +514,11 @@ def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: floa
     return torch.cat(kl_qm), torch.cat(kl_pm)
 
 
-def jsd_forward(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
-                *, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
-    return combine_jsd(*jsd_sums(prob, student_lse, teacher_lse, beta, config=config), float(beta))
-
-
 def _grad_launch(cfg, student: _Model, teacher: Optional[_Model], zs, zt, v0, row_in, dz, kind: str, beta: float,
                  g_scale: float) -> None:
+    """``dS`` of the chunks ``zs`` / ``zt`` ``[m, width]`` into ``dz [m, width]`` (any float dtype; may be ``zs``) by
+    :func:`dlogits_epilogue_kernel`; ``row_in`` = fp32 ``[m]`` (upstream gradient, student LSE, teacher LSE,
+    per-row scalar), ``kind`` the effective kind."""
     m, width = zs.shape
     k = _KIND[kind]
     betas = (math.log(beta) if k == K_JSD else 0.0, math.log1p(-beta) if k == K_JSD else 0.0, 1.0 - beta)
@@ -579,7 +528,7 @@ def _grad_launch(cfg, student: _Model, teacher: Optional[_Model], zs, zt, v0, ro
         row_in, dz, m, width, g_scale, betas, dz.stride(0), dz.stride(1),
         S_BIAS=student.has_bias, S_CAP=student.has_cap, HAS_TEACHER=teacher is not None,
         T_BIAS=teacher is not None and teacher.has_bias, T_CAP=teacher is not None and teacher.has_cap,
-        HAS_SCAL=k != K_FORWARD_KL, KIND=k, **_epilogue_opts(cfg),
+        HAS_SCAL=k not in (K_FORWARD_KL, K_LSE), KIND=k, **_epilogue_opts(cfg),
     )
 
 
@@ -609,28 +558,28 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     if n == 0 or n_sel == 0:
         return finish()
     formula = effective_kind(kind, beta)
-    needs_teacher = kind != "entropy"
+    needs_teacher = kind not in ("entropy", "lse")  # as backward.backward
     if needs_teacher and not prob.has_teacher:
         raise ValueError(f"kind {kind!r} needs a teacher")
     cfg = _cfg.for_call(prob, config)
     student, teacher = _models(prob, teacher=needs_teacher)
     ls = saved["student_lse"].float()
     lt = saved["teacher_lse"].float() if needs_teacher else ls
-    scal = saved[SAVED_VALUE[kind]].float() if formula != "forward_kl" else ls
+    scal = saved[SAVED_VALUE[kind]].float() if formula not in ("forward_kl", "lse") else ls
     # rows per pass: the fp32 ``d h`` accumulator at most half the chunk budget (4096 rows at D = 4096, 128 MiB)
     cap = max(cfg["epi_block_n"], int(cfg["cublas_chunk_mib"] * _MIB) // 2 // (4 * h.shape[1]))
     rows, cols = chunk_shape(cfg, min(n_sel, cap), vocab, student.linear + (teacher is not None and teacher.linear))
     bs, bt = _buffers(student, teacher, rows * cols, dev)
     d_buf = None if h.dtype == torch.float32 else torch.empty(rows * cols, dtype=h.dtype, device=dev)
     every = n_sel == n
-    for r0, r1 in _row_chunks(n_sel, rows):
+    for r0, r1 in _chunks(n_sel, rows):
         ids = idx[r0:r1]
         m = r1 - r0
         hs = h[r0:r1] if every else h.index_select(0, ids)
         ht = teacher.rows(r0, r1, None if every else idx) if teacher is not None else None
         row_in = tuple(t.index_select(0, ids).contiguous() for t in (grad_rows, ls, lt, scal))
         d_sel = torch.zeros((m, h.shape[1]), dtype=torch.float32, device=dev)
-        for v0, v1 in _vocab_chunks(vocab, cols):
+        for v0, v1 in _chunks(vocab, cols):
             zs = student.raw(bs, hs, None, v0, v1)
             zt = teacher.raw(bt, ht, slice(r0, r1) if every else ids, v0, v1) if teacher is not None else None
             dz = zs if d_buf is None else d_buf[: m * (v1 - v0)].view(m, v1 - v0)
@@ -692,7 +641,7 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
     bs, bt = _buffers(student, teacher, rows * pitch(vocab), dev)
     d_buf = None if h.dtype == torch.float32 else torch.empty(rows * vocab, dtype=h.dtype, device=dev)
     labels = None
-    for r0, r1 in _row_chunks(n, rows):
+    for r0, r1 in _chunks(n, rows):
         m = r1 - r0
         hs = h[r0:r1]
         zs = student.raw(bs, hs, None, 0, vocab)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...inputs import IGNORE_INDEX, Problem, combine_jsd, effective_kind
+from ...inputs import IGNORE_INDEX, Problem, effective_kind
 from . import config as _cfg
 from .common import NEG_BIG, both_tiles, grouped_block, log_mixture
 from .launch import cap_flags, launch, prepare, student_args, teacher_args
@@ -43,6 +43,90 @@ def _split_block(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.const
     v_begin = pid_v * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     return rows, rows < N, v_begin, v_end, pid_v.to(tl.int64) * N + rows, n_splits.to(tl.int64) * N
+
+
+@triton.jit
+def fold_tile(s, u, col0, state, HAS_TEACHER: tl.constexpr):
+    """Fold one ``[BLOCK_N, BLOCK_V]`` tile of fp32 transformed logits (student ``s``, teacher ``u``; ``-inf`` past
+    the vocabulary; ``col0`` the global column of the tile's first column) into the running per-row ``[BLOCK_N]``
+    accumulators ``state`` = ``(ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t)`` (fp32, the argmaxes
+    int32) and return them updated: the online algebra of :func:`stats_kernel`'s docstring. The teacher's fields are
+    passed through untouched without HAS_TEACHER (``u`` is then not read)."""
+    ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = state
+    # student: argmax, then rescale and accumulate
+    tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
+    better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
+    best_s = tl.where(better, tile_max, best_s)
+    arg_s = tl.where(better, col0 + tile_arg, arg_s)
+    ms_new = tl.maximum(ms, tile_max)
+    ms_shift = ms - ms_new  # <= 0
+    alpha_s = tl.exp(ms_shift)
+    ds = s - ms_new[:, None]
+    es = tl.exp(ds)
+    live_s = es > 0  # e^{-inf} = 0 would otherwise meet (s - ms) = -inf: 0 * inf
+    as_ = alpha_s * (as_ + ms_shift * zs) + tl.sum(tl.where(live_s, es * ds, 0.0), axis=1)
+    if HAS_TEACHER:
+        tmax_t, targ_t = tl.max(u, axis=1, return_indices=True)
+        better_t = tmax_t > best_t
+        best_t = tl.where(better_t, tmax_t, best_t)
+        arg_t = tl.where(better_t, col0 + targ_t, arg_t)
+        mt_new = tl.maximum(mt, tmax_t)
+        mt_shift = mt - mt_new
+        alpha_t = tl.exp(mt_shift)
+        dt = u - mt_new[:, None]
+        et = tl.exp(dt)
+        live_t = et > 0
+        at = alpha_t * (at + mt_shift * zt) + tl.sum(tl.where(live_t, et * dt, 0.0), axis=1)
+        gap = ds - dt  # (s - ms) - (u - mt)
+        c = alpha_s * (c + (ms_shift - mt_shift) * zs) + tl.sum(tl.where(live_s, es * gap, 0.0), axis=1)
+        d = alpha_t * (d + (mt_shift - ms_shift) * zt) - tl.sum(tl.where(live_t, et * gap, 0.0), axis=1)
+        zt = alpha_t * zt + tl.sum(et, axis=1)
+        mt = mt_new
+    zs = alpha_s * zs + tl.sum(es, axis=1)
+    ms = ms_new
+    return ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t
+
+
+@triton.jit
+def store_partials(base, arg_base, stride_f, row_mask, fields, HAS_TEACHER: tl.constexpr):
+    """Store per-row partials ``fields`` = ``(ms, zs, as_, label logit, best_s, arg_s, mt, zt, at, c, d, best_t,
+    arg_t)`` at ``base + F_* * stride_f`` (fp32) and ``arg_base + I_ARG_* * stride_f`` (int32); the teacher's only
+    with HAS_TEACHER."""
+    ms, zs, as_, lab_logit, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = fields
+    tl.store(base + 0 * stride_f, ms, mask=row_mask)
+    tl.store(base + 1 * stride_f, zs, mask=row_mask)
+    tl.store(base + 2 * stride_f, as_, mask=row_mask)
+    tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
+    tl.store(base + 4 * stride_f, best_s, mask=row_mask)
+    tl.store(arg_base, arg_s, mask=row_mask)
+    if HAS_TEACHER:
+        tl.store(base + 5 * stride_f, mt, mask=row_mask)
+        tl.store(base + 6 * stride_f, zt, mask=row_mask)
+        tl.store(base + 7 * stride_f, at, mask=row_mask)
+        tl.store(base + 8 * stride_f, c, mask=row_mask)
+        tl.store(base + 9 * stride_f, d, mask=row_mask)
+        tl.store(base + 10 * stride_f, best_t, mask=row_mask)
+        tl.store(arg_base + stride_f, arg_t, mask=row_mask)
+
+
+@triton.jit
+def jsd_tile(lp, lq, kl_qm, kl_pm, log_beta, log1m_beta, MODE: tl.constexpr):
+    """Add one tile's terms to the per-row ``[BLOCK_N]`` fp32 sums of :func:`jsd_kernel` and return them:
+    ``lp``, ``lq`` ``[BLOCK_N, BLOCK_V]`` fp32 are the student's and the teacher's log-probabilities (``-inf`` past
+    the vocabulary); MODE 0: KL(q||m) and KL(p||m) with ``m = β q + (1-β) p`` (``log_beta``, ``log1m_beta``);
+    MODE 1: KL(q||p) into ``kl_qm``; MODE 2: KL(p||q) into ``kl_pm`` (the other sum returned unchanged)."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    # `where(x > 0, ...)`: a zero probability contributes 0 even where its log is -inf
+    if MODE == 0:
+        lm = log_mixture(lp, lq, log_beta, log1m_beta)
+        kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=1)
+        kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=1)
+    elif MODE == 1:
+        kl_qm += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=1)
+    else:
+        kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
+    return kl_qm, kl_pm
 
 
 @triton.jit
@@ -90,58 +174,14 @@ def stats_kernel(
         col_mask = cols < V
         s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
                           HAS_TEACHER, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        # student: argmax, then rescale and accumulate
-        tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
-        better = tile_max > best_s  # strict: the earliest index wins ties, like torch.argmax
-        best_s = tl.where(better, tile_max, best_s)
-        arg_s = tl.where(better, v0 + tile_arg, arg_s)
-        ms_new = tl.maximum(ms, tile_max)
-        ms_shift = ms - ms_new  # <= 0
-        alpha_s = tl.exp(ms_shift)
-        ds = s - ms_new[:, None]
-        es = tl.exp(ds)
-        live_s = es > 0  # e^{-inf} = 0 would otherwise meet (s - ms) = -inf: 0 * inf
-        as_ = alpha_s * (as_ + ms_shift * zs) + tl.sum(tl.where(live_s, es * ds, 0.0), axis=1)
-        if HAS_TEACHER:
-            tmax_t, targ_t = tl.max(u, axis=1, return_indices=True)
-            better_t = tmax_t > best_t
-            best_t = tl.where(better_t, tmax_t, best_t)
-            arg_t = tl.where(better_t, v0 + targ_t, arg_t)
-            mt_new = tl.maximum(mt, tmax_t)
-            mt_shift = mt - mt_new
-            alpha_t = tl.exp(mt_shift)
-            dt = u - mt_new[:, None]
-            et = tl.exp(dt)
-            live_t = et > 0
-            at = alpha_t * (at + mt_shift * zt) + tl.sum(tl.where(live_t, et * dt, 0.0), axis=1)
-            gap = ds - dt  # (s - ms) - (u - mt)
-            c = alpha_s * (c + (ms_shift - mt_shift) * zs) + tl.sum(tl.where(live_s, es * gap, 0.0), axis=1)
-            d = alpha_t * (d + (mt_shift - ms_shift) * zt) - tl.sum(tl.where(live_t, et * gap, 0.0), axis=1)
-            zt = alpha_t * zt + tl.sum(et, axis=1)
-            mt = mt_new
-        zs = alpha_s * zs + tl.sum(es, axis=1)
-        ms = ms_new
+        ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t = fold_tile(
+            s, u, v0, (ms, zs, as_, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
         if HAS_LABELS:
             hit = cols[None, :] == labels[:, None]
             lab_logit += tl.sum(tl.where(hit, s, 0.0), axis=1)
 
-    base = part_ptr + off
-    tl.store(base + 0 * stride_f, ms, mask=row_mask)
-    tl.store(base + 1 * stride_f, zs, mask=row_mask)
-    tl.store(base + 2 * stride_f, as_, mask=row_mask)
-    tl.store(base + 3 * stride_f, lab_logit, mask=row_mask)
-    tl.store(base + 4 * stride_f, best_s, mask=row_mask)
-    arg_base = arg_ptr + off
-    tl.store(arg_base, arg_s, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(base + 5 * stride_f, mt, mask=row_mask)
-        tl.store(base + 6 * stride_f, zt, mask=row_mask)
-        tl.store(base + 7 * stride_f, at, mask=row_mask)
-        tl.store(base + 8 * stride_f, c, mask=row_mask)
-        tl.store(base + 9 * stride_f, d, mask=row_mask)
-        tl.store(base + 10 * stride_f, best_t, mask=row_mask)
-        tl.store(arg_base + stride_f, arg_t, mask=row_mask)
-
+    store_partials(part_ptr + off, arg_ptr + off, stride_f, row_mask,
+                   (ms, zs, as_, lab_logit, best_s, arg_s, mt, zt, at, c, d, best_t, arg_t), HAS_TEACHER)
 
 @triton.jit
 def jsd_kernel(
@@ -171,19 +211,7 @@ def jsd_kernel(
         col_mask = cols < V
         s, u = both_tiles(student, teacher, rows, row_mask, cols, col_mask, S_LINEAR, S_BIAS, S_CAP,
                           True, T_LINEAR, T_BIAS, T_CAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-        lp = s - ls[:, None]
-        lq = u - lt[:, None]
-        p = tl.exp(lp)
-        q = tl.exp(lq)
-        # `where(x > 0, ...)`: a zero probability contributes 0 even where its log is -inf
-        if MODE == 0:
-            lm = log_mixture(lp, lq, log_beta, log1m_beta)
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=1)
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=1)
-        elif MODE == 1:
-            kl_qm += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), axis=1)
-        else:
-            kl_pm += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), axis=1)
+        kl_qm, kl_pm = jsd_tile(s - ls[:, None], u - lt[:, None], kl_qm, kl_pm, log_beta, log1m_beta, MODE)
 
     base = part_ptr + off
     tl.store(base, kl_qm, mask=row_mask)
@@ -273,12 +301,6 @@ def _merge_stats(part: Tensor, args: Tensor, labels: Optional[Tensor], has_teach
 
 #: jsd_kernel's MODE for the effective kind of JSD(β) (:func:`tipkernels.inputs.effective_kind`).
 _JSD_MODE = {"jsd": 0, "forward_kl": 1, "reverse_kl": 2}
-
-
-def jsd_forward(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,
-                *, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
-    """Per-row JSD(beta) and KL(p || m), a second pass given both LSEs (beta = 0 / 1: forward / reverse KL)."""
-    return combine_jsd(*jsd_sums(prob, student_lse, teacher_lse, beta, config=config), float(beta))
 
 
 def jsd_sums(prob: Problem, student_lse: Tensor, teacher_lse: Tensor, beta: float,

@@ -126,6 +126,8 @@ def jsd_sums(prob: Problem, student_lse, teacher_lse, beta: float, *, config: Op
 
 
 def jsd_forward(prob: Problem, student_lse, teacher_lse, beta: float, *, config: Optional[dict] = None):
+    """Per-row JSD(beta) and KL(p || m) (fp32 ``[N]`` each), a second pass given both LSEs ``[N]`` (beta = 0 / 1:
+    forward / reverse KL), by the chosen forward strategy's :func:`jsd_sums`."""
     from ...inputs import combine_jsd
 
     return combine_jsd(*jsd_sums(prob, student_lse, teacher_lse, beta, config=config), float(beta))
