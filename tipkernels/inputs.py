@@ -38,6 +38,8 @@ BUDGETS = ("per_sequence", "per_batch")
 SAMPLING_RULES = ("all", "random", "entropy_sample")
 #: The per-row value each kind's gradient reads from a forward's saved tensors (besides the LSEs).
 SAVED_VALUE = {"entropy": "entropy", "lse": None, "reverse_kl": "reverse_kl", "forward_kl": None, "jsd": "kl_pm"}
+#: Row kinds of the student alone: no teacher in their forward or backward.
+STUDENT_KINDS = ("entropy", "lse")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -49,6 +51,18 @@ def effective_kind(kind: str, beta: float) -> str:
     if kind == "jsd" and beta == 1.0:
         return "reverse_kl"
     return kind
+
+
+def needs_teacher(kind: str) -> bool:
+    """Whether the row kind ``kind`` reads a teacher (every divergence; not "entropy" or "lse")."""
+    return kind not in STUDENT_KINDS
+
+
+def saved_scalar(kind: str, beta: float) -> Optional[str]:
+    """The saved per-row value the gradient of ``kind`` reads besides the LSEs, or None ("lse", forward KL, JSD at
+    β = 0). The formula is the effective kind's, the value the requested kind's: at β = 1 JSD's ``kl_pm`` is
+    KL(p||q), the reverse-KL scalar."""
+    return None if SAVED_VALUE[effective_kind(kind, beta)] is None else SAVED_VALUE[kind]
 
 
 def detach(t):

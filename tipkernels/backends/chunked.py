@@ -35,7 +35,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from ..options import deterministic
-from ..inputs import IGNORE_INDEX, SAVED_VALUE, Problem, combine_jsd, effective_kind
+from ..inputs import IGNORE_INDEX, Problem, combine_jsd, effective_kind, needs_teacher, saved_scalar
 
 Tensor = torch.Tensor
 
@@ -420,7 +420,7 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     """Recompute tiles and accumulate ``d hidden``/``d logits``, ``d weight``, ``d bias``; zero rows skipped.
 
     The formula is the effective kind's (JSD at β = 0 / 1 is forward / reverse KL); the saved value read is the
-    requested kind's (``SAVED_VALUE``: at β = 1 JSD's ``kl_pm`` is KL(p‖q))."""
+    requested kind's (``inputs.saved_scalar``: at β = 1 JSD's ``kl_pm`` is KL(p‖q))."""
     formula = effective_kind(kind, beta)
     n, vocab = prob.num_rows, prob.vocab_size
     lin = prob.student_is_linear
@@ -438,8 +438,8 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     dtype = student.dtype
     g_all = sel(grad_rows).to(dtype)
     ls_all = sel(saved["student_lse"]).to(dtype)
-    lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and kind not in ("entropy", "lse") else None
-    value_name = None if formula == "forward_kl" else SAVED_VALUE[kind]
+    lt_all = sel(saved["teacher_lse"]).to(dtype) if teacher is not None and needs_teacher(kind) else None
+    value_name = saved_scalar(kind, beta)
     val_all = sel(saved[value_name]).to(dtype) if value_name is not None else None
     m = keep.numel()
     rows, cols = tile_shape(m, vocab)

@@ -23,7 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..backends import Backend
-from ..inputs import REDUCTIONS, Problem, check_choice, detach, effective_kind
+from ..inputs import REDUCTIONS, Problem, check_choice, detach, effective_kind, needs_teacher
 
 Tensor = torch.Tensor
 
@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 def row_forward(backend: Backend, prob: Problem, kind: str, beta: float) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Per-row values of ``kind`` and the per-row tensors its backward needs (no grad)."""
     kind = effective_kind(kind, beta)
-    if kind in ("entropy", "lse") and prob.has_teacher:
+    if not needs_teacher(kind) and prob.has_teacher:
         prob = replace(prob, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=None)
     stats = backend.forward_stats(prob)
     return saved_from_stats(backend, prob, kind, beta, stats)

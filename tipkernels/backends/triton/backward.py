@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, effective_kind
+from ...inputs import KINDS, Problem, check_choice, effective_kind, needs_teacher, saved_scalar
 from ...options import deterministic
 from . import config as _cfg
 from .common import both_tiles, grouped_block, log_mixture, mma
@@ -253,9 +253,9 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     # beta = 1 JSD's kl_pm is KL(p||q), the reverse-KL scalar).
     formula = effective_kind(kind, beta)
     k = _KIND[formula]
-    scal = None if formula in ("forward_kl", "lse") else saved[SAVED_VALUE[kind]]
-    needs_teacher = kind not in ("entropy", "lse")
-    if needs_teacher and not prob.has_teacher:
+    scal_name = saved_scalar(kind, beta)
+    with_teacher = needs_teacher(kind)
+    if with_teacher and not prob.has_teacher:
         raise ValueError(f"kind {kind!r} needs a teacher")
     log_beta = math.log(beta) if k == K_JSD else 0.0
     log1m_beta = math.log1p(-beta) if k == K_JSD else 0.0
@@ -263,13 +263,14 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     cfg = _cfg.for_call(prob, config)
     bn, bv = cfg["bwd_block_n"], cfg["bwd_block_v"]
     ls = saved["student_lse"].float().contiguous()
-    lt = saved["teacher_lse"].float().contiguous() if needs_teacher else ls
-    scal = scal.float().contiguous() if scal is not None else ls
+    lt = saved["teacher_lse"].float().contiguous() if with_teacher else ls
+    scal = saved[scal_name].float().contiguous() if scal_name is not None else ls
     student = student_args(prob)
-    teacher = teacher_args(prob) if needs_teacher else model_args(None, None, None, None, ls)
+    teacher = teacher_args(prob) if with_teacher else model_args(None, None, None, None, ls)
     common = dict(
-        **cap_flags(prob, teacher=needs_teacher), HAS_TEACHER=needs_teacher, T_LINEAR=needs_teacher and prob.teacher_hidden is not None,
-        T_BIAS=needs_teacher and prob.teacher_bias is not None, HAS_SCAL=k not in (K_FORWARD_KL, K_LSE), KIND=k,
+        **cap_flags(prob, teacher=with_teacher), HAS_TEACHER=with_teacher,
+        T_LINEAR=with_teacher and prob.teacher_hidden is not None, T_BIAS=with_teacher and prob.teacher_bias is not None,
+        HAS_SCAL=scal_name is not None, KIND=k,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["bwd_block_d"], DOT_PRECISION=_cfg.dot_precision(prob),
         **_cfg.launch_opts(cfg, backward=True),
     )

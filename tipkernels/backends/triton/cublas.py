@@ -37,12 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind
+from ...inputs import KINDS, SAVED_VALUE, Problem, check_choice, combine_jsd, effective_kind, needs_teacher, saved_scalar
 from ...options import deterministic
 from ..chunked import _chunks  # (start, end) spans of a range, the torch backend's
 from . import config as _cfg
 from . import stats as _stats
-from .backward import _KIND, K_FORWARD_KL, K_JSD, K_LSE, _exact_fp32_matmuls, grad_tile
+from .backward import _KIND, K_JSD, _exact_fp32_matmuls, grad_tile
 from .common import NEG_BIG, tanh
 from .launch import launch, prepare, transform_scalars
 from .stats import fold_tile, jsd_tile, store_partials
@@ -528,7 +528,7 @@ def _grad_launch(cfg, student: _Model, teacher: Optional[_Model], zs, zt, v0, ro
         row_in, dz, m, width, g_scale, betas, dz.stride(0), dz.stride(1),
         S_BIAS=student.has_bias, S_CAP=student.has_cap, HAS_TEACHER=teacher is not None,
         T_BIAS=teacher is not None and teacher.has_bias, T_CAP=teacher is not None and teacher.has_cap,
-        HAS_SCAL=k not in (K_FORWARD_KL, K_LSE), KIND=k, **_epilogue_opts(cfg),
+        HAS_SCAL=SAVED_VALUE[kind] is not None, KIND=k, **_epilogue_opts(cfg),
     )
 
 
@@ -558,14 +558,15 @@ def backward(prob: Problem, kind: str, grad_rows: Tensor, saved: Dict[str, Tenso
     if n == 0 or n_sel == 0:
         return finish()
     formula = effective_kind(kind, beta)
-    needs_teacher = kind not in ("entropy", "lse")  # as backward.backward
-    if needs_teacher and not prob.has_teacher:
+    with_teacher = needs_teacher(kind)
+    if with_teacher and not prob.has_teacher:
         raise ValueError(f"kind {kind!r} needs a teacher")
     cfg = _cfg.for_call(prob, config)
-    student, teacher = _models(prob, teacher=needs_teacher)
+    student, teacher = _models(prob, teacher=with_teacher)
     ls = saved["student_lse"].float()
-    lt = saved["teacher_lse"].float() if needs_teacher else ls
-    scal = saved[SAVED_VALUE[kind]].float() if formula not in ("forward_kl", "lse") else ls
+    lt = saved["teacher_lse"].float() if with_teacher else ls
+    scal_name = saved_scalar(kind, beta)
+    scal = saved[scal_name].float() if scal_name is not None else ls
     # rows per pass: the fp32 ``d h`` accumulator at most half the chunk budget (4096 rows at D = 4096, 128 MiB)
     cap = max(cfg["epi_block_n"], int(cfg["cublas_chunk_mib"] * _MIB) // 2 // (4 * h.shape[1]))
     rows, cols = chunk_shape(cfg, min(n_sel, cap), vocab, student.linear + (teacher is not None and teacher.linear))
@@ -611,14 +612,14 @@ def fused_value_and_grad(prob: Problem, kind: str, beta: float, row_grad: Tensor
         dtype (fp32 for fp64 inputs), ``d_weight`` in fp32 or the weight's dtype (``sweep_dw``), ``d_bias`` fp32;
         None where not wanted. Nothing is differentiable.
     """
-    check_choice("kind", kind, KINDS)
+    check_choice("kind", kind, tuple(k for k in KINDS if k != "lse"))  # "lse" (top-k teachers) takes recompute
     prob = prepare(prob)
     beta = float(beta)
     n, vocab, dev = prob.num_rows, prob.vocab_size, prob.device
     cfg = _cfg.for_call(prob, config)
     h, w = prob.student_hidden, prob.student_weight
-    student, teacher = _models(prob, teacher=kind != "entropy")
-    if kind != "entropy" and teacher is None:
+    student, teacher = _models(prob, teacher=needs_teacher(kind))
+    if needs_teacher(kind) and teacher is None:
         raise ValueError(f"kind {kind!r} needs a teacher")
     prob_rows = replace(prob, teacher_hidden=None if teacher is None else prob.teacher_hidden)
     rows = sweep_rows(cfg, prob_rows)
