@@ -25,7 +25,6 @@ Sections (the report ``plan.md`` and ``plan.json`` in ``--out``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
