@@ -509,6 +509,15 @@ def check_tail(tail) -> str:
     return check_choice("tail", tail, TAILS)
 
 
+def split_teacher(teacher_topk, teacher_hidden, teacher_weight, teacher_logits, teacher_bias):
+    """``(dense, tensors)``: ``dense`` the dense teacher arguments as ``(name, value)`` pairs (for
+    :func:`check_teacher_topk`'s "not both" check), ``tensors`` the ``(hidden, weight, logits, bias)`` to build the
+    :class:`Problem` with: as given for a dense teacher, all None with a top-k one (it is not a Problem field)."""
+    tensors = (teacher_hidden, teacher_weight, teacher_logits, teacher_bias)
+    dense = tuple(zip(("teacher_hidden", "teacher_weight", "teacher_logits", "teacher_bias"), tensors))
+    return dense, ((None,) * 4 if teacher_topk is not None else tensors)
+
+
 def check_teacher_topk(teacher_topk, lead: torch.Size, vocab: int, device: torch.device, *,
                        dense=()) -> TopKTeacher:
     """Validate ``teacher_topk`` (a :class:`tipkernels.TeacherTopK` or an ``(ids, logprobs)`` pair) against the

@@ -21,7 +21,7 @@ from .backends import get_backend
 from .backends.vocab_parallel import global_vocab
 from .inputs import (BACKENDS, BUDGETS, DIVERGENCES, IDENTITY_TRANSFORMS, RULES, build_problem, check_beta,
                      check_choice, check_fraction, check_mask, check_tail, check_teacher_topk, check_temperature,
-                     check_transforms, detach)
+                     check_transforms, detach, split_teacher)
 from .ops.core import detached, row_values, saved_from_stats
 from .ops.topk import topk_stats, topk_values
 from .selection import quadrant_shares, quadrants, select_tokens
@@ -104,10 +104,8 @@ class TIPDistillationLoss(nn.Module):
                 teacher_logits: Optional[Tensor] = None, teacher_topk=None,
                 generator: Optional[torch.Generator] = None) -> TIPLossOutput:
         sparse = teacher_topk is not None
-        dense = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                 ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias))
-        if sparse:
-            teacher_hidden = teacher_weight = teacher_logits = teacher_bias = None
+        dense, (teacher_hidden, teacher_weight, teacher_logits, teacher_bias) = split_teacher(
+            teacher_topk, teacher_hidden, teacher_weight, teacher_logits, teacher_bias)
         prob, lead = build_problem(
             student_hidden, student_weight, detach(teacher_hidden), detach(teacher_weight),
             teacher_logits=detach(teacher_logits), student_bias=student_bias, teacher_bias=detach(teacher_bias),

@@ -9,7 +9,7 @@ import torch
 from ..backends import get_backend
 from ..backends.vocab_parallel import global_vocab
 from ..inputs import (DIVERGENCES, REDUCTIONS, build_problem, check_beta, check_choice, check_tail,
-                      check_teacher_topk, check_weights)
+                      check_teacher_topk, check_weights, split_teacher)
 from .core import reduce, reduced_row_values, row_values
 from .topk import reduced_topk_values
 
@@ -80,12 +80,11 @@ def fused_linear_divergence(
     beta = check_beta(beta)
     tail = check_tail(tail)
     sparse = teacher_topk is not None
-    dense = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-             ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias))
+    dense, (teacher_hidden, teacher_weight, teacher_logits, teacher_bias) = split_teacher(
+        teacher_topk, teacher_hidden, teacher_weight, teacher_logits, teacher_bias)
     prob, lead = build_problem(
-        student_hidden, student_weight, *((None, None) if sparse else (teacher_hidden, teacher_weight)),
-        teacher_logits=None if sparse else teacher_logits, student_bias=student_bias,
-        teacher_bias=None if sparse else teacher_bias, temperature=temperature, require_teacher=not sparse,
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
+        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, require_teacher=not sparse,
         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
     )

@@ -8,7 +8,7 @@ import torch
 
 from ..backends import get_backend
 from ..backends.vocab_parallel import global_vocab, shard_labels
-from ..inputs import build_problem, check_tail, check_teacher_topk, detach
+from ..inputs import build_problem, check_tail, check_teacher_topk, detach, split_teacher
 from ..types import TokenStats
 from .topk import topk_stats
 
@@ -65,10 +65,8 @@ def token_stats(
     """
     tail = check_tail(tail)
     sparse = teacher_topk is not None
-    dense = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-             ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias))
-    if sparse:
-        teacher_hidden = teacher_weight = teacher_logits = teacher_bias = None
+    dense, (teacher_hidden, teacher_weight, teacher_logits, teacher_bias) = split_teacher(
+        teacher_topk, teacher_hidden, teacher_weight, teacher_logits, teacher_bias)
     be = None
     if process_group is not None and isinstance(student_hidden, Tensor) and isinstance(student_weight, Tensor):
         be = get_backend(backend, student_hidden.device, process_group, student_weight.shape[0])
